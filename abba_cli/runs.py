@@ -1,0 +1,43 @@
+"""Finding run directories: `eval`, `merge` and `export` default to the latest finished run.
+
+The latest run is recorded as an absolute path in `$ABBA_HOME/latest_run` (default
+`~/.cache/abba-cli`), written when `abba train` finishes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from abba_cli.errors import UserError
+from abba_cli.fsutil import atomic_write_text
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def abba_home() -> Path:
+    return Path(os.environ.get("ABBA_HOME") or Path.home() / ".cache" / "abba-cli")
+
+
+def record_latest(run_dir: str | Path) -> None:
+    atomic_write_text(abba_home() / "latest_run", str(Path(run_dir).resolve()) + "\n")
+
+
+def resolve_run(run: str | Path | None) -> Path:
+    """The run directory to use: the one given, else the latest finished run. UserError if unusable."""
+    if run is None:
+        marker = abba_home() / "latest_run"
+        if not marker.is_file():
+            raise UserError("no run given and no finished run recorded: pass --run RUN_DIR (or train one first)")
+        run_dir = Path(marker.read_text().strip())
+        if not run_dir.is_dir():
+            raise UserError(f"the latest recorded run {run_dir} no longer exists: pass --run RUN_DIR")
+    else:
+        run_dir = Path(run)
+        if not run_dir.is_dir():
+            raise UserError(f"--run {run}: no such run directory")
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (run_dir / name).is_file():
+            raise UserError(f"{run_dir}: missing {name}; a finished run directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    return run_dir
