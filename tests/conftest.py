@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny Llama and tokenizer built offline, saved like a hub checkpoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+_CORPUS = [
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction:", "### Input:", "### Response:", "The answer is: 42", "The answer is: -3.5",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "Please choose the correct answer to the question. Answer format: answer1/answer2/answer3/answer4/answer5",
+    "solution1 solution2 option1 option2 ending1 ending2 ending3 ending4 true false",
+    "0 1 2 3 4 5 6 7 8 9 + - * / = $ \\frac{1}{2} x^2 , . ? ! ( ) [ ] { }",
+]
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE trained in memory on a few lines: any text encodes, nothing is downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+
+
+def build_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=False, bos_token_id=None, eos_token_id=0, pad_token_id=1,
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**cfg))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 64-wide Llama + tokenizer saved with save_pretrained (fp32, safetensors)."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = build_tiny_tokenizer()
+    model = build_tiny_llama(len(tok))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_other(tmp_path_factory) -> Path:
+    """Same tokenizer, different shapes (hidden 96): for 'adapter from another base' errors."""
+    out = tmp_path_factory.mktemp("tiny-llama-other")
+    tok = build_tiny_tokenizer()
+    model = build_tiny_llama(len(tok), hidden_size=96, intermediate_size=160)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    """Each test gets its own ABBA_HOME (latest-run marker) and never reaches the hub."""
+    monkeypatch.setenv("ABBA_HOME", str(tmp_path / "abba-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
