@@ -126,7 +126,7 @@ def _resolve_target(run: Path | None, model: str | None, out: Path | None) -> _T
 
 
 def load_model_for_eval(target_model: str, run_dir: Path | None, load_kwargs: dict[str, Any] | None = None):
-    """(model, tokenizer, device): the base with the run's adapter merged in and unwrapped, ready to generate."""
+    """(model, tokenizer, device): the base with the run's adapter merged in and unwrapped."""
     import torch
 
     from abba_cli.models import load_base
