@@ -1,0 +1,233 @@
+"""`abba merge`: fold a run's adapter into its base model and write a plain Hugging Face model directory.
+
+W' = W0 + dW is computed in fp32 one layer at a time (the model plus one layer's update in memory), each
+adapter layer is replaced by an ordinary nn.Linear, and the result is saved with save_pretrained, so
+`AutoModelForCausalLM.from_pretrained(OUT)` needs no abba-cli. Before the directory is published, a self-check
+reloads it from disk and compares its logits with base + adapter (unmerged) on a few fixed prompts.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from abba_cli.errors import UserError
+from abba_cli.export import check_against_base, check_not_inside, check_output_dir, read_run_adapter
+
+if TYPE_CHECKING:
+    import torch
+
+METADATA = "abba_merge.json"
+# The hub's customary shard size: small enough for any loader to stream, large enough to keep file counts low.
+MAX_SHARD_SIZE = "5GB"
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+# Self-check tolerance on max|merged - unmerged| / max|unmerged| over the check prompts' logits. It is set
+# by the coarser of the two dtypes compared: merging rounds W0 + dW once, where the unmerged model rounds W0
+# and the adapter's output separately, so the logits differ by a few units of the dtype's precision,
+# accumulated over the layers (measured on the tiny test model and SmolLM2-135M; see tests/test_merge.py).
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
+_PRECISION_ORDER = ("fp32", "fp16", "bf16")  # finest to coarsest mantissa
+CHECK_PROMPTS = (
+    "Below is an instruction that describes a task. Write a response that completes the request.",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "The answer is: 42",
+)
+
+
+def parse_dtype(dtype: str | None) -> str | None:
+    """'bf16' | 'fp16' | 'fp32' (long torch names accepted), None for the base's own dtype."""
+    if dtype is None:
+        return None
+    key = dtype.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in DTYPE_NAMES:
+        raise UserError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPE_NAMES)}")
+    return key
+
+
+def _short_dtype(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in _ALIASES:
+        raise UserError(f"the base model's weights are {name}; merge supports {', '.join(DTYPE_NAMES)} only")
+    return _ALIASES[name]
+
+
+def _run_model_settings(run_dir: Path) -> dict[str, Any]:
+    """trust_remote_code / revision from RUN_DIR/config.yaml, so the base loads as it did for training."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return {}
+    model = raw.get("model") if isinstance(raw, dict) else None
+    if not isinstance(model, dict):
+        return {}
+    return {k: model[k] for k in ("trust_remote_code", "revision") if model.get(k) is not None}
+
+
+def _logits(model, tokenizer, prompts: tuple[str, ...]) -> list[torch.Tensor]:
+    """fp32 logits of each prompt, one prompt at a time (no padding, so nothing depends on the pad side)."""
+    import torch
+
+    out = []
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for p in prompts:
+            ids = tokenizer(p, return_tensors="pt")["input_ids"].to(device)
+            out.append(model(input_ids=ids).logits[0].float().cpu())
+    return out
+
+
+def compare_logits(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict[str, float]:
+    """Max abs diff, that diff relative to the reference logits' scale (max |logit|), top-1 agreement."""
+    import torch
+
+    max_abs = max(float((a - b).abs().max()) for a, b in zip(ref, got, strict=True))
+    scale = max(float(a.abs().max()) for a in ref)
+    agree = torch.cat([(a.argmax(-1) == b.argmax(-1)).float() for a, b in zip(ref, got, strict=True)])
+    return {
+        "max_abs_diff": max_abs,
+        "max_rel_diff": max_abs / max(scale, 1e-12),
+        "logit_scale": scale,
+        "top1_agreement": float(agree.mean()),
+    }
+
+
+def _fold_layers(model, target: torch.dtype) -> int:
+    """Replace every adapter layer by an nn.Linear holding W0 + dW (fp32 sum, then cast to `target`).
+
+    One layer at a time, so beyond the model only one layer's fp32 weight and dW are alive.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from abba_cli.adapters import adapter_layers
+
+    layers = list(adapter_layers(model))
+    for name, layer in tqdm(layers, desc="merge", unit="layer", disable=None):
+        with torch.no_grad():
+            # Upcast first so the layer's own fp32 fold is not rounded to a narrower base dtype on the way.
+            layer.weight.data = layer.weight.data.float()
+            layer.merge()
+            linear = layer.to_linear().to(target)
+        model.set_submodule(name, linear)
+        del layer, linear
+    return len(layers)
+
+
+def merge_run(
+    out: str | Path, run: str | Path | None = None, dtype: str | None = None, overwrite: bool = False
+) -> dict[str, Any]:
+    """Merge RUN_DIR's adapter into its base and write a Hugging Face model to OUT; returns the metadata."""
+    target_name = parse_dtype(dtype)
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    adapter = read_run_adapter(run)
+    base = adapter.base_model
+    if not base:
+        raise UserError(f"{adapter.run_dir}/adapter_config.json: no base_model recorded; cannot merge")
+    protected = [adapter.run_dir]
+    if Path(base).expanduser().is_dir():
+        protected.append(Path(base).expanduser())
+    check_not_inside(out, protected)
+
+    import torch
+
+    from abba_cli.adapters import load_adapter
+    from abba_cli.fsutil import atomic_directory, atomic_write_json
+    from abba_cli.models import load_base
+
+    started = time.perf_counter()
+    settings = _run_model_settings(adapter.run_dir)
+    model, tokenizer = load_base(base, "auto", **settings)
+    model.eval()
+    base_name = _short_dtype(model.dtype)
+    target_name = target_name or base_name
+    target = getattr(torch, DTYPE_NAMES[target_name])
+    check_against_base(adapter, model, base)
+    base_keys = set(model.state_dict())
+
+    base_logits = _logits(model, tokenizer, CHECK_PROMPTS)
+    load_adapter(model, adapter.run_dir)
+    ref_logits = _logits(model, tokenizer, CHECK_PROMPTS)
+    effect = compare_logits(ref_logits, base_logits)["max_rel_diff"]
+    del base_logits
+
+    n_layers = _fold_layers(model, target)
+    model.to(target)
+    model.config.dtype = target
+    keys = set(model.state_dict())
+    if keys != base_keys:
+        extra, missing = sorted(keys - base_keys)[:3], sorted(base_keys - keys)[:3]
+        raise RuntimeError(f"merged model's keys differ from the base's: extra {extra}, missing {missing}")
+
+    coarsest = max(base_name, target_name, key=_PRECISION_ORDER.index)
+    tol = TOLERANCE[coarsest]
+    with atomic_directory(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+        tokenizer.save_pretrained(tmp)
+        # Free the in-memory copy before reloading: at most one copy of the model at a time.
+        del model
+        gc.collect()
+        check = _check_saved(tmp, tokenizer, ref_logits, tol)
+        meta = {
+            "run": str(adapter.run_dir.resolve()),
+            "base_model": base,
+            "adapter_type": adapter.type,
+            "scaling": adapter.scaling,
+            "layers_merged": n_layers,
+            "base_dtype": base_name,
+            "dtype": target_name,
+            "check": {
+                "prompts": list(CHECK_PROMPTS),
+                **check,
+                "tolerance_rel": tol,
+                "adapter_effect_rel": effect,
+                "passed": check["max_rel_diff"] <= tol,
+            },
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        c = meta["check"]
+        verdict = "passed" if c["passed"] else "FAILED"
+        print(
+            f"self-check {verdict}: merged ({target_name}) vs base + adapter ({base_name}) logits on "
+            f"{len(CHECK_PROMPTS)} prompts: max abs diff {c['max_abs_diff']:.3g}, "
+            f"relative {c['max_rel_diff']:.3g} (tolerance {tol:g}), top-1 agreement {c['top1_agreement']:.1%}"
+        )
+        if effect <= tol:
+            print(
+                f"note: the adapter changes the logits by only {effect:.3g} (relative), within the "
+                "tolerance, so this check cannot tell a merged model from the base (an untrained adapter?)"
+            )
+        if not c["passed"]:
+            raise UserError(
+                "merge self-check failed: merged logits differ from base + adapter by "
+                f"{c['max_rel_diff']:.3g} (relative), above the {target_name} tolerance {tol:g}; "
+                f"nothing was written to {out}" + ("; try --dtype fp32" if target_name != "fp32" else "")
+            )
+        atomic_write_json(tmp / METADATA, meta)
+    print(
+        f"merged {n_layers} layers of {adapter.run_dir} into {base} -> {out} "
+        f"({target_name}, {meta['seconds']} s)"
+    )
+    return meta
+
+
+def _check_saved(path: Path, tokenizer, ref_logits: list[torch.Tensor], tol: float) -> dict[str, float]:
+    """Reload the written directory with plain transformers, as a user would, and compare logits."""
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    merged.eval()
+    try:
+        return compare_logits(ref_logits, _logits(merged, tokenizer, CHECK_PROMPTS))
+    finally:
+        del merged
+        gc.collect()

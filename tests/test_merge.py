@@ -1,0 +1,210 @@
+"""`abba merge`: the merged folder loads with plain transformers and reproduces base + adapter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from abba_cli import merge as merge_mod
+from abba_cli.adapters import adapter_layers, inject_adapters, load_adapter, save_adapter
+from abba_cli.cli import app
+from abba_cli.config import AdapterConfig
+from abba_cli.errors import UserError
+from abba_cli.merge import METADATA, merge_run
+
+PROMPTS = ["The answer is: 42", "Natalia sold clips to 48 of her friends in April."]
+
+
+def make_run(run_dir: Path, base_dir: Path, seed: int = 0, **adapter) -> Path:
+    """A run directory built with the adapter API on `base_dir`, factors random so that dW != 0."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    cfg = AdapterConfig(**adapter)
+    inject_adapters(model, cfg, init=False)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            for p in layer.factors().values():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    save_adapter(model, cfg, run_dir, base_model=str(base_dir))
+    return run_dir
+
+
+def adapter_logits(base_dir: Path, run_dir: Path) -> list[torch.Tensor]:
+    """Reference: base + adapter, unmerged, in fp32."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    load_adapter(model, run_dir)
+    return logits(model, base_dir)
+
+
+def logits(model, tok_dir: Path) -> list[torch.Tensor]:
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    with torch.inference_mode():
+        return [model(**tok(p, return_tensors="pt")).logits[0].float() for p in PROMPTS]
+
+
+def max_rel(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    scale = max(float(r.abs().max()) for r in ref)
+    return max(float((r - g).abs().max()) for r, g in zip(ref, got, strict=True)) / scale
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def abba_run(tiny_model_dir, tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("run") / "abba", tiny_model_dir, type="abba", r1=3, r2=5)
+
+
+def test_merged_fp32_reloads_with_plain_transformers_and_matches_adapter(tiny_model_dir, abba_run, tmp_path):
+    before = tree_hashes(tiny_model_dir)
+    out = tmp_path / "merged"
+    meta = merge_run(out=out, run=abba_run)
+
+    assert tree_hashes(tiny_model_dir) == before  # the base checkpoint is never written to
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    assert not any("Adapter" in type(m).__name__ for m in merged.modules())
+    assert all(type(m) is torch.nn.Linear for n, m in merged.named_modules() if n.endswith("q_proj"))
+    keys = set(merged.state_dict())
+    assert not any(k.endswith((".A1", ".B1", ".A2", ".B2")) for k in keys)
+    assert merged.dtype == torch.float32
+
+    ref = adapter_logits(tiny_model_dir, abba_run)
+    base = logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), tiny_model_dir)
+    assert (
+        max_rel(ref, base) > 1e-2
+    )  # the adapter really changes the model, so the match below means something
+    assert max_rel(ref, logits(merged, out)) < 1e-5
+
+    stored = json.loads((out / METADATA).read_text())
+    assert stored == meta
+    assert stored["check"]["passed"] is True
+    assert stored["dtype"] == "fp32" and stored["layers_merged"] == 2 * 7
+    assert stored["check"]["max_rel_diff"] < 1e-5
+    assert stored["check"]["adapter_effect_rel"] > 1e-2
+    assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+    assert not list(tmp_path.glob(".merged*"))  # no temporary siblings left behind
+
+
+def test_merge_to_bf16_passes_its_check(tiny_model_dir, abba_run, tmp_path):
+    out = tmp_path / "merged-bf16"
+    meta = merge_run(out=out, run=abba_run, dtype="bf16")
+    assert meta["check"]["passed"] and meta["dtype"] == "bf16"
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype="auto")
+    assert merged.dtype == torch.bfloat16
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    ref = adapter_logits(tiny_model_dir, abba_run)
+    assert max_rel(ref, logits(merged.eval(), out)) < merge_mod.TOLERANCE["bf16"]
+
+
+def test_merge_writes_shards_with_an_index(tiny_model_dir, abba_run, tmp_path, monkeypatch):
+    monkeypatch.setattr(merge_mod, "MAX_SHARD_SIZE", "100KB")
+    out = tmp_path / "sharded"
+    merge_run(out=out, run=abba_run)
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {s.name for s in shards}
+    ref = adapter_logits(tiny_model_dir, abba_run)
+    assert max_rel(ref, logits(AutoModelForCausalLM.from_pretrained(out).eval(), out)) < 1e-5
+
+
+@pytest.mark.parametrize("kind", [dict(type="lora", r=4), dict(type="hira", r=4)])
+def test_merge_lora_and_hira(tiny_model_dir, tmp_path, kind):
+    run = make_run(tmp_path / "run", tiny_model_dir, seed=1, **kind)
+    out = tmp_path / "merged"
+    merge_run(out=out, run=run)
+    ref = adapter_logits(tiny_model_dir, run)
+    assert max_rel(ref, logits(AutoModelForCausalLM.from_pretrained(out).eval(), out)) < 1e-5
+
+
+def test_non_empty_output_is_kept_without_overwrite(abba_run, tmp_path):
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    before = tree_hashes(out)
+    result = CliRunner().invoke(app, ["merge", "--out", str(out), "--run", str(abba_run)])
+    assert result.exit_code == 2
+    assert "--overwrite" in result.output
+    assert tree_hashes(out) == before
+
+    result = CliRunner().invoke(app, ["merge", "--out", str(out), "--run", str(abba_run), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert not (out / "notes.txt").exists() and (out / METADATA).is_file()
+
+
+def test_empty_existing_output_is_used(abba_run, tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    merge_run(out=out, run=abba_run)
+    assert (out / "config.json").is_file()
+
+
+def test_bad_dtype_lists_valid_values(abba_run, tmp_path):
+    result = CliRunner().invoke(
+        app, ["merge", "--out", str(tmp_path / "o"), "--run", str(abba_run), "--dtype", "int8"]
+    )
+    assert result.exit_code == 2
+    assert "int8" in result.output and "bf16, fp16, fp32" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_adapter_from_another_base_is_refused(tiny_model_dir_other, abba_run, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in abba_run.iterdir():
+        (run / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((run / "adapter_config.json").read_text())
+    cfg["base_model"] = str(tiny_model_dir_other)
+    (run / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"does not fit base model .*\(96, 64\)|another base"):
+        merge_run(out=tmp_path / "o", run=run)
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_may_not_replace_the_base_or_the_run(tiny_model_dir, abba_run):
+    before = tree_hashes(tiny_model_dir)
+    with pytest.raises(UserError, match="would replace"):
+        merge_run(out=tiny_model_dir, run=abba_run, overwrite=True)
+    with pytest.raises(UserError, match="would replace"):
+        merge_run(out=abba_run, run=abba_run, overwrite=True)
+    assert tree_hashes(tiny_model_dir) == before
+
+
+def test_failed_self_check_publishes_nothing(abba_run, tmp_path, monkeypatch):
+    """A merge that silently dropped a layer's update must be caught by the self-check, not shipped."""
+    real_fold = merge_mod._fold_layers
+
+    def fold_but_forget_one(model, target):
+        name, layer = next(iter(adapter_layers(model)))
+        layer.merged = True  # pretend dW was folded into W0: the layer keeps W0 only
+        return real_fold(model, target)
+
+    monkeypatch.setattr(merge_mod, "_fold_layers", fold_but_forget_one)
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(app, ["merge", "--out", str(out), "--run", str(abba_run)])
+    assert result.exit_code != 0
+    assert "self-check failed" in result.output
+    assert not out.exists()
+    assert not list(tmp_path.glob(".merged*"))
+
+
+def test_latest_run_is_the_default(abba_run, tmp_path):
+    from abba_cli.runs import record_latest
+
+    record_latest(abba_run)
+    result = CliRunner().invoke(app, ["merge", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    assert "self-check passed" in result.output
+    assert json.loads((tmp_path / "m" / METADATA).read_text())["run"] == str(abba_run.resolve())
