@@ -51,7 +51,9 @@ def _main(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 def train(
     config: Path = typer.Argument(..., help="Run config YAML (see configs/)."),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set train.lr=5e-4 (repeatable)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in output_dir from its latest checkpoint."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in output_dir from its latest checkpoint."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Build everything and report, but do not train."),
 ) -> None:
     """Fine-tune a model with an adapter as described by CONFIG."""
@@ -80,15 +82,28 @@ def validate(
 @_user_errors
 def eval_(
     task: list[str] = typer.Option(
-        [], "--task", "-t", help="gsm8k, math, boolq, piqa, siqa, hellaswag, winogrande, arc_e, arc_c, obqa, "
-        "commonsense (all eight); repeat or comma-separate for several."
+        [],
+        "--task",
+        "-t",
+        help="gsm8k, math, boolq, piqa, siqa, hellaswag, winogrande, arc_e, arc_c, obqa, "
+        "commonsense (all eight); repeat or comma-separate for several.",
     ),
-    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: the latest finished run)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Base or merged model to evaluate (path or hub id)."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Evaluate the first N examples of each task."),
+    run: Optional[Path] = typer.Option(
+        None, "--run", help="Run directory (default: the latest finished run)."
+    ),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="Base or merged model to evaluate (path or hub id)."
+    ),
+    limit: Optional[int] = typer.Option(
+        None, "--limit", min=1, help="Evaluate the first N examples of each task."
+    ),
     skip: int = typer.Option(0, "--skip", min=0, help="Skip the first N examples of each task."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Prompts per generation batch."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Override per-task limit."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", min=1, help="Prompts per generation batch."
+    ),
+    max_new_tokens: Optional[int] = typer.Option(
+        None, "--max-new-tokens", min=1, help="Override per-task limit."
+    ),
     out: Optional[Path] = typer.Option(None, "--out", help="Results directory (default: RUN_DIR/eval)."),
 ) -> None:
     """Evaluate a run (or a plain model) on benchmark tasks."""
@@ -96,8 +111,14 @@ def eval_(
 
     tasks = [t.strip() for item in task for t in item.split(",") if t.strip()]
     run_eval(
-        tasks=tasks, run=run, model=model, limit=limit, skip=skip, batch_size=batch_size,
-        max_new_tokens=max_new_tokens, out=out,
+        tasks=tasks,
+        run=run,
+        model=model,
+        limit=limit,
+        skip=skip,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        out=out,
     )
 
 
@@ -105,8 +126,12 @@ def eval_(
 @_user_errors
 def merge(
     out: Path = typer.Option(..., "--out", help="Directory for the merged Hugging Face model."),
-    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: the latest finished run)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: the base's dtype)."),
+    run: Optional[Path] = typer.Option(
+        None, "--run", help="Run directory (default: the latest finished run)."
+    ),
+    dtype: Optional[str] = typer.Option(
+        None, "--dtype", help="bf16, fp16 or fp32 (default: the base's dtype)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
 ) -> None:
     """Fold the adapter into the base weights and write a plain Hugging Face model."""
@@ -120,7 +145,9 @@ def merge(
 def export(
     format: str = typer.Option("peft-lora", "--format", help="Export format: peft-lora."),
     out: Path = typer.Option(..., "--out", help="Directory for the exported adapter."),
-    run: Optional[Path] = typer.Option(None, "--run", help="Run directory (default: the latest finished run)."),
+    run: Optional[Path] = typer.Option(
+        None, "--run", help="Run directory (default: the latest finished run)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
 ) -> None:
     """Export the adapter for other tools (ABBA is exactly a LoRA of rank r1*r2)."""

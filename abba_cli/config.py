@@ -52,7 +52,8 @@ class AdapterConfig(_Strict):
         description="Module-name suffixes of the nn.Linear layers to adapt.",
     )
     init: Literal["default", "pissa"] = Field(
-        "default", description="LoRA init: 'default' (Kaiming A, zero B) or 'pissa' (principal singular vectors)."
+        "default",
+        description="LoRA init: 'default' (Kaiming A, zero B) or 'pissa' (principal singular vectors).",
     )
     use_rslora: bool = Field(False, description="LoRA: rank-stabilised scaling alpha/sqrt(r).")
     path: Literal["auto", "khatri_rao", "merged"] = Field(
@@ -84,9 +85,13 @@ class AdapterConfig(_Strict):
 
 class DataConfig(_Strict):
     recipe: str = Field(description="Recipe name (recipes/NAME.yaml) or path to a recipe YAML.")
-    path: str | None = Field(None, description="Local json/jsonl/parquet file or directory overriding the recipe's source.")
+    path: str | None = Field(
+        None, description="Local json/jsonl/parquet file or directory overriding the recipe's source."
+    )
     num_samples: int | None = Field(None, ge=1, description="Seeded random subset of this many examples.")
-    skip_samples: int = Field(0, ge=0, description="Skip this many examples first (keeps eval slices disjoint).")
+    skip_samples: int = Field(
+        0, ge=0, description="Skip this many examples first (keeps eval slices disjoint)."
+    )
     max_seq_len: int = Field(512, ge=8, description="Truncate prompt+response to this many tokens.")
     train_on_inputs: bool = Field(False, description="Also compute the loss on prompt tokens.")
     seed: int = Field(42, description="Seed of the subset selection and shuffling.")
@@ -98,7 +103,9 @@ class TrainConfig(_Strict):
     micro_batch_size: int = Field(1, ge=1, description="Examples per forward pass per process.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
-    scheduler: Literal["linear", "cosine", "constant"] = Field("linear", description="LR schedule after warmup.")
+    scheduler: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="LR schedule after warmup."
+    )
     warmup_ratio: float = Field(0.02, ge=0, lt=1, description="Fraction of steps of linear warmup.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm (null: off).")
@@ -183,7 +190,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise UserError(f"{path}: expected a mapping of sections (model, adapter, data, train, eval, output_dir)")
+        raise UserError(
+            f"{path}: expected a mapping of sections (model, adapter, data, train, eval, output_dir)"
+        )
     raw = apply_overrides(raw, overrides or [])
     return validate_config(raw, str(path))
 

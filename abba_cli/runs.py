@@ -29,7 +29,9 @@ def resolve_run(run: str | Path | None) -> Path:
     if run is None:
         marker = abba_home() / "latest_run"
         if not marker.is_file():
-            raise UserError("no run given and no finished run recorded: pass --run RUN_DIR (or train one first)")
+            raise UserError(
+                "no run given and no finished run recorded: pass --run RUN_DIR (or train one first)"
+            )
         run_dir = Path(marker.read_text().strip())
         if not run_dir.is_dir():
             raise UserError(f"the latest recorded run {run_dir} no longer exists: pass --run RUN_DIR")
@@ -39,5 +41,7 @@ def resolve_run(run: str | Path | None) -> Path:
             raise UserError(f"--run {run}: no such run directory")
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (run_dir / name).is_file():
-            raise UserError(f"{run_dir}: missing {name}; a finished run directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+            raise UserError(
+                f"{run_dir}: missing {name}; a finished run directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
+            )
     return run_dir

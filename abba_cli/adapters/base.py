@@ -1,0 +1,118 @@
+"""What every adapter layer shares: owning the frozen Linear weight, dropout, merge/unmerge, compute dtype.
+
+An adapter layer replaces an `nn.Linear` in place and keeps its frozen `weight`/`bias` as its own parameters,
+so the base model's state-dict keys do not change (torchtune's choice). Subclasses declare their trainable
+factors in `factor_names`, build them in `__init__`, and implement `delta_weight()` and `adapter_forward()`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from abba_cli.errors import UserError
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: the autocast dtype when autocast is on, else the input's."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def layer_generator(seed: int, name: str, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from (seed, module name): every process initialises every layer identically."""
+    digest = 0
+    for ch in name:
+        digest = (digest * 131 + ord(ch)) % (2**31 - 1)
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed((seed * 1_000_003 + digest) % (2**63 - 1))
+    return gen
+
+
+def kaiming_uniform(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    """nn.Linear's default init (Kaiming-uniform, a=sqrt(5)), as LoRA uses for A, from a given generator."""
+    t = torch.empty(shape, dtype=torch.float32)
+    nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=gen)
+    return t
+
+
+class AdapterLinear(nn.Module):
+    """Base class: y = x W0^T + b + adapter(x), or x W^T + b with the update merged into W."""
+
+    factor_names: tuple[str, ...] = ()
+    kind: str = ""
+
+    def __init__(self, base: nn.Linear, scaling: float, dropout: float, name: str = "") -> None:
+        super().__init__()
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        # Same Parameter objects as the wrapped layer: nothing is copied, base keys stay `<name>.weight`.
+        self.weight = base.weight
+        self.bias = base.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.scaling = float(scaling)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.name = name
+        self.merged = False
+
+    # -- to implement ---------------------------------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """The update added to `self.weight` when merged, fp32, shape (out, in)."""
+        raise NotImplementedError
+
+    def adapter_forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """y including the frozen base part, in `dtype`."""
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------------
+    def factors(self) -> dict[str, nn.Parameter]:
+        return {n: getattr(self, n) for n in self.factor_names}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        return self.adapter_forward(x, compute_dtype(x))
+
+    def base_forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return F.linear(x.to(dtype), self.weight.to(dtype), bias)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold dW into W in fp32, then cast back; safe to call twice."""
+        if self.merged:
+            return
+        merged = self.weight.float() + self.delta_weight()
+        if not torch.isfinite(merged).all():
+            raise UserError(
+                f"merging the adapter of {self.name or 'a layer'} gives non-finite weights; refusing"
+            )
+        self.weight.data = merged.to(self.weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract dW again (exact in fp32 up to rounding; in bf16 within bf16 rounding of W)."""
+        if not self.merged:
+            return
+        self.weight.data = (self.weight.float() - self.delta_weight()).to(self.weight.dtype)
+        self.merged = False
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear holding the current (merged, if merged) weight, for export."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        lin.weight = nn.Parameter(self.weight.data, requires_grad=False)
+        if self.bias is not None:
+            lin.bias = nn.Parameter(self.bias.data, requires_grad=False)
+        return lin
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}={tuple(getattr(self, n).shape)}" for n in self.factor_names)
+        return f"in={self.in_features}, out={self.out_features}, s={self.scaling:.4g}, {ranks}, merged={self.merged}"

@@ -1,0 +1,150 @@
+"""Putting adapter layers into a model: match nn.Linear modules by name suffix, replace them, freeze the rest."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from abba_cli.adapters.abba import ABBALinear, abba_scaling
+from abba_cli.adapters.base import AdapterLinear
+from abba_cli.adapters.hira import HiRALinear
+from abba_cli.adapters.lora import LoRALinear, lora_scaling
+from abba_cli.config import AdapterConfig
+from abba_cli.errors import UserError
+
+
+def scaling_for(cfg: AdapterConfig) -> float:
+    """The numeric s the layers apply (stored in adapter_config.json)."""
+    if cfg.type == "abba":
+        return abba_scaling(cfg.alpha, cfg.r1, cfg.r2, cfg.scaling)
+    if cfg.type == "lora":
+        return lora_scaling(cfg.alpha, cfg.r, cfg.use_rslora)
+    return cfg.alpha / cfg.r
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _build_layer(
+    base: nn.Linear, cfg: AdapterConfig, scaling: float, name: str, seed: int, init: bool
+) -> AdapterLinear:
+    m, n = base.out_features, base.in_features
+    limit = min(m, n)
+    ranks = {"r1": cfg.r1, "r2": cfg.r2} if cfg.type == "abba" else {"r": cfg.r}
+    for key, value in ranks.items():
+        if value > limit:
+            raise UserError(
+                f"adapter.{key}={value} is larger than {name} allows ({m}x{n}: rank at most {limit}); "
+                f"choose adapter.{key} <= {limit}"
+            )
+    if cfg.type == "abba":
+        return ABBALinear(base, cfg.r1, cfg.r2, scaling, cfg.dropout, cfg.path, name, seed, init)
+    if cfg.type == "lora":
+        return LoRALinear(base, cfg.r, scaling, cfg.dropout, cfg.init, name, seed, init)
+    return HiRALinear(base, cfg.r, scaling, cfg.dropout, name, seed, init)
+
+
+def inject_adapters(
+    model: nn.Module, cfg: AdapterConfig, *, seed: int = 0, init: bool = True, scaling: float | None = None
+) -> list[str]:
+    """Replace every nn.Linear whose name ends with a target suffix; freeze everything else.
+
+    `init=False` skips the (SVD) initialisation when weights are about to be loaded; `scaling` overrides the
+    computed s (loading uses the number stored in the adapter config). Returns the adapted module names.
+    """
+    if any(True for _ in adapter_layers(model)):
+        raise UserError("this model already has adapters; load the base model again to inject new ones")
+    s = scaling_for(cfg) if scaling is None else scaling
+    matched: list[tuple[str, nn.Module]] = [
+        (name, mod) for name, mod in model.named_modules() if name and _matches(name, cfg.target_modules)
+    ]
+    not_linear = [f"{name} ({type(mod).__name__})" for name, mod in matched if type(mod) is not nn.Linear]
+    if not_linear:
+        raise UserError(
+            f"adapter.target_modules matches modules that are not nn.Linear: {', '.join(not_linear[:3])}; "
+            "adapters apply to nn.Linear layers only"
+        )
+    if not matched:
+        suffixes = sorted(
+            {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if type(mod) is nn.Linear}
+        )
+        raise UserError(
+            f"adapter.target_modules {cfg.target_modules} matches no nn.Linear in the model; "
+            f"its linear layers end with: {', '.join(suffixes)}"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, base in matched:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = _build_layer(base, cfg, s, name, seed, init)
+        setattr(parent, child, layer)
+        for p in layer.factors().values():
+            p.requires_grad_(True)
+    return [name for name, _ in matched]
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:
+    for name, mod in model.named_modules():
+        if isinstance(mod, AdapterLinear):
+            yield name, mod
+
+
+def adapter_state_dict(model: nn.Module) -> dict:
+    """fp32 factors named `<module>.<factor>` (plus PiSSA's B0/A0), detached, on their current device."""
+    out = {}
+    for name, layer in adapter_layers(model):
+        for fname, tensor in layer.factors().items():
+            out[f"{name}.{fname}"] = tensor.detach()
+        for bname, buf in layer.named_buffers(recurse=False):
+            out[f"{name}.{bname}"] = buf.detach()
+    return out
+
+
+def merge_adapters(model: nn.Module) -> None:
+    for _, layer in adapter_layers(model):
+        layer.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    for _, layer in adapter_layers(model):
+        layer.unmerge()
+
+
+def unwrap_adapters(model: nn.Module) -> None:
+    """Replace every adapter layer by a plain nn.Linear with its current weight (merge first to keep dW)."""
+    for name, layer in list(adapter_layers(model)):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.to_linear())
+
+
+@dataclass
+class TrainableSummary:
+    trainable: int
+    total: int
+    adapted_layers: int
+    per_layer: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return (
+            f"trainable params: {self.trainable:,} / {self.total:,} ({self.percent:.4f}%) "
+            f"in {self.adapted_layers} adapted layers"
+        )
+
+
+def trainable_summary(model: nn.Module) -> TrainableSummary:
+    params = {id(p): p for p in model.parameters()}.values()  # tied weights counted once
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    per_layer = {
+        name: sum(p.numel() for p in layer.factors().values()) for name, layer in adapter_layers(model)
+    }
+    return TrainableSummary(trainable, total, len(per_layer), per_layer)

@@ -1,0 +1,132 @@
+"""The adapter files of a run directory (ARCHITECTURE.md section 3).
+
+adapter_config.json: type, ranks, alpha, the numeric scaling s actually applied, target modules, base model,
+package version. adapter_model.safetensors: fp32 tensors `<module path>.<factor>` so anyone can recompute
+dW = s * (B1@A1) * (B2@A2) (ABBA) or s * B@A (LoRA) or s * W0 * (B@A) (HiRA).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from abba_cli import __version__
+from abba_cli.adapters.inject import adapter_layers, adapter_state_dict, inject_adapters, scaling_for
+from abba_cli.adapters.lora import LoRALinear
+from abba_cli.config import AdapterConfig
+from abba_cli.errors import UserError
+from abba_cli.fsutil import atomic_save_safetensors, atomic_write_json
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+FORMAT = "abba-cli-adapter"
+
+
+def adapter_config_dict(model: nn.Module, cfg: AdapterConfig, base_model: str) -> dict:
+    ranks = {"r1": cfg.r1, "r2": cfg.r2} if cfg.type == "abba" else {"r": cfg.r}
+    return {
+        "format": FORMAT,
+        "abba_cli_version": __version__,
+        "type": cfg.type,
+        **ranks,
+        "alpha": cfg.alpha,
+        "scaling": scaling_for(cfg),
+        "scaling_convention": cfg.scaling
+        if cfg.type == "abba"
+        else ("rslora" if cfg.use_rslora else "alpha/r"),
+        "dropout": cfg.dropout,
+        "target_modules": list(cfg.target_modules),
+        "init": cfg.init,
+        "use_rslora": cfg.use_rslora,
+        "path": cfg.path,
+        "base_model": base_model,
+        "adapted_modules": [name for name, _ in adapter_layers(model)],
+    }
+
+
+def save_adapter(model: nn.Module, cfg: AdapterConfig, out_dir: str | Path, base_model: str) -> None:
+    """Write adapter_config.json and adapter_model.safetensors (fp32, contiguous, on CPU), each atomically."""
+    out_dir = Path(out_dir)
+    tensors = {k: v.float().cpu() for k, v in adapter_state_dict(model).items()}
+    atomic_save_safetensors(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt", "producer": FORMAT})
+    atomic_write_json(out_dir / ADAPTER_CONFIG, adapter_config_dict(model, cfg, base_model))
+
+
+def read_adapter_config(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise UserError(f"{path}: missing; an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("type") not in ("abba", "lora", "hira"):
+        raise UserError(f'{path}: not an abba-cli adapter config (needs "type": abba, lora or hira)')
+    for key in ("alpha", "scaling", "target_modules"):
+        if key not in data:
+            raise UserError(f"{path}: missing key {key!r}")
+    return data
+
+
+def adapter_config_from_dict(data: dict, source: str = ADAPTER_CONFIG) -> AdapterConfig:
+    keys = ["type", "r1", "r2", "r", "alpha", "dropout", "target_modules", "init", "use_rslora", "path"]
+    fields = {k: data[k] for k in keys if data.get(k) is not None}
+    if data.get("type") == "abba" and data.get("scaling_convention") in ("paper", "released"):
+        fields["scaling"] = data["scaling_convention"]
+    try:
+        return AdapterConfig(**fields)
+    except Exception as e:  # pydantic ValidationError: the file was edited or is from another tool
+        raise UserError(f"{source}: invalid adapter settings: {e}".splitlines()[0]) from None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise UserError(f"{path}: missing; an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable or corrupt safetensors file ({e})") from None
+
+
+def load_adapter(model: nn.Module, run_dir: str | Path) -> AdapterConfig:
+    """Inject the adapter described by run_dir/adapter_config.json into `model` and load its weights.
+
+    Shape or key mismatches (an adapter trained on another base model) are UserErrors naming the keys.
+    """
+    run_dir = Path(run_dir)
+    data = read_adapter_config(run_dir)
+    cfg = adapter_config_from_dict(data, str(run_dir / ADAPTER_CONFIG))
+    tensors = _read_tensors(run_dir / ADAPTER_WEIGHTS)
+    try:
+        inject_adapters(model, cfg, init=False, scaling=float(data["scaling"]))
+    except UserError as e:
+        raise UserError(f"{run_dir}: adapter does not fit this model: {e}") from None
+    expected = adapter_state_dict(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise UserError(
+            f"{run_dir / ADAPTER_WEIGHTS}: keys do not match this model (trained on another base model?): "
+            f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}"
+        )
+    for key, target in expected.items():
+        if tuple(tensors[key].shape) != tuple(target.shape):
+            base = data.get("base_model", "?")
+            raise UserError(
+                f"{run_dir / ADAPTER_WEIGHTS}: {key} has shape {tuple(tensors[key].shape)} but this model needs "
+                f"{tuple(target.shape)}: the adapter was trained on another base model ({base})"
+            )
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(tensors[key].to(target.device, target.dtype))
+        for _, layer in adapter_layers(model):
+            if isinstance(layer, LoRALinear) and layer.init_method == "pissa":
+                layer.apply_residual()
+    return cfg
