@@ -6,7 +6,6 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -88,23 +87,19 @@ def eval_(
         help="gsm8k, math, boolq, piqa, siqa, hellaswag, winogrande, arc_e, arc_c, obqa, "
         "commonsense (all eight); repeat or comma-separate for several.",
     ),
-    run: Optional[Path] = typer.Option(
-        None, "--run", help="Run directory (default: the latest finished run)."
-    ),
-    model: Optional[str] = typer.Option(
+    run: Path | None = typer.Option(None, "--run", help="Run directory (default: the latest finished run)."),
+    model: str | None = typer.Option(
         None, "--model", help="Base or merged model to evaluate (path or hub id)."
     ),
-    limit: Optional[int] = typer.Option(
+    limit: int | None = typer.Option(
         None, "--limit", min=1, help="Evaluate the first N examples of each task."
     ),
     skip: int = typer.Option(0, "--skip", min=0, help="Skip the first N examples of each task."),
-    batch_size: Optional[int] = typer.Option(
-        None, "--batch-size", min=1, help="Prompts per generation batch."
-    ),
-    max_new_tokens: Optional[int] = typer.Option(
+    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Prompts per generation batch."),
+    max_new_tokens: int | None = typer.Option(
         None, "--max-new-tokens", min=1, help="Override per-task limit."
     ),
-    out: Optional[Path] = typer.Option(None, "--out", help="Results directory (default: RUN_DIR/eval)."),
+    out: Path | None = typer.Option(None, "--out", help="Results directory (default: RUN_DIR/eval)."),
 ) -> None:
     """Evaluate a run (or a plain model) on benchmark tasks."""
     from abba_cli.evaluate import run_eval
@@ -126,12 +121,8 @@ def eval_(
 @_user_errors
 def merge(
     out: Path = typer.Option(..., "--out", help="Directory for the merged Hugging Face model."),
-    run: Optional[Path] = typer.Option(
-        None, "--run", help="Run directory (default: the latest finished run)."
-    ),
-    dtype: Optional[str] = typer.Option(
-        None, "--dtype", help="bf16, fp16 or fp32 (default: the base's dtype)."
-    ),
+    run: Path | None = typer.Option(None, "--run", help="Run directory (default: the latest finished run)."),
+    dtype: str | None = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: the base's dtype)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
 ) -> None:
     """Fold the adapter into the base weights and write a plain Hugging Face model."""
@@ -145,9 +136,7 @@ def merge(
 def export(
     format: str = typer.Option("peft-lora", "--format", help="Export format: peft-lora."),
     out: Path = typer.Option(..., "--out", help="Directory for the exported adapter."),
-    run: Optional[Path] = typer.Option(
-        None, "--run", help="Run directory (default: the latest finished run)."
-    ),
+    run: Path | None = typer.Option(None, "--run", help="Run directory (default: the latest finished run)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
 ) -> None:
     """Export the adapter for other tools (ABBA is exactly a LoRA of rank r1*r2)."""
