@@ -1,0 +1,191 @@
+"""`abba export --format peft-lora`: PEFT loads the export and reproduces the ABBA/LoRA adapter exactly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from typer.testing import CliRunner
+
+from abba_cli.adapters import adapter_layers, inject_adapters, load_adapter, save_adapter
+from abba_cli.cli import app
+from abba_cli.config import AdapterConfig
+from abba_cli.errors import UserError
+from abba_cli.export import export_run, khatri_rao_factors, peft_alpha
+
+PROMPTS = ["The answer is: 42", "Natalia sold clips to 48 of her friends in April."]
+
+
+def make_run(run_dir: Path, base_dir: Path, seed: int = 0, **adapter) -> Path:
+    """A run directory built with the adapter API on `base_dir`, factors random so that dW != 0."""
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    cfg = AdapterConfig(**adapter)
+    inject_adapters(model, cfg, init=False)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in adapter_layers(model):
+            for p in layer.factors().values():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    save_adapter(model, cfg, run_dir, base_model=str(base_dir))
+    return run_dir
+
+
+def logits(model, tok_dir: Path) -> list[torch.Tensor]:
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    with torch.inference_mode():
+        return [model(**tok(p, return_tensors="pt")).logits[0].float() for p in PROMPTS]
+
+
+def max_rel(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    scale = max(float(r.abs().max()) for r in ref)
+    return max(float((r - g).abs().max()) for r, g in zip(ref, got, strict=True)) / scale
+
+
+def ours_vs_peft(base_dir: Path, run_dir: Path, export_dir: Path) -> tuple[float, float]:
+    """(relative diff ours vs PEFT, relative effect of the adapter vs the bare base) on the check prompts."""
+    ours = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    load_adapter(ours, run_dir)
+    ref = logits(ours, base_dir)
+    base = logits(AutoModelForCausalLM.from_pretrained(base_dir).eval(), base_dir)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), export_dir).eval()
+    return max_rel(ref, logits(peft_model, base_dir)), max_rel(ref, base)
+
+
+def test_khatri_rao_identity_float64():
+    g = torch.Generator().manual_seed(0)
+    B1, A1 = (
+        torch.randn(7, 3, generator=g, dtype=torch.float64),
+        torch.randn(3, 5, generator=g, dtype=torch.float64),
+    )
+    B2, A2 = (
+        torch.randn(7, 2, generator=g, dtype=torch.float64),
+        torch.randn(2, 5, generator=g, dtype=torch.float64),
+    )
+    B, A = khatri_rao_factors(B1, A1, B2, A2)
+    assert B.shape == (7, 6) and A.shape == (6, 5)
+    torch.testing.assert_close(B @ A, (B1 @ A1) * (B2 @ A2), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("s, r", [(4.0, 16), (16 / 15**0.5, 15), (0.1, 3), (1 / 3, 7)])
+def test_peft_scaling_reproduces_s_exactly(s, r):
+    alpha, fold = peft_alpha(s, r)
+    assert alpha / r * fold == s
+
+
+@pytest.mark.parametrize("r1, r2", [(2, 2), (3, 5)])
+def test_abba_export_loads_in_peft_and_matches(tiny_model_dir, tmp_path, r1, r2):
+    run = make_run(
+        tmp_path / "run",
+        tiny_model_dir,
+        type="abba",
+        r1=r1,
+        r2=r2,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+    )
+    out = tmp_path / "peft"
+    export_run(format="peft-lora", out=out, run=run)
+
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == r1 * r2
+    assert cfg["base_model_name_or_path"] == str(tiny_model_dir)
+    assert cfg["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+    s = json.loads((run / "adapter_config.json").read_text())["scaling"]
+    assert cfg["lora_alpha"] / cfg["r"] == s
+    tensors = load_file(out / "adapter_model.safetensors")
+    a = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
+    b = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    assert a.shape == (r1 * r2, 64) and b.shape == (64, r1 * r2) and a.dtype == torch.float32
+    assert len(tensors) == 2 * 3 * 2
+
+    diff, effect = ours_vs_peft(tiny_model_dir, run, out)
+    assert effect > 1e-2
+    assert diff < 1e-5
+
+
+@pytest.mark.parametrize("extra", [{}, {"use_rslora": True}, {"init": "pissa"}])
+def test_lora_export_matches(tiny_model_dir, tmp_path, extra):
+    run = tmp_path / "run"
+    if extra.get("init") == "pissa":
+        # PiSSA needs its SVD init (B0, A0 and the residual base); then perturb B, A so dW != 0.
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        cfg = AdapterConfig(type="lora", r=4, **extra)
+        inject_adapters(model, cfg)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for _, layer in adapter_layers(model):
+                layer.A.add_(torch.randn(layer.A.shape, generator=gen) * 0.3)
+                layer.B.add_(torch.randn(layer.B.shape, generator=gen) * 0.3)
+        save_adapter(model, cfg, run, base_model=str(tiny_model_dir))
+        rank = 8
+    else:
+        make_run(run, tiny_model_dir, type="lora", r=4, **extra)
+        rank = 4
+    out = tmp_path / "peft"
+    export_run(format="peft-lora", out=out, run=run)
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == rank
+    diff, effect = ours_vs_peft(tiny_model_dir, run, out)
+    assert effect > 1e-2
+    assert diff < 1e-5
+
+
+def test_hira_export_is_refused_with_the_reason(tiny_model_dir, tmp_path):
+    run = make_run(tmp_path / "run", tiny_model_dir, type="hira", r=4)
+    result = CliRunner().invoke(
+        app, ["export", "--format", "peft-lora", "--out", str(tmp_path / "o"), "--run", str(run)]
+    )
+    assert result.exit_code == 2
+    assert "HiRA" in result.output and "W0" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_format_lists_valid_formats(tiny_model_dir, tmp_path):
+    run = make_run(tmp_path / "run", tiny_model_dir, type="abba", r1=2, r2=2)
+    result = CliRunner().invoke(
+        app, ["export", "--format", "gguf", "--out", str(tmp_path / "o"), "--run", str(run)]
+    )
+    assert result.exit_code == 2
+    assert "gguf" in result.output and "peft-lora" in result.output
+
+
+def test_non_empty_output_is_kept_without_overwrite(tiny_model_dir, tmp_path):
+    run = make_run(tmp_path / "run", tiny_model_dir, type="abba", r1=2, r2=2)
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("{}")
+    digest = hashlib.sha256((out / "adapter_config.json").read_bytes()).hexdigest()
+    result = CliRunner().invoke(app, ["export", "--out", str(out), "--run", str(run)])
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert hashlib.sha256((out / "adapter_config.json").read_bytes()).hexdigest() == digest
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json"]
+
+    result = CliRunner().invoke(app, ["export", "--out", str(out), "--run", str(run), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert "rank 4" in result.output and "KiB" in result.output
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
+def test_adapter_from_another_base_is_refused(tiny_model_dir, tiny_model_dir_other, tmp_path):
+    run = make_run(tmp_path / "run", tiny_model_dir, type="abba", r1=2, r2=2)
+    cfg = json.loads((run / "adapter_config.json").read_text())
+    cfg["base_model"] = str(tiny_model_dir_other)
+    (run / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match=r"does not fit base model"):
+        export_run(format="peft-lora", out=tmp_path / "o", run=run)
+    assert not (tmp_path / "o").exists()
+
+
+def test_corrupt_factor_names_are_refused(tiny_model_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    run = make_run(tmp_path / "run", tiny_model_dir, type="abba", r1=2, r2=2)
+    tensors = load_file(run / "adapter_model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.C1"] = torch.zeros(2, 2)
+    save_file(tensors, run / "adapter_model.safetensors")
+    with pytest.raises(UserError, match="unexpected tensor"):
+        export_run(format="peft-lora", out=tmp_path / "o", run=run)
