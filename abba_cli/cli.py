@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -143,8 +142,3 @@ def export(
     from abba_cli.export import export_run
 
     export_run(format=format, out=out, run=run, overwrite=overwrite)
-
-
-def main() -> None:  # pragma: no cover - console-script shim
-    app()
-    sys.exit(0)
