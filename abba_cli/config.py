@@ -160,14 +160,27 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def format_validation_error(source: str, err: ValidationError) -> str:
-    """All problems on one line: `file: key.path: message; key2: message`."""
+def _valid_keys_hint(model: type[BaseModel] | None, loc: tuple) -> str:
+    """' (valid keys: ...)' for an unknown key, so the user sees the fix, not only the mistake."""
+    if model is None:
+        return ""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = field.annotation if field is not None else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return ""
+        model = ann
+    return f" (valid keys: {', '.join(model.model_fields)})"
+
+
+def format_validation_error(source: str, err: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """All problems on one line: `file: key.path: message; key2: message` (`model` lists valid keys)."""
     problems = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = "unknown key" + _valid_keys_hint(model, e["loc"])
         elif e["type"] == "missing":
             msg = "required key is missing"
         elif "input" in e and not isinstance(e["input"], (dict, list)):
@@ -201,7 +214,7 @@ def validate_config(raw: dict, source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise UserError(format_validation_error(source, e)) from None
+        raise UserError(format_validation_error(source, e, RunConfig)) from None
 
 
 def dump_config(cfg: RunConfig) -> str:

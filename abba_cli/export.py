@@ -11,6 +11,7 @@ depends on W0 and is not low-rank in general.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ class RunAdapter:
 
 def read_run_adapter(run: str | Path | None) -> RunAdapter:
     """Read RUN_DIR/adapter_config.json and the factors; UserError for anything inconsistent."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from abba_cli.adapters import read_adapter_config
@@ -64,7 +66,12 @@ def read_run_adapter(run: str | Path | None) -> RunAdapter:
     scaling = cfg.get("scaling")
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         raise UserError(f"{run_dir / ADAPTER_CONFIG}: 'scaling' must be the numeric scale s, got {scaling!r}")
-    tensors = load_file(str(run_dir / ADAPTER_WEIGHTS))
+    try:
+        tensors = load_file(str(run_dir / ADAPTER_WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(
+            f"{run_dir / ADAPTER_WEIGHTS}: unreadable or corrupt safetensors file ({e})"
+        ) from None
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         module, _, name = key.rpartition(".")
@@ -224,6 +231,13 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise UserError(f"--out {out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"--out {out}: directory exists and is not empty; pass --overwrite to replace it")
+    # The output is created next to OUT, so its nearest existing ancestor must be a writable directory;
+    # finding out here, not halfway through the write, keeps the error one line and the disk untouched.
+    parent = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not parent.is_dir():
+        raise UserError(f"--out {out}: {parent} is not a directory; choose an --out under a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {parent} is not writable; choose a writable --out directory")
 
 
 def check_not_inside(out: Path, protected: list[Path]) -> None:
