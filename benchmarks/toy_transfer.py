@@ -38,10 +38,10 @@ from torch import nn
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 METHODS = ("abba", "lora", "hira", "full")
 LR_GRID = {
-    "abba": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
-    "lora": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
-    "hira": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
-    "full": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+    "abba": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+    "lora": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+    "hira": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+    "full": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
 }
 
 
@@ -248,8 +248,9 @@ def first_step_reaching(res: RunResult, acc: float) -> float:
 
 def summary_table(runs: dict[str, list[RunResult]], lrs: dict[str, float]) -> str:
     lines = [
-        "| method | trainable params | lr | test acc (8/9) | test loss | steps to 90% acc | acc on 0-7 after |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | trainable params | lr | test acc (8/9) | test loss | mean test loss over the run "
+        "| steps to 90% acc | acc on 0-7 after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m, rs in runs.items():
         reach = [first_step_reaching(x, 0.9) for x in rs]
@@ -259,7 +260,8 @@ def summary_table(runs: dict[str, list[RunResult]], lrs: dict[str, float]) -> st
         )
         lines.append(
             f"| {m} | {rs[0].trainable} | {lrs[m]:g} | {_mean_std([x.test_acc[-1] for x in rs])} | "
-            f"{_mean_std([x.test_loss[-1] for x in rs])} | {reach_txt} | {_mean_std([x.old_acc for x in rs])} |"
+            f"{_mean_std([x.test_loss[-1] for x in rs])} | {_mean_std([statistics.fmean(x.test_loss) for x in rs])} "
+            f"| {reach_txt} | {_mean_std([x.old_acc for x in rs])} |"
         )
     return "\n".join(lines)
 
