@@ -68,6 +68,8 @@ def extract_number(output: str) -> str | None:
     rest = _after_last_marker(output)
     if rest is None:
         return None
+    # "The answer is 2 * 1.5 = 3": the answer is the result of the equation, not its first operand.
+    rest = rest.rsplit("=", 1)[-1]
     m = _NUMBER.search(rest.translate(_MINUS_SIGNS))
     if m is None or _to_fraction(m.group(0)) is None:  # e.g. a zero denominator
         return None

@@ -35,6 +35,8 @@ from abba_cli.scoring import (
         ("The answer is 1/3", "1/3"),
         ("The answer is:\n42", "42"),
         ("48/2 = 24 clips. The answer is: 72", "72"),
+        ("The answer is 2 * 1.5 = 3.\n\n", "3"),
+        ("The answer is: 48 + 24 = 72 clips", "72"),
     ],
 )
 def test_extract_number(output, expected):
