@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from abba_cli.errors import UserError
+from abba_cli.signals import TrainingStopped
 
 app = typer.Typer(
     add_completion=False,
@@ -32,6 +33,10 @@ def _user_errors(fn: Callable) -> Callable:
                 raise
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
+        except TrainingStopped as e:
+            # Stopped on SIGINT/SIGTERM after saving a checkpoint: say how to resume, exit 128 + signal.
+            typer.echo(str(e), err=True)
+            raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None

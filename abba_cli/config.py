@@ -102,7 +102,9 @@ class TrainConfig(_Strict):
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
     micro_batch_size: int = Field(1, ge=1, description="Examples per forward pass per process.")
     grad_accum_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    # Bounded: AdamW's step size is lr / bias correction as a float32 scalar; near 1e37 it overflows with a
+    # RuntimeError deep in torch instead of a clear message.
+    lr: float = Field(1e-3, gt=0, le=1e30, description="Peak learning rate (AdamW).")
     scheduler: Literal["linear", "cosine", "constant"] = Field(
         "linear", description="LR schedule after warmup."
     )
