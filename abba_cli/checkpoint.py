@@ -1,0 +1,130 @@
+"""Training checkpoints: everything needed to continue a run bit for bit.
+
+RUN_DIR/checkpoints/step-N/ holds
+    adapter_model.safetensors   the trainable adapter factors (fp32), keyed like the run's final adapter
+    optimizer.pt, scheduler.pt  their state_dicts
+    rng.pt                      python / numpy / torch (and CUDA) RNG states, one entry per process
+    state.json                  step, data position (epoch, batch index in that epoch), elapsed seconds
+Each directory is built under a temporary name and renamed when complete (fsutil.atomic_directory), so any
+`step-N` that exists is whole: a crash mid-save leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from abba_cli.errors import UserError
+from abba_cli.fsutil import atomic_directory, atomic_save_safetensors
+
+CHECKPOINTS = "checkpoints"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """Where the run stands after `step` optimizer steps (the data position is the next micro-batch to read)."""
+
+    step: int
+    epoch: int
+    batch_in_epoch: int
+    micro_batches_seen: int
+    elapsed_s: float
+    tokens_seen: int
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        # A tensor instead of an ndarray, so rng.pt loads with torch.load(weights_only=True).
+        state["numpy"] = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
+    except ImportError:  # numpy is optional for torch; nothing to save then
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of a run, oldest first (temporary `.step-N.*.partial` dirs never match)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and child.is_dir() and (child / "state.json").is_file():
+            found.append((int(m.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1][1] if ckpts else None
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    state: TrainState,
+    adapter_tensors: dict[str, torch.Tensor],
+    optimizer_state: dict,
+    scheduler_state: dict,
+    rng_states: list[dict[str, Any]],
+    keep: int | None,
+) -> Path:
+    """Write checkpoints/step-N atomically, then drop the oldest beyond `keep`. Main process only."""
+    final = Path(run_dir) / CHECKPOINTS / f"step-{state.step}"
+    with atomic_directory(final, overwrite=True) as tmp:
+        atomic_save_safetensors(
+            {k: v.detach().cpu() for k, v in adapter_tensors.items()}, tmp / "adapter_model.safetensors"
+        )
+        torch.save(optimizer_state, tmp / "optimizer.pt")
+        torch.save(scheduler_state, tmp / "scheduler.pt")
+        torch.save(rng_states, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
+    if keep is not None:
+        for _, old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | Path) -> tuple[TrainState, dict[str, torch.Tensor], dict, dict, list[dict]]:
+    """(state, adapter tensors, optimizer state, scheduler state, per-process RNG states)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        state = TrainState(**json.loads((path / "state.json").read_text()))
+        tensors = load_file(path / "adapter_model.safetensors")
+        # weights_only=True: a checkpoint is data, never code; a pickle holding an arbitrary object is refused.
+        optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        scheduler_state = torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True)
+        rng_states = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
+    except (OSError, ValueError, TypeError, RuntimeError, pickle.UnpicklingError) as err:
+        raise UserError(
+            f"{path}: unreadable checkpoint ({err}); delete it to resume from an older one"
+        ) from None
+    return state, tensors, optimizer_state, scheduler_state, rng_states

@@ -1,0 +1,192 @@
+"""Run configs: validation errors through the CLI, --set overrides, and every shipped YAML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from abba_cli.cli import app
+from abba_cli.config import load_config
+from abba_cli.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+MINIMAL = {"model": {"name_or_path": "x"}, "data": {"recipe": "gsm8k_bundled_train"}, "output_dir": "runs/x"}
+
+
+def _write(tmp_path: Path, raw: dict | str, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw))
+    return path
+
+
+def _cli_error(args: list[str]) -> str:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr  # one line, no traceback
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["train", "validate"])
+def test_unknown_key_names_file_and_dotted_key(tmp_path, command):
+    path = _write(tmp_path, {**MINIMAL, "train": {"lrr": 0.1}})
+    line = _cli_error([command, str(path)])
+    assert str(path) in line and "train.lrr" in line and "unknown key" in line
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    path = _write(tmp_path, {**MINIMAL, "train": {"lr": "fast"}, "adapter": {"r1": "big"}})
+    line = _cli_error(["train", str(path)])
+    assert str(path) in line
+    assert "train.lr" in line and "'fast'" in line
+    assert "adapter.r1" in line and "'big'" in line  # every problem at once
+
+
+def test_bad_choice_lists_valid_values(tmp_path):
+    path = _write(tmp_path, {**MINIMAL, "train": {"scheduler": "exp"}})
+    line = _cli_error(["validate", str(path)])
+    assert "train.scheduler" in line and "linear" in line and "cosine" in line
+
+
+def test_missing_file(tmp_path):
+    line = _cli_error(["train", str(tmp_path / "nope.yaml")])
+    assert "nope.yaml" in line and "not found" in line
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    path = _write(tmp_path, "model:\n  name_or_path: x\ntrain: [unclosed\n")
+    line = _cli_error(["train", str(path)])
+    assert str(path) in line and "YAML syntax error" in line and "line" in line
+
+
+def test_missing_required_key(tmp_path):
+    raw = dict(MINIMAL)
+    del raw["output_dir"]
+    line = _cli_error(["train", str(_write(tmp_path, raw))])
+    assert "output_dir" in line and "missing" in line
+
+
+def test_bad_set_syntax(tmp_path):
+    line = _cli_error(["train", str(_write(tmp_path, MINIMAL)), "--set", "train.lr"])
+    assert "--set" in line and "KEY=VALUE" in line
+
+
+def test_set_overrides_scalars_lists_floats_null(tmp_path):
+    path = _write(tmp_path, {**MINIMAL, "train": {"save_every": 10}})
+    cfg = load_config(
+        path,
+        [
+            "train.lr=5e-4",
+            "train.warmup_ratio=0.1",
+            "train.save_every=null",
+            "train.max_grad_norm=null",
+            "adapter.target_modules=[q_proj, v_proj]",
+            "adapter.r1=8",
+            "train.gradient_checkpointing=true",
+            "output_dir=elsewhere",
+            "eval.tasks=[gsm8k,math]",
+        ],
+    )
+    assert cfg.train.lr == pytest.approx(5e-4)
+    assert cfg.train.warmup_ratio == pytest.approx(0.1)
+    assert cfg.train.save_every is None and cfg.train.max_grad_norm is None
+    assert cfg.adapter.target_modules == ["q_proj", "v_proj"]
+    assert cfg.adapter.r1 == 8 and cfg.adapter.r2 == 16
+    assert cfg.train.gradient_checkpointing is True
+    assert cfg.output_dir == "elsewhere"
+    assert cfg.eval.tasks == ["gsm8k", "math"]
+
+
+def test_set_override_is_validated(tmp_path):
+    with pytest.raises(UserError, match=r"train\.micro_batch_size"):
+        load_config(_write(tmp_path, MINIMAL), ["train.micro_batch_size=0"])
+    with pytest.raises(UserError, match=r"train\.nope: unknown key"):
+        load_config(_write(tmp_path, MINIMAL), ["train.nope=1"])
+
+
+def test_validate_prints_resolved_config_and_trainable_summary(tmp_path, tiny_model_dir):
+    raw = {**MINIMAL, "model": {"name_or_path": str(tiny_model_dir)}, "adapter": {"r1": 2, "r2": 2}}
+    result = CliRunner().invoke(app, ["validate", str(_write(tmp_path, raw)), "--set", "train.lr=2e-4"])
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load(result.stdout.split("# abba adapters")[0])
+    assert resolved["train"]["lr"] == pytest.approx(2e-4)
+    assert resolved["adapter"]["alpha"] == 4.0  # defaults are filled in
+    assert "trainable" in result.stdout and "14 linear layers" in result.stdout
+
+
+def test_configs_exist():
+    names = {p.relative_to(ROOT / "configs").as_posix() for p in CONFIGS}
+    for name in (
+        "quickstart.yaml",
+        "mistral_metamath.yaml",
+        "gemma2-9b_metamath.yaml",
+        "llama3.2-1b_commonsense.yaml",
+        "llama3.2-3b_commonsense.yaml",
+        "baselines/mistral_metamath_lora.yaml",
+        "baselines/mistral_metamath_hira.yaml",
+    ):
+        assert name in names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
+def test_every_shipped_config_validates(path):
+    from abba_cli.recipes import load_recipe
+
+    cfg = load_config(path)
+    load_recipe(cfg.data.recipe)
+    for task in cfg.eval.tasks:
+        load_recipe(task)
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.parent.name == "baselines"], ids=lambda p: p.stem)
+def test_baselines_differ_only_in_adapter(path):
+    abba_name = path.stem.rsplit("_", 1)[0] + ".yaml"
+    base = load_config(ROOT / "configs" / abba_name).model_dump()
+    other = load_config(path).model_dump()
+    assert other["adapter"]["type"] in ("lora", "hira") and other["adapter"]["r"] == 32
+    assert base["adapter"]["r1"] == base["adapter"]["r2"] == 16
+    for section in ("model", "data", "train", "eval"):
+        assert other[section] == base[section], section
+    assert other["output_dir"] != base["output_dir"]
+
+
+def test_paper_hyperparameters():
+    """Table 10 of the ABBA paper."""
+    for name in ("llama3.2-1b_commonsense", "llama3.2-3b_commonsense"):
+        c = load_config(ROOT / "configs" / f"{name}.yaml")
+        t = c.train
+        assert (t.micro_batch_size, t.grad_accum_steps, t.epochs, t.lr, t.scheduler, t.warmup_ratio) == (
+            6,
+            24,
+            2,
+            1e-3,
+            "linear",
+            0.02,
+        )
+        assert (c.adapter.dropout, c.data.max_seq_len, c.data.recipe) == (0.05, 256, "commonsense170k")
+    for name in ("mistral_metamath", "gemma2-9b_metamath"):
+        c = load_config(ROOT / "configs" / f"{name}.yaml")
+        t = c.train
+        assert (t.micro_batch_size, t.grad_accum_steps, t.epochs, t.lr, t.scheduler, t.warmup_ratio) == (
+            1,
+            32,
+            1,
+            1e-3,
+            "cosine",
+            0.02,
+        )
+        assert (c.data.max_seq_len, c.data.num_samples, c.data.recipe) == (512, 20000, "metamathqa")
+
+
+def test_quickstart_train_and_eval_slices_are_disjoint():
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml")
+    assert cfg.model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert cfg.data.recipe == "gsm8k_bundled_train" and "gsm8k" in cfg.eval.tasks
+    assert cfg.eval.limit is not None
+    assert cfg.data.skip_samples >= cfg.eval.skip + cfg.eval.limit

@@ -1,0 +1,240 @@
+"""Training: run directory contents, refusal to overwrite, exact resume, non-finite stop, data order."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from abba_cli import train as train_mod
+from abba_cli.cli import app
+from abba_cli.config import load_config
+from abba_cli.errors import UserError
+from abba_cli.runs import resolve_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(tmp_path: Path, model_dir: Path, out: str = "run", **train) -> Path:
+    raw = {
+        "model": {"name_or_path": str(model_dir)},
+        # Dropout on, so an exact resume also needs the restored torch RNG.
+        "adapter": {"type": "abba", "r1": 2, "r2": 2, "dropout": 0.1},
+        # The tiny tokenizer spends many tokens per GSM8K problem, hence the long max_seq_len.
+        "data": {"recipe": "gsm8k_bundled_train", "skip_samples": 50, "num_samples": 10, "max_seq_len": 512},
+        "train": {
+            "micro_batch_size": 2,
+            "grad_accum_steps": 1,
+            "max_steps": 2,
+            "lr": 1e-2,
+            "warmup_ratio": 0.0,
+            **train,
+        },
+        "output_dir": str(tmp_path / out),
+    }
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _train(path: Path, *args: str):
+    result = CliRunner().invoke(app, ["train", str(path), *args])
+    return result
+
+
+def test_two_steps_write_a_loadable_run_dir(tmp_path, tiny_model_dir):
+    from abba_cli.adapters import adapter_state_dict, load_adapter
+    from abba_cli.models import load_base
+
+    result = _train(_config(tmp_path, tiny_model_dir))
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    assert str(run) in result.stdout  # says where the outputs went
+    assert resolve_run(None) == run.resolve()  # the latest-run marker points here
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert {"loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"} <= set(m)
+        assert m["loss"] > 0 and m["tokens_per_s"] > 0
+    assert load_config(run / "config.yaml").output_dir == str(run)  # the resolved config reloads
+
+    weights = load_file(run / "adapter_model.safetensors")
+    model, _ = load_base(str(tiny_model_dir))
+    load_adapter(model, run)
+    loaded = adapter_state_dict(model)
+    assert set(loaded) == set(weights)
+    assert all(torch.equal(loaded[k].cpu(), weights[k]) for k in weights)
+    assert any(
+        w.abs().sum() > 0 for k, w in weights.items() if k.endswith(".B2")
+    )  # B2 starts at 0: it trained
+
+
+def test_existing_output_dir_is_refused(tmp_path, tiny_model_dir):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "precious.txt").write_text("keep me")
+    result = _train(_config(tmp_path, tiny_model_dir))
+    assert result.exit_code == 2
+    assert "already exists" in result.stderr and "--resume" in result.stderr
+    assert (run / "precious.txt").read_text() == "keep me"
+    assert sorted(p.name for p in run.iterdir()) == ["precious.txt"]
+
+
+def test_dry_run_writes_nothing(tmp_path, tiny_model_dir):
+    result = _train(_config(tmp_path, tiny_model_dir), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "optimizer steps" in result.stderr and "trainable" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_without_a_run_is_refused(tmp_path, tiny_model_dir):
+    result = _train(_config(tmp_path, tiny_model_dir), "--resume")
+    assert result.exit_code == 2 and "no run to resume" in result.stderr
+
+
+def _interrupt_after(monkeypatch, calls: int) -> None:
+    """Raise KeyboardInterrupt at the `calls`+1-th micro-batch loss, as a Ctrl-C or a kill would."""
+    real = train_mod._target_loss_sum
+    count = {"n": 0}
+
+    def flaky(logits, labels):
+        count["n"] += 1
+        if count["n"] > calls:
+            raise KeyboardInterrupt
+        return real(logits, labels)
+
+    monkeypatch.setattr(train_mod, "_target_loss_sum", flaky)
+
+
+def test_resume_mid_epoch_is_bitwise_exact(tmp_path, tiny_model_dir, monkeypatch):
+    # 10 examples, micro-batch 2 -> 5 micro-batches per epoch; 2 per step -> checkpoint at step 2 sits mid-epoch
+    # (epoch 0, batch 4) and steps 3..5 cross into epoch 1.
+    settings = dict(
+        max_steps=5,
+        grad_accum_steps=2,
+        save_every=2,
+        save_total_limit=5,
+        scheduler="cosine",
+        warmup_ratio=0.2,
+    )
+    whole = _config(tmp_path, tiny_model_dir, "whole", **settings)
+    assert _train(whole).exit_code == 0
+
+    split = _config(tmp_path, tiny_model_dir, "split", **settings)
+    _interrupt_after(monkeypatch, calls=6)  # dies inside step 4, after checkpoint step-2
+    result = _train(split)
+    assert result.exit_code == 130
+    run = tmp_path / "split"
+    assert not (run / "adapter_model.safetensors").exists()
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-2"]
+    state = json.loads((run / "checkpoints" / "step-2" / "state.json").read_text())
+    assert (state["epoch"], state["batch_in_epoch"]) == (0, 4)
+    monkeypatch.undo()
+
+    result = _train(split, "--resume")
+    assert result.exit_code == 0, result.output
+    assert "resuming from" in result.stderr
+    a = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    b = load_file(run / "adapter_model.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    losses = lambda p: [json.loads(x)["loss"] for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses(tmp_path / "whole") == losses(
+        run
+    )  # metrics past the checkpoint were dropped, then rewritten
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4", "step-5"]
+
+
+def test_save_total_limit_prunes_old_checkpoints(tmp_path, tiny_model_dir):
+    result = _train(_config(tmp_path, tiny_model_dir, max_steps=3, save_every=1, save_total_limit=2))
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-2", "step-3"]
+
+
+def test_resume_with_a_changed_config_is_refused(tmp_path, tiny_model_dir):
+    path = _config(tmp_path, tiny_model_dir, save_every=1)
+    assert _train(path).exit_code == 0
+    result = _train(path, "--resume", "--set", "train.lr=0.5")
+    assert result.exit_code == 2 and "train.lr" in result.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
+    real = train_mod._target_loss_sum
+    count = {"n": 0}
+
+    def nan_at_third(logits, labels):
+        count["n"] += 1
+        loss = real(logits, labels)
+        return loss * float("nan") if count["n"] == 3 else loss
+
+    monkeypatch.setattr(train_mod, "_target_loss_sum", nan_at_third)
+    cfg = load_config(_config(tmp_path, tiny_model_dir, max_steps=4, save_every=1))
+    with pytest.raises(UserError, match=r"non-finite loss \(nan\) at step 3.*step-2"):
+        train_mod.run_training(cfg, config_path="x", resume=False, dry_run=False)
+    run = tmp_path / "run"
+    assert not (run / "adapter_model.safetensors").exists()
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-1", "step-2"]
+
+
+def test_epoch_order_is_seeded_and_batches_cover_each_epoch():
+    assert train_mod.epoch_order(10, 1, 0) == train_mod.epoch_order(10, 1, 0)
+    assert train_mod.epoch_order(10, 1, 0) != train_mod.epoch_order(10, 1, 1)
+    stream = train_mod._batch_stream(10, 3, seed=7, world=1, rank=0, skip=0, per_epoch=4)
+    first = [next(stream) for _ in range(4)]
+    assert sorted(i for _, _, idx in first for i in idx) == list(range(10))
+    assert [(e, b) for e, b, _ in first] == [(0, 0), (0, 1), (0, 2), (0, 3)]
+    # Skipping k micro-batches lands exactly where an uninterrupted stream would be, across epochs.
+    full = train_mod._batch_stream(10, 3, seed=7, world=1, rank=0, skip=0, per_epoch=4)
+    ref = [next(full) for _ in range(11)]
+    resumed = train_mod._batch_stream(10, 3, seed=7, world=1, rank=0, skip=6, per_epoch=4)
+    assert [next(resumed) for _ in range(5)] == ref[6:]
+
+
+def test_batches_split_across_processes():
+    per_epoch = train_mod._micro_batches_per_epoch(10, 2, world=2)  # 3 global micro-batches of 4
+    streams = [train_mod._batch_stream(10, 2, 7, 2, r, 0, per_epoch) for r in (0, 1)]
+    seen = []
+    for _ in range(per_epoch):
+        a, b = (next(s)[2] for s in streams)
+        assert len(a) == len(b) == 2 and not set(a) & set(b)
+        seen += a + b
+    assert set(seen) == set(range(10))  # all covered; the last batch wraps around to stay full
+
+
+def test_total_steps():
+    assert train_mod._total_steps(None, 2.0, 10, 3) == 7
+    assert train_mod._total_steps(5, 2.0, 10, 3) == 5
+    assert train_mod._total_steps(None, 0.01, 10, 3) == 1
+
+
+@pytest.mark.slow
+def test_smollm2_end_to_end_loss_falls(tmp_path, smollm2_dir):
+    """The real bundled model through the quickstart config, shortened: the training loss goes down."""
+    overrides = [
+        f"output_dir={tmp_path / 'smol'}",
+        "data.num_samples=24",
+        "train.micro_batch_size=2",
+        "train.max_steps=12",
+        "train.save_every=null",
+        "data.max_seq_len=192",
+    ]
+    result = CliRunner().invoke(
+        app,
+        ["train", str(ROOT / "configs" / "quickstart.yaml"), *[x for o in overrides for x in ("--set", o)]],
+    )
+    assert result.exit_code == 0, result.output
+    assert "bundled copy" in result.stderr
+    losses = [json.loads(x)["loss"] for x in (tmp_path / "smol" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 12
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < first * 0.9, losses
+    cfg = json.loads((tmp_path / "smol" / "adapter_config.json").read_text())
+    assert "SmolLM2-135M-Instruct" in json.dumps(cfg)
