@@ -268,23 +268,19 @@ def _fit(
             step_loss += loss.detach()
         loss_value = accelerator.reduce(step_loss, "mean").item()
         if not math.isfinite(loss_value):
-            last = latest_checkpoint(run_dir)
             bar.close()
-            raise UserError(
-                f"training stopped: non-finite loss ({loss_value}) at step {state.step + 1}; "
-                + (
-                    f"the last good checkpoint is {last} (abba train ... --resume)"
-                    if last
-                    else "no checkpoint was saved"
-                )
-                + "; try a lower train.lr, train.max_grad_norm, or train.mixed_precision=no"
-            )
+            _diverged(run_dir, state.step + 1, f"loss {loss_value}")
         # Clipping at +inf leaves gradients untouched and still returns the norm for the log.
         grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        # A huge update can overflow the weights while this step's loss was still finite; catch it here so
+        # no checkpoint and no final adapter ever holds inf/nan.
+        if not _all_finite(params, accelerator):
+            bar.close()
+            _diverged(run_dir, state.step + 1, f"loss {loss_value}, adapter weights inf/nan after the update")
 
         tokens = torch.tensor(sum(int(b["attention_mask"].sum()) for b in micro), device=accelerator.device)
         state.tokens_seen += int(accelerator.reduce(tokens, "sum").item())
@@ -325,6 +321,32 @@ def _fit(
                 signum,
             )
     bar.close()
+
+
+def _all_finite(params: list, accelerator: Any) -> bool:
+    import torch
+
+    with torch.no_grad():
+        ok = torch.stack([torch.isfinite(p).all() for p in params]).all().to(torch.int32)
+    if accelerator.num_processes > 1:
+        ok = accelerator.reduce(ok, "min")
+    return bool(ok.item())
+
+
+def _diverged(run_dir: Path, step: int, what: str) -> None:
+    """Stop on divergence: name the step and the last good checkpoint (written before it, so finite)."""
+    from abba_cli.checkpoint import latest_checkpoint
+
+    last = latest_checkpoint(run_dir)
+    where = (
+        f"the last good checkpoint is {last} (resume from it: abba train {run_dir / CONFIG_FILE} --resume)"
+        if last
+        else "no checkpoint was saved yet"
+    )
+    raise UserError(
+        f"training stopped: non-finite loss or weights at step {step}; {what}; {where}; "
+        "try a lower train.lr, a train.max_grad_norm, or train.mixed_precision=no"
+    )
 
 
 def _stop_requested(stop: GracefulStop | None, accelerator: Any) -> bool:
