@@ -46,11 +46,18 @@ def choose_path(m: int, n: int, r1: int, r2: int, tokens: int) -> str:
     return "khatri_rao" if kr <= merged else "merged"
 
 
-def _khatri_rao_factors(B1, A1, B2, A2, dtype):
-    """B* (m, r1 r2) and A* (r1 r2, n), column/row (i, j) at index i*r2 + j."""
+def _khatri_rao_factors(B1, A1, B2, A2, dtype, scale: float = 1.0):
+    """B* (m, r1 r2) and A* (r1 r2, n), column/row (i, j) at index i*r2 + j; `scale` folded into B* via B1.
+
+    Both are built r-major ((m, r1, r2) and (r1, r2, n) contiguous), so the reshapes are free views and the
+    matmuls read them without a transpose copy. `.to(dtype)` is a no-op when the factors are already `dtype`.
+    """
     m, r1 = B1.shape
     r2, n = A2.shape
-    b_kr = (B1.to(dtype)[:, :, None] * B2.to(dtype)[:, None, :]).reshape(m, r1 * r2)  # (m, r1r2)
+    b1 = B1.to(dtype)
+    if scale != 1.0:
+        b1 = b1 * scale  # (m, r1): scaling here is cheaper than scaling a (T, m) or (T, r1r2) activation
+    b_kr = (b1[:, :, None] * B2.to(dtype)[:, None, :]).reshape(m, r1 * r2)  # (m, r1r2)
     a_kr = (A1.to(dtype)[:, None, :] * A2.to(dtype)[None, :, :]).reshape(r1 * r2, n)  # (r1r2, n)
     return b_kr, a_kr
 
@@ -61,10 +68,10 @@ class _KhatriRaoDelta(Function):
     @staticmethod
     def forward(ctx, x, scaling, B1, A1, B2, A2):
         dtype = x.dtype
-        b_kr, a_kr = _khatri_rao_factors(B1, A1, B2, A2, dtype)
+        b_kr, a_kr = _khatri_rao_factors(B1, A1, B2, A2, dtype, scaling)
         x2 = x.reshape(-1, x.shape[-1])  # (T, n)
         h = x2 @ a_kr.T  # (T, r1r2): an activation, saved like LoRA's (T, r)
-        y = (h @ b_kr.T).mul_(scaling)  # (T, m)
+        y = h @ b_kr.T  # (T, m), s already in b_kr
         ctx.save_for_backward(x, h, B1, A1, B2, A2)
         ctx.scaling = scaling
         return y.reshape(*x.shape[:-1], b_kr.shape[0])
@@ -76,26 +83,28 @@ class _KhatriRaoDelta(Function):
         dtype = x.dtype
         m, r1 = B1.shape
         r2, n = A2.shape
-        b_kr, a_kr = _khatri_rao_factors(B1, A1, B2, A2, dtype)  # rebuilt, not saved
+        b_kr, a_kr = _khatri_rao_factors(B1, A1, B2, A2, dtype, s)  # rebuilt, not saved; s inside b_kr
         dy2 = dy.reshape(-1, m).to(dtype)  # (T, m)
         x2 = x.reshape(-1, n)
-        dh = (dy2 @ b_kr).mul_(s)  # (T, r1r2)
+        dh = dy2 @ b_kr  # (T, r1r2) = s · dy B*
         dx = (dh @ a_kr).reshape(x.shape) if ctx.needs_input_grad[0] else None  # (T, n)
-        db_kr = (dy2.T @ h).mul_(s).view(m, r1, r2)  # dL/dB*
+        db_kr = (dy2.T @ h).view(m, r1, r2)  # dL/dB* / s
         da_kr = (dh.T @ x2).view(r1, r2, n)  # dL/dA*
-        # B*[k, i r2 + j] = B1[k, i] B2[k, j]  and  A*[i r2 + j, c] = A1[i, c] A2[j, c]
-        dB1 = (db_kr * B2.to(dtype)[:, None, :]).sum(2)
-        dB2 = (db_kr * B1.to(dtype)[:, :, None]).sum(1)
-        dA1 = (da_kr * A2.to(dtype)[None, :, :]).sum(1)
-        dA2 = (da_kr * A1.to(dtype)[:, None, :]).sum(0)
+        # B*[k, i r2 + j] = B1[k, i] B2[k, j]  and  A*[i r2 + j, c] = A1[i, c] A2[j, c]; the B sums are batched
+        # mat-vecs (no (m, r1, r2) temporary), s is applied to the (m, r) results.
+        b1, b2 = B1.to(dtype), B2.to(dtype)
+        dB1 = torch.bmm(db_kr, b2[:, :, None]).squeeze(2).mul_(s)  # (m, r1)
+        dB2 = torch.bmm(b1[:, None, :], db_kr).squeeze(1).mul_(s)  # (m, r2)
+        dA1 = (da_kr * A2.to(dtype)[None, :, :]).sum(1)  # (r1, n)
+        dA2 = (da_kr * A1.to(dtype)[:, None, :]).sum(0)  # (r2, n)
         return dx, None, dB1.to(B1.dtype), dA1.to(A1.dtype), dB2.to(B2.dtype), dA2.to(A2.dtype)
 
 
-def _halves(B1, A1, B2, A2, dtype):
-    """B1 A1 and B2 A2 in `dtype`: dW = s · product of the two."""
+def _merged_weight(weight, B1, A1, B2, A2, scaling, dtype):
+    """(W0 + s (B1 A1) ⊙ (B2 A2), B1 A1, B2 A2) in `dtype`; the sum in one fused pass (addcmul)."""
     p1 = B1.to(dtype) @ A1.to(dtype)  # (m, n)
     p2 = B2.to(dtype) @ A2.to(dtype)  # (m, n)
-    return p1, p2
+    return torch.addcmul(weight.to(dtype), p1, p2, value=scaling), p1, p2
 
 
 class _MergedABBA(Function):
@@ -107,15 +116,15 @@ class _MergedABBA(Function):
     @staticmethod
     def forward(ctx, x, x_adapter, weight, bias, scaling, B1, A1, B2, A2):
         dtype = x.dtype
-        p1, p2 = _halves(B1, A1, B2, A2, dtype)
-        delta = p1.mul_(p2).mul_(scaling)  # (m, n), freed on return
-        del p2
-        w0 = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
         if x_adapter is None:
-            y = F.linear(x, delta.add_(w0), b)
+            w, p1, p2 = _merged_weight(weight, B1, A1, B2, A2, scaling, dtype)
+            del p1, p2
+            y = F.linear(x, w, b)  # the frozen layer's own cost: the update rides along for free
         else:
-            y = F.linear(x, w0, b) + F.linear(x_adapter, delta)
+            p1 = B1.to(dtype) @ A1.to(dtype)
+            delta = p1.mul_(B2.to(dtype) @ A2.to(dtype)).mul_(scaling)  # (m, n), freed on return
+            y = F.linear(x, weight.to(dtype), b) + F.linear(x_adapter, delta)
         ctx.save_for_backward(x, x_adapter, weight, bias, B1, A1, B2, A2)
         ctx.scaling = scaling
         return y
@@ -128,31 +137,33 @@ class _MergedABBA(Function):
         m, n = weight.shape
         need_x, need_xa, need_w, need_b = ctx.needs_input_grad[:4]
         dy2 = dy.reshape(-1, m).to(dtype)  # (T, m)
-        p1, p2 = _halves(B1, A1, B2, A2, dtype)  # rebuilt (m, n) each
         dx = dxa = dw = db = None
         if x_adapter is None:
-            if need_x:
-                dx = (dy2 @ ((p1 * p2).mul_(s).add_(weight.to(dtype)))).reshape(x.shape)
+            w, p1, p2 = _merged_weight(weight, B1, A1, B2, A2, s, dtype)  # rebuilt (m, n) each
+            if need_x:  # skipped when x needs no gradient (e.g. the first layer's inputs)
+                dx = (dy2 @ w).reshape(x.shape)
+            del w
             src = x.reshape(-1, n)
         else:
+            p1 = B1.to(dtype) @ A1.to(dtype)
+            p2 = B2.to(dtype) @ A2.to(dtype)
             if need_x:
                 dx = (dy2 @ weight.to(dtype)).reshape(x.shape)
             if need_xa:
                 dxa = (dy2 @ (p1 * p2).mul_(s)).reshape(x_adapter.shape)
             src = x_adapter.reshape(-1, n)
-        grad = (dy2.T @ src).mul_(s)  # s · dL/dW', (m, n)
+        grad = dy2.T @ src  # dL/dW' / s, (m, n); s is applied to the small (m, r) and (r, n) results
         if need_w:
             dw = (dy2.T @ x.reshape(-1, n)).to(weight.dtype)
         if need_b and bias is not None:
             db = dy2.sum(0).to(bias.dtype)
-        g1 = grad * p2  # dL/d(B1 A1)
-        del p2
-        dB1 = (g1 @ A1.to(dtype).T).to(B1.dtype)
-        dA1 = (B1.to(dtype).T @ g1).to(A1.dtype)
-        del g1
-        g2 = grad.mul_(p1)  # dL/d(B2 A2)
-        dB2 = (g2 @ A2.to(dtype).T).to(B2.dtype)
-        dA2 = (B2.to(dtype).T @ g2).to(A2.dtype)
+        g1 = p2.mul_(grad)  # dL/d(B1 A1) / s, in p2's buffer (p2 is not needed any more)
+        dB1 = (g1 @ A1.to(dtype).T).mul_(s).to(B1.dtype)
+        dA1 = (B1.to(dtype).T @ g1).mul_(s).to(A1.dtype)
+        del g1, p2
+        g2 = grad.mul_(p1)  # dL/d(B2 A2) / s
+        dB2 = (g2 @ A2.to(dtype).T).mul_(s).to(B2.dtype)
+        dA2 = (B2.to(dtype).T @ g2).mul_(s).to(A2.dtype)
         return dx, dxa, dw, db, None, dB1, dA1, dB2, dA2
 
 

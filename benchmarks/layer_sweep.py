@@ -1,0 +1,260 @@
+"""One adapted linear layer, forward + backward: ABBA's two exact paths, `auto`, and LoRA at the same budget.
+
+Cells: layer shapes of SmolLM2-135M, Llama-3.2-1B and Mistral-7B x total rank r (LoRA rank r; ABBA
+r1 = r2 = r/2, the same (r1 + r2)(m + n) parameters) x tokens per micro-batch. Each cell times, round-robin in
+one process, LoRA, the Khatri-Rao path and the merged path (x requires grad, so dx is computed as inside a
+model). `auto` dispatches to exactly one of the two functions (choose_path is a few integer operations), so its
+time in a cell is the measured time of the path it picks; the table shows which one and its regret
+(auto / faster - 1). Peak memory: the peak above the resting state of one forward + backward (CUDA: max
+allocated; CPU: VmHWM, see common.py).
+
+`--fit` fits the cost model's KR_COST / MERGED_COST ratio to the cells (minimising the worst regret, then the
+total) and prints the constants to put in abba_cli/adapters/abba.py.
+
+    python benchmarks/layer_sweep.py --quick               # SmolLM2 + Llama-1B shapes, small ranks (CPU minutes)
+    python benchmarks/layer_sweep.py --fit                 # full grid; big cells get fewer repeats
+    python benchmarks/layer_sweep.py --device cuda --dtype bf16 --fit
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from abba_cli.adapters import abba  # noqa: E402
+from benchmarks import common  # noqa: E402
+
+SHAPES = {
+    "smollm2.q/o": (576, 576),
+    "smollm2.gate/up": (1536, 576),
+    "smollm2.down": (576, 1536),
+    "llama1b.q/o": (2048, 2048),
+    "llama1b.gate/up": (8192, 2048),
+    "mistral7b.q/o": (4096, 4096),
+    "mistral7b.gate/up": (14336, 4096),
+}
+RANKS = [8, 16, 32, 64, 128]
+TOKENS = [256, 2048]
+QUICK_SHAPES = ["smollm2.q/o", "smollm2.gate/up", "smollm2.down", "llama1b.q/o"]
+QUICK_RANKS = [8, 32, 128]
+QUICK_TOKENS = [256, 2048]
+
+
+def _cell_inputs(m: int, n: int, r: int, tokens: int, device: str, dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(m * 7 + n * 13 + r)
+
+    def rnd(*shape: int, scale: float) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).to(device)
+
+    h = r // 2
+    w = rnd(m, n, scale=n**-0.5).to(dtype)
+    x = rnd(tokens, n, scale=1.0).to(dtype).requires_grad_(True)
+    dy = rnd(tokens, m, scale=1.0).to(dtype)
+    abba_f = [rnd(m, h, scale=0.1), rnd(h, n, scale=0.1), rnd(m, h, scale=0.1), rnd(h, n, scale=0.1)]
+    lora_f = [rnd(r, n, scale=0.1), rnd(m, r, scale=0.1)]
+    for t in abba_f + lora_f:  # adapter factors stay fp32 (as in the layers); compute runs in `dtype`
+        t.requires_grad_(True)
+    return w, x, dy, abba_f, lora_f
+
+
+def _runners(w, x, dy, abba_f, lora_f, s: float = 1.0):
+    """Forward + backward closures of the three variants (gradients cleared so memory does not accumulate)."""
+    params = [x, *abba_f, *lora_f]
+    dtype = x.dtype
+
+    def clear() -> None:
+        for p in params:
+            p.grad = None
+
+    def lora() -> None:
+        clear()
+        a, b = lora_f
+        y = F.linear(x, w) + (x @ a.to(dtype).T) @ b.to(dtype).T * s  # as LoRALinear computes it
+        y.backward(dy)
+
+    def kr() -> None:
+        clear()
+        y = F.linear(x, w) + abba._KhatriRaoDelta.apply(x, s, *abba_f)
+        y.backward(dy)
+
+    def merged() -> None:
+        clear()
+        y = abba._MergedABBA.apply(x, None, w, None, s, *abba_f)
+        y.backward(dy)
+
+    return {"lora": lora, "khatri_rao": kr, "merged": merged}
+
+
+def _cell_flops(m: int, n: int, r: int, tokens: int) -> float:
+    """Rough multiply-adds of the merged path's fwd + bwd, used only to pick how many repeats a cell gets."""
+    return 3 * m * n * tokens + (r * r // 4) * (m + n) * tokens
+
+
+def run_cell(name: str, m: int, n: int, r: int, tokens: int, args: argparse.Namespace) -> dict[str, Any]:
+    dtype = common.DTYPES[args.dtype]
+    w, x, dy, abba_f, lora_f = _cell_inputs(m, n, r, tokens, args.device, dtype)
+    fns = _runners(w, x, dy, abba_f, lora_f)
+    # Big cells are slow on a 2-core CPU: fewer repeats (budget in multiply-adds per cell).
+    repeats = max(1, min(args.repeats, int(args.budget / max(1.0, _cell_flops(m, n, r, tokens)))))
+    times = common.interleaved(fns, repeats, args.device, warmup=1)
+    mem = {}
+    for key, fn in fns.items():
+        base = common.reset_peak(args.device)
+        fn()
+        mem[key] = common.read_peak(args.device) - base
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "shape": name,
+        "m": m,
+        "n": n,
+        "r": r,
+        "r1": r // 2,
+        "r2": r // 2,
+        "tokens": tokens,
+        "repeats": repeats,
+        "times": times,
+        "median": med,
+        "spread": {k: [min(v), max(v)] for k, v in times.items()},
+        "peak_bytes": mem,
+    }
+
+
+def auto_choice(cell: dict[str, Any], kr_cost: float | None = None, merged_cost: float | None = None) -> str:
+    """What `auto` picks in this cell with the given constants (default: the ones abba.py uses now)."""
+    old = (abba.KR_COST, abba.MERGED_COST)
+    try:
+        if kr_cost is not None:
+            abba.KR_COST, abba.MERGED_COST = kr_cost, merged_cost
+        return abba.choose_path(cell["m"], cell["n"], cell["r1"], cell["r2"], cell["tokens"])
+    finally:
+        abba.KR_COST, abba.MERGED_COST = old
+
+
+def regret(cell: dict[str, Any], choice: str) -> float:
+    med = cell["median"]
+    return med[choice] / min(med["khatri_rao"], med["merged"]) - 1.0
+
+
+def fit_costs(cells: list[dict[str, Any]]) -> tuple[float, float, float]:
+    """KR_COST with MERGED_COST = 1 minimising (worst regret, total regret) over a log grid; returns it too."""
+    best = None
+    for k in range(-400, 401):
+        kr = 10 ** (k / 100)
+        regrets = [regret(c, auto_choice(c, kr, 1.0)) for c in cells]
+        # ties (common: many ratios pick identically) go to the ratio closest to 1, the plain multiply-add count
+        key = (round(max(regrets), 3), round(sum(regrets), 3), abs(k))
+        if best is None or key < best[0]:
+            best = (key, kr)
+    assert best is not None
+    return best[1], 1.0, best[0][0]
+
+
+def to_markdown(cells: list[dict[str, Any]]) -> str:
+    headers = [
+        "layer (m x n)",
+        "r (r1=r2)",
+        "T",
+        "LoRA ms",
+        "KR ms",
+        "merged ms",
+        "auto picks",
+        "auto regret",
+        "auto / LoRA",
+        "peak MiB LoRA / KR / merged",
+        "rep",
+    ]
+    rows = []
+    for c in cells:
+        med, mem = c["median"], c["peak_bytes"]
+        choice = auto_choice(c)
+        rows.append(
+            [
+                f"{c['shape']} ({c['m']}x{c['n']})",
+                f"{c['r']} ({c['r1']})",
+                c["tokens"],
+                f"{med['lora'] * 1e3:.1f}",
+                f"{med['khatri_rao'] * 1e3:.1f}",
+                f"{med['merged'] * 1e3:.1f}",
+                "KR" if choice == "khatri_rao" else "merged",
+                f"{regret(c, choice):+.1%}",
+                f"{med[choice] / med['lora']:.2f}",
+                " / ".join(f"{common.mib(mem[k]):.0f}" for k in ("lora", "khatri_rao", "merged")),
+                c["repeats"],
+            ]
+        )
+    return common.md_table(headers, rows)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=list(common.DTYPES), default="fp32")
+    p.add_argument("--quick", action="store_true", help="the subset make bench runs")
+    p.add_argument("--shapes", nargs="+", choices=list(SHAPES))
+    p.add_argument("--ranks", nargs="+", type=int)
+    p.add_argument("--tokens", nargs="+", type=int)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--budget", type=float, default=2.5e10, help="multiply-adds per cell before cutting repeats"
+    )
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--fit", action="store_true", help="fit KR_COST/MERGED_COST to the measured cells")
+    p.add_argument("--out", type=Path)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.device == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        # glibc reads these at start-up: re-exec so RSS follows live tensors (see common.py).
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **common.MEASURE_ENV})
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else list(SHAPES))
+    ranks = args.ranks or (QUICK_RANKS if args.quick else RANKS)
+    tokens = args.tokens or (QUICK_TOKENS if args.quick else TOKENS)
+    cells = []
+    for name in shapes:
+        m, n = SHAPES[name]
+        for r in ranks:
+            for t in tokens:
+                cell = run_cell(name, m, n, r, t, args)
+                cells.append(cell)
+                c = auto_choice(cell)
+                print(
+                    f"{name} r={r} T={t}: "
+                    + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in cell["median"].items())
+                    + f"; auto={c} regret {regret(cell, c):+.1%}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    res: dict[str, Any] = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "machine": common.machine_info(args.device),
+        "cost_model": {"KR_COST": abba.KR_COST, "MERGED_COST": abba.MERGED_COST},
+        "cells": cells,
+        "auto_worst_regret": max(regret(c, auto_choice(c)) for c in cells),
+    }
+    if args.fit:
+        kr, mg, worst = fit_costs(cells)
+        res["fit"] = {"KR_COST": kr, "MERGED_COST": mg, "worst_regret": worst}
+        print(
+            f"fit: KR_COST = {kr:.3g}, MERGED_COST = {mg:.3g} -> worst regret {worst:+.1%}", file=sys.stderr
+        )
+    if args.out:
+        common.write_json(args.out, res)
+    print(to_markdown(cells))
+    print(f"\nauto's worst regret with the current constants: {res['auto_worst_regret']:+.1%}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
