@@ -1,0 +1,130 @@
+"""Several processes: 2 CPU processes (gloo) train the same adapter as 1 process with the same global batch.
+
+`accelerate launch --cpu --num_processes 2` starts ONE process on CPU (accelerate's simple launcher only fans
+out through mpirun), so the test uses torchrun, which `accelerate launch --multi_gpu` also uses, with
+ACCELERATE_USE_CPU=true: Accelerate then selects DistributedType.MULTI_CPU with the gloo backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+
+def _config(tmp_path: Path, model_dir: Path, out: str, accum: int) -> Path:
+    data = tmp_path / "data.jsonl"
+    # Different lengths: each process sees a different number of target tokens, so the loss normalisation
+    # must be global for the two runs to agree.
+    rows = [
+        {
+            "question": "Natalia sold clips" + " to friends" * (i % 4) + f" {i}?",
+            "answer": f"{'so ' * (i % 3)}#### {i}",
+        }
+        for i in range(8)
+    ]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = {
+        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
+        "adapter": {"type": "abba", "r1": 2, "r2": 2, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+        "data": {"recipe": "gsm8k", "path": str(data), "max_seq_len": 256},
+        "train": {
+            "max_steps": 3,
+            "micro_batch_size": 1,
+            "grad_accum_steps": accum,
+            "lr": 1e-2,
+            "warmup_ratio": 0.0,
+            "save_every": 3,
+        },
+        "output_dir": str(tmp_path / out),
+    }
+    path = tmp_path / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        ABBA_HOME=str(tmp_path / "abba-home"),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        **extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path, str]:
+    tmp = tmp_path_factory.mktemp("mp")
+    one = _config(tmp, tiny_model_dir, "one", accum=2)  # micro 1 x accum 2 x 1 process
+    two = _config(tmp, tiny_model_dir, "two", accum=1)  # micro 1 x accum 1 x 2 processes
+    p1 = subprocess.run(
+        [sys.executable, "-m", "abba_cli", "train", str(one)], env=_env(tmp), capture_output=True, text=True
+    )
+    assert p1.returncode == 0, p1.stderr
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    p2 = subprocess.run(
+        [*launch, "-m", "abba_cli", "train", str(two)],
+        env=_env(tmp, ACCELERATE_USE_CPU="true"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p2.returncode == 0, p2.stderr[-3000:]
+    return tmp / "one", tmp / "two", p2.stderr + p2.stdout
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(runs):
+    one, two, log = runs
+    assert "x 2 process(es)" in log  # really distributed, not two independent runs
+    a = load_file(one / "adapter_model.safetensors")
+    b = load_file(two / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    # B2 starts at zero: a non-zero B2 shows the adapters really trained, so the match is not vacuous.
+    assert any(float(a[k].abs().max()) > 0 for k in a if k.endswith(".B2"))
+    la = [json.loads(x)["loss"] for x in (one / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(x)["loss"] for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert lb == pytest.approx(la, rel=1e-5)
+
+
+def test_only_the_main_process_writes(runs):
+    _, two, log = runs
+    assert log.count("run directory:") == 1  # the summary is printed once
+    steps = [json.loads(x)["step"] for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]  # one line per step, not one per process
+    assert sorted(p.name for p in (two / "checkpoints").iterdir()) == ["step-3"]
+    rng = torch.load(two / "checkpoints" / "step-3" / "rng.pt", weights_only=True)
+    assert len(rng) == 2  # ... holding every process's RNG state, gathered to the main process
+    leftovers = [p.name for p in two.rglob("*") if p.name.startswith(".")]
+    assert leftovers == []  # no temporary files from a second writer
+
+
+def test_adapter_init_does_not_depend_on_the_process_rng(tiny_model_dir):
+    """Every process must start from the same factors: the SVD/Kaiming init is seeded per layer, not drawn
+    from the global RNG that differs between processes."""
+    from transformers import AutoModelForCausalLM
+
+    from abba_cli.adapters import adapter_state_dict, inject_adapters
+    from abba_cli.config import AdapterConfig
+
+    cfg = AdapterConfig(type="abba", r1=2, r2=2, target_modules=["q_proj", "down_proj"])
+    states = []
+    for process_seed in (0, 12345):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        torch.manual_seed(process_seed)  # as if another process had consumed its RNG differently
+        torch.rand(100)
+        inject_adapters(model, cfg)
+        states.append(adapter_state_dict(model))
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
