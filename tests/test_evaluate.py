@@ -204,6 +204,31 @@ def test_eval_defaults_to_latest_run_and_writes_into_it(adapter_run):
     assert len(_read_jsonl(adapter_run / "eval" / "siqa" / "predictions.jsonl")) == 2
 
 
+def test_run_config_eval_section_gives_default_tasks_and_limit(adapter_run, tiny_model_dir):
+    import yaml
+
+    cfg = {
+        "model": {"name_or_path": str(tiny_model_dir)},
+        "data": {"recipe": "gsm8k"},
+        "eval": {"tasks": ["boolq"], "limit": 2, "skip": 5, "batch_size": 2},
+        "output_dir": str(adapter_run),
+    }
+    (adapter_run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    result, out = _invoke("--run", str(adapter_run), "--max-new-tokens", "2")
+    assert result.exit_code == 0, out
+    metrics = json.loads((adapter_run / "eval" / "boolq" / "metrics.json").read_text())
+    assert (metrics["n"], metrics["limit"], metrics["skip"]) == (2, 2, 5)
+    assert metrics["generation"]["batch_size"] == 2
+    ids = [p["id"] for p in _read_jsonl(adapter_run / "eval" / "boolq" / "predictions.jsonl")]
+    assert ids == ["boolq-5", "boolq-6"]
+    # The command line wins over the run config.
+    result, out = _invoke(
+        "--run", str(adapter_run), "--task", "piqa", "--limit", "1", "--max-new-tokens", "2"
+    )
+    assert result.exit_code == 0, out
+    assert json.loads((adapter_run / "eval" / "piqa" / "metrics.json").read_text())["n"] == 1
+
+
 def test_adapter_on_a_model_of_other_shapes_is_refused(adapter_run, tiny_model_dir_other, tmp_path):
     result, out = _invoke(
         "--task",
