@@ -8,8 +8,10 @@ reloads it from disk and compares its logits with base + adapter (unmerged) on a
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,12 +26,11 @@ METADATA = "abba_merge.json"
 MAX_SHARD_SIZE = "5GB"
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
-# Self-check tolerance on max|merged - unmerged| / max|unmerged| over the check prompts' logits. It is set
-# by the coarser of the two dtypes compared: merging rounds W0 + dW once, where the unmerged model rounds W0
-# and the adapter's output separately, so the logits differ by a few units of the dtype's precision,
-# accumulated over the layers (measured on the tiny test model and SmolLM2-135M; see tests/test_merge.py).
+# Self-check tolerance on max|merged - unmerged| / max|unmerged| over the check prompts' logits. Both sides run
+# in fp32 compute (fp32_compute), so the only difference left is the rounding of W0 + dW to the output dtype;
+# measured: bf16 0.7% (SmolLM2-135M) to 2.3% (tiny random test model, small logits), fp16 0.13% (SmolLM2),
+# fp32 4e-6. A missing update shows as the adapter's whole effect, which is reported next to the tolerance.
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
-_PRECISION_ORDER = ("fp32", "fp16", "bf16")  # finest to coarsest mantissa
 CHECK_PROMPTS = (
     "Below is an instruction that describes a task. Write a response that completes the request.",
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
@@ -72,17 +73,60 @@ def _run_model_settings(run_dir: Path) -> dict[str, Any]:
     return {k: model[k] for k in ("trust_remote_code", "revision") if model.get(k) is not None}
 
 
-def _logits(model, tokenizer, prompts: tuple[str, ...]) -> list[torch.Tensor]:
-    """fp32 logits of each prompt, one prompt at a time (no padding, so nothing depends on the pad side)."""
+@contextlib.contextmanager
+def fp32_compute(model) -> Iterator[None]:
+    """Run forward passes in fp32 while the weights stay stored in their own dtype.
+
+    Each module's own parameters are upcast just for its forward and put back afterwards (exactly: the values
+    came from that dtype), so the extra memory is one module's weights in fp32, not an fp32 copy of the model.
+    The self-check needs this: in bf16 the forward pass's own rounding (a few % of the logits over 30 layers
+    of SmolLM2) would hide whether the merge is right; in fp32 what remains is the rounding of W0 + dW.
+    """
     import torch
 
-    out = []
+    def upcast(module, args):
+        for p in module.parameters(recurse=False):
+            if p.dtype != torch.float32:
+                module._abba_dtypes = getattr(module, "_abba_dtypes", {})
+                module._abba_dtypes[id(p)] = p.dtype
+                p.data = p.data.float()
+
+    def restore(module, args, output):
+        saved = getattr(module, "_abba_dtypes", None)
+        if saved:
+            for p in module.parameters(recurse=False):
+                if id(p) in saved:
+                    p.data = p.data.to(saved[id(p)])
+            del module._abba_dtypes
+
+    handles = []
+    for module in model.modules():
+        if any(True for _ in module.parameters(recurse=False)):
+            handles.append(module.register_forward_pre_hook(upcast))
+            handles.append(module.register_forward_hook(restore))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for module in model.modules():  # an exception mid-forward may leave a module upcast
+            restore(module, None, None)
+
+
+def _logits(model, tokenizer, prompts: tuple[str, ...]) -> list[torch.Tensor]:
+    """Per-prompt fp32 logits (tokens, vocab), computed in fp32 in one right-padded batch.
+
+    One batch, because each forward under fp32_compute pays for casting every weight; right padding, so the
+    real tokens' logits do not depend on the pad tokens (causal attention, positions from 0).
+    """
+    import torch
+
     device = next(model.parameters()).device
-    with torch.inference_mode():
-        for p in prompts:
-            ids = tokenizer(p, return_tensors="pt")["input_ids"].to(device)
-            out.append(model(input_ids=ids).logits[0].float().cpu())
-    return out
+    batch = tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="right").to(device)
+    with torch.inference_mode(), fp32_compute(model):
+        logits = model(**batch).logits.float().cpu()  # (prompts, tokens, vocab)
+    mask = batch["attention_mask"].bool().cpu()
+    return [logits[i][mask[i]] for i in range(len(prompts))]
 
 
 def compare_logits(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict[str, float]:
@@ -110,8 +154,10 @@ def _fold_layers(model, target: torch.dtype) -> int:
 
     from abba_cli.adapters import adapter_layers
 
-    layers = list(adapter_layers(model))
-    for name, layer in tqdm(layers, desc="merge", unit="layer", disable=None):
+    # Names only: holding the layer objects would keep every upcast fp32 weight alive until the end.
+    names = [name for name, _ in adapter_layers(model)]
+    for name in tqdm(names, desc="merge", unit="layer", disable=None):
+        layer = model.get_submodule(name)
         with torch.no_grad():
             # Upcast first so the layer's own fp32 fold is not rounded to a narrower base dtype on the way.
             layer.weight.data = layer.weight.data.float()
@@ -119,7 +165,7 @@ def _fold_layers(model, target: torch.dtype) -> int:
             linear = layer.to_linear().to(target)
         model.set_submodule(name, linear)
         del layer, linear
-    return len(layers)
+    return len(names)
 
 
 def merge_run(
@@ -145,6 +191,11 @@ def merge_run(
     from abba_cli.models import load_base
 
     started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(phase: str) -> None:
+        timings[phase] = round(time.perf_counter() - started - sum(timings.values()), 2)
+
     settings = _run_model_settings(adapter.run_dir)
     model, tokenizer = load_base(base, "auto", **settings)
     model.eval()
@@ -152,13 +203,16 @@ def merge_run(
     target_name = target_name or base_name
     target = getattr(torch, DTYPE_NAMES[target_name])
     check_against_base(adapter, model, base)
+    adapter.factors.clear()  # only the shapes were needed; load_adapter reads the weights itself
     base_keys = set(model.state_dict())
+    lap("load_base")
 
     base_logits = _logits(model, tokenizer, CHECK_PROMPTS)
     load_adapter(model, adapter.run_dir)
     ref_logits = _logits(model, tokenizer, CHECK_PROMPTS)
     effect = compare_logits(ref_logits, base_logits)["max_rel_diff"]
     del base_logits
+    lap("reference_logits")
 
     n_layers = _fold_layers(model, target)
     model.to(target)
@@ -167,16 +221,18 @@ def merge_run(
     if keys != base_keys:
         extra, missing = sorted(keys - base_keys)[:3], sorted(base_keys - keys)[:3]
         raise RuntimeError(f"merged model's keys differ from the base's: extra {extra}, missing {missing}")
+    lap("fold")
 
-    coarsest = max(base_name, target_name, key=_PRECISION_ORDER.index)
-    tol = TOLERANCE[coarsest]
+    tol = TOLERANCE[target_name]
     with atomic_directory(out, overwrite=True) as tmp:
         model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
         tokenizer.save_pretrained(tmp)
+        lap("save")
         # Free the in-memory copy before reloading: at most one copy of the model at a time.
         del model
         gc.collect()
         check = _check_saved(tmp, tokenizer, ref_logits, tol)
+        lap("reload_and_check")
         meta = {
             "run": str(adapter.run_dir.resolve()),
             "base_model": base,
@@ -193,6 +249,7 @@ def merge_run(
                 "passed": check["max_rel_diff"] <= tol,
             },
             "seconds": round(time.perf_counter() - started, 2),
+            "timings_s": timings,
         }
         c = meta["check"]
         verdict = "passed" if c["passed"] else "FAILED"
