@@ -256,8 +256,15 @@ def _fit(
             for _, _, idx in (next(batches) for _ in range(t.grad_accum_steps))
         ]
         # Normalise by the target tokens of the whole optimizer step, so accumulation equals one big batch.
-        n_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-        n_targets = max(n_targets, 1)
+        # Across processes too: DDP averages gradients over processes, so each process scales its token sum by
+        # world / (targets of all processes); a global batch then trains exactly as one process would.
+        all_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        world = accelerator.num_processes
+        if world > 1:
+            all_targets = int(
+                accelerator.reduce(torch.tensor(all_targets, device=accelerator.device), "sum").item()
+            )
+        n_targets = max(all_targets, 1) / world
         step_loss = torch.zeros((), device=accelerator.device)
         for i, batch in enumerate(micro):
             sync = i == len(micro) - 1
