@@ -98,7 +98,12 @@ def eval_(
     limit: int | None = typer.Option(
         None, "--limit", min=1, help="Evaluate the first N examples of each task."
     ),
-    skip: int = typer.Option(0, "--skip", min=0, help="Skip the first N examples of each task."),
+    skip: int | None = typer.Option(
+        None,
+        "--skip",
+        min=0,
+        help="Skip the first N examples of each task (default: the run's eval.skip, else 0).",
+    ),
     batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Prompts per generation batch."),
     max_new_tokens: int | None = typer.Option(
         None, "--max-new-tokens", min=1, help="Override per-task limit."

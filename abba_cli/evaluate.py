@@ -338,7 +338,7 @@ def run_eval(
     run: Path | None = None,
     model: str | None = None,
     limit: int | None = None,
-    skip: int = 0,
+    skip: int | None = None,
     batch_size: int | None = None,
     max_new_tokens: int | None = None,
     out: Path | None = None,
@@ -359,10 +359,11 @@ def run_eval(
         # The run's own eval settings (e.g. eval.skip keeping evaluation disjoint from training) apply unless
         # overridden on the command line.
         limit = limit if limit is not None else defaults.limit
-        skip = skip or defaults.skip
+        skip = skip if skip is not None else defaults.skip
         batch_size = batch_size or defaults.batch_size
         max_new_tokens = max_new_tokens or defaults.max_new_tokens
     batch_size = batch_size or DEFAULT_BATCH_SIZE
+    skip = skip or 0
 
     model_obj, tokenizer, device = load_model_for_eval(target.model, target.run_dir, target.load_kwargs)
     meta = {
