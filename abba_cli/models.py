@@ -93,6 +93,24 @@ def _hub_unreachable(err: Exception) -> bool:
     return "couldn't connect" in text or "offline mode" in text.lower() or "cached files" in text
 
 
+def _hub_reachable() -> bool:
+    """A quick TCP probe of the hub, so an offline machine does not sit through huggingface_hub's retries.
+
+    Skipped (assumed reachable) behind a proxy, where a direct connection says nothing about the hub.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
 def load_base(
     name_or_path: str,
     dtype: str = "auto",
@@ -114,6 +132,9 @@ def load_base(
         location = name_or_path
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if not source.is_dir() and not _env_offline() and not _hub_reachable():
+        # Use the hub cache only: the hub-unreachable path below then applies at once.
+        kwargs["local_files_only"] = True
     if revision is not None and not source.is_dir():
         kwargs["revision"] = revision
     try:
@@ -140,6 +161,7 @@ def load_base(
         )
         location, bundled = str(fallback), True
         kwargs.pop("revision", None)
+        kwargs.pop("local_files_only", None)
         tokenizer = _load_tokenizer(location, kwargs)
 
     model_kwargs = dict(kwargs, use_safetensors=True, dtype=dtype)
@@ -163,6 +185,10 @@ def load_base(
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _env_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _load_tokenizer(location: str, kwargs: dict[str, Any]) -> Any:

@@ -89,3 +89,32 @@ def test_hub_id_falls_back_to_bundled_copy_offline(smollm2_dir, capsys):
     ids = tok("1, 2, 3, 4, 5,", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert "6" in tok.decode(out[0, ids["input_ids"].shape[1] :])
+
+
+def test_unreachable_hub_is_detected_without_retries(monkeypatch):
+    """Offline without HF_HUB_OFFLINE: a quick probe switches to the hub cache, no network retries."""
+    import socket
+
+    import transformers
+
+    from abba_cli import models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+    def no_network(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    assert models._hub_reachable() is False
+    seen = {}
+
+    def fake_from_pretrained(name, **kwargs):
+        seen.update(kwargs)
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_from_pretrained)
+    with pytest.raises(UserError, match="hub is unreachable"):
+        load_base("nobody-here/not-a-model-xyz")
+    assert seen.get("local_files_only") is True
