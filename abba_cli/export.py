@@ -188,8 +188,16 @@ def _meta_base(base: str) -> tuple[torch.nn.Module, list[str]] | None:
 
     if not base:
         return None
+    from abba_cli.models import SMOLLM2_ID, bundled_smollm2_dir
+
     try:
-        config = AutoConfig.from_pretrained(base)
+        # Offline, the bundled SmolLM2 stands in for its hub id, as it did when the run was trained.
+        try:
+            config = AutoConfig.from_pretrained(base)
+        except OSError:
+            if base != SMOLLM2_ID:
+                raise
+            config = AutoConfig.from_pretrained(bundled_smollm2_dir())
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception as e:  # noqa: BLE001 - any failure only means we cannot check; say so and go on
