@@ -93,7 +93,11 @@ def time_once(fn: Callable[[], Any], device: torch.device | str) -> float:
 
 
 def interleaved(
-    fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device | str, warmup: int = 1
+    fns: dict[str, Callable[[], Any]],
+    repeats: int,
+    device: torch.device | str,
+    warmup: int = 1,
+    progress: bool = False,
 ) -> dict[str, list[float]]:
     """Seconds per call of each fn, measured round-robin (A B C A B C ...) after `warmup` rounds.
 
@@ -108,6 +112,9 @@ def interleaved(
         k = i % len(names)
         for name in names[k:] + names[:k]:
             out[name].append(time_once(fns[name], device))
+        if progress:
+            done = ", ".join(f"{name} {out[name][-1]:.3f}s" for name in names)
+            print(f"  round {i + 1}/{repeats}: {done}", file=sys.stderr, flush=True)
     return out
 
 

@@ -8,8 +8,8 @@ time in a cell is the measured time of the path it picks; the table shows which 
 (auto / faster - 1). Peak memory: the peak above the resting state of one forward + backward (CUDA: max
 allocated; CPU: VmHWM, see common.py).
 
-`--fit` fits the cost model's KR_COST / MERGED_COST ratio to the cells (minimising the worst regret, then the
-total) and prints the constants to put in abba_cli/adapters/abba.py.
+`--fit` fits the cost model's constants (KR_COST, KR_ELEMENT_COST; MERGED_COST = 1) to the cells (minimising
+auto's worst regret, then the total) and prints the constants to put in abba_cli/adapters/abba.py.
 
     python benchmarks/layer_sweep.py --quick               # SmolLM2 + Llama-1B shapes, small ranks (CPU minutes)
     python benchmarks/layer_sweep.py --fit                 # full grid; big cells get fewer repeats
@@ -127,15 +127,23 @@ def run_cell(name: str, m: int, n: int, r: int, tokens: int, args: argparse.Name
     }
 
 
-def auto_choice(cell: dict[str, Any], kr_cost: float | None = None, merged_cost: float | None = None) -> str:
+COST_NAMES = ("KR_COST", "KR_ELEMENT_COST", "MERGED_COST")
+
+
+def current_costs() -> dict[str, float]:
+    return {k: getattr(abba, k) for k in COST_NAMES}
+
+
+def auto_choice(cell: dict[str, Any], costs: dict[str, float] | None = None) -> str:
     """What `auto` picks in this cell with the given constants (default: the ones abba.py uses now)."""
-    old = (abba.KR_COST, abba.MERGED_COST)
+    old = current_costs()
     try:
-        if kr_cost is not None:
-            abba.KR_COST, abba.MERGED_COST = kr_cost, merged_cost
+        for k, v in (costs or {}).items():
+            setattr(abba, k, v)
         return abba.choose_path(cell["m"], cell["n"], cell["r1"], cell["r2"], cell["tokens"])
     finally:
-        abba.KR_COST, abba.MERGED_COST = old
+        for k, v in old.items():
+            setattr(abba, k, v)
 
 
 def regret(cell: dict[str, Any], choice: str) -> float:
@@ -143,21 +151,26 @@ def regret(cell: dict[str, Any], choice: str) -> float:
     return med[choice] / min(med["khatri_rao"], med["merged"]) - 1.0
 
 
-def fit_costs(cells: list[dict[str, Any]]) -> tuple[float, float, float]:
-    """KR_COST with MERGED_COST = 1 minimising (worst regret, total regret) over a log grid; returns it too."""
-    best = None
-    for k in range(-400, 401):
-        kr = 10 ** (k / 100)
-        regrets = [regret(c, auto_choice(c, kr, 1.0)) for c in cells]
-        # ties (common: many ratios pick identically) go to the ratio closest to 1, the plain multiply-add count
-        key = (round(max(regrets), 3), round(sum(regrets), 3), abs(k))
-        if best is None or key < best[0]:
-            best = (key, kr)
-    assert best is not None
-    return best[1], 1.0, best[0][0]
+def fit_costs(cells: list[dict[str, Any]]) -> dict[str, float]:
+    """KR_COST and KR_ELEMENT_COST (MERGED_COST = 1) minimising auto's (worst regret, total regret) on a grid.
+
+    Only the decision boundary matters, so many constants tie; ties go to the simplest model (no element term,
+    then KR_COST closest to 1, the plain multiply-add count).
+    """
+    best: tuple[tuple[float, ...], dict[str, float]] | None = None
+    for e in [0.0] + [2.0**k for k in range(0, 13)]:
+        for k in range(-200, 201, 2):
+            costs = {"KR_COST": 10 ** (k / 100), "KR_ELEMENT_COST": e, "MERGED_COST": 1.0}
+            regrets = [regret(c, auto_choice(c, costs)) for c in cells]
+            key = (round(max(regrets), 3), round(sum(regrets), 3), e, abs(k))
+            if best is None or key < best[0]:
+                best = (key, costs)
+    assert best is not None  # the grid is never empty
+    return {**best[1], "worst_regret": best[0][0]}
 
 
-def to_markdown(cells: list[dict[str, Any]]) -> str:
+def to_markdown(cells: list[dict[str, Any]], costs: dict[str, float] | None = None) -> str:
+    """The cell table; `auto picks` uses `costs` (those the run recorded) or else the current constants."""
     headers = [
         "layer (m x n)",
         "r (r1=r2)",
@@ -174,7 +187,7 @@ def to_markdown(cells: list[dict[str, Any]]) -> str:
     rows = []
     for c in cells:
         med, mem = c["median"], c["peak_bytes"]
-        choice = auto_choice(c)
+        choice = auto_choice(c, costs)
         rows.append(
             [
                 f"{c['shape']} ({c['m']}x{c['n']})",
@@ -239,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res: dict[str, Any] = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": common.machine_info(args.device),
-        "cost_model": {"KR_COST": abba.KR_COST, "MERGED_COST": abba.MERGED_COST},
+        "cost_model": current_costs(),
         "cells": cells,
         "auto_worst_regret": max(regret(c, auto_choice(c)) for c in cells),
     }

@@ -151,7 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         steps[name] = make_step(model, params, args)
     del base
     gc.collect()
-    times = common.interleaved(steps, args.repeats, args.device, warmup=args.warmup)
+    times = common.interleaved(steps, args.repeats, args.device, warmup=args.warmup, progress=True)
 
     memory: dict[str, Any] = {}
     if not args.no_memory:

@@ -24,9 +24,16 @@ from torch.autograd import Function
 
 from abba_cli.adapters.base import AdapterLinear, kaiming_uniform, layer_generator
 
-# Relative cost weights of the two paths' terms (multiply-adds are not equally fast: the merged path's work is
-# large dense matmuls, the Khatri-Rao path's is skinny ones). Calibrated in benchmarks/layer_sweep.py.
+# Cost model of `auto`, in units of one merged-path multiply-add (calibrated by measurement, not guessed:
+# `benchmarks/layer_sweep.py --fit` fits these to the measured cells, minimising auto's worst regret; the values and
+# the machine they come from are in benchmarks/RESULTS.md "## Performance").
+# - KR_COST: one Khatri-Rao multiply-add. Its matmuls are skinny (inner or outer size r1*r2), so each does less
+#   work per byte moved than the merged path's big square-ish ones.
+# - KR_ELEMENT_COST: per activation element T*(m+n) the Khatri-Rao path streams through memory (reading x and dy,
+#   writing the extra (T, m) output and (T, n) input gradient and adding them to the base's), a cost that does not
+#   shrink with r1*r2: at small ranks it, not the multiply-adds, decides.
 KR_COST = 1.0
+KR_ELEMENT_COST = 0.0
 MERGED_COST = 1.0
 
 
@@ -40,8 +47,11 @@ def abba_scaling(alpha: float, r1: int, r2: int, convention: str) -> float:
 
 
 def choose_path(m: int, n: int, r1: int, r2: int, tokens: int) -> str:
-    """The cheaper exact path for one layer and micro-batch, by multiply-add count (see module docstring)."""
-    kr = KR_COST * (3 * r1 * r2 * (m + n) * tokens + 2 * r1 * r2 * (m + n))
+    """The cheaper exact path for one layer and micro-batch, by weighted multiply-add count (module docstring)."""
+    kr = (
+        KR_COST * (3 * r1 * r2 * (m + n) * tokens + 2 * r1 * r2 * (m + n))
+        + KR_ELEMENT_COST * (m + n) * tokens
+    )
     merged = MERGED_COST * (m * n * tokens + 4 * m * n * (r1 + r2))
     return "khatri_rao" if kr <= merged else "merged"
 
