@@ -132,8 +132,9 @@ def load_base(
         location = name_or_path
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if not source.is_dir() and not _env_offline() and not _hub_reachable():
-        # Use the hub cache only: the hub-unreachable path below then applies at once.
+    if not source.is_dir() and (_env_offline() or not _hub_reachable()):
+        # Hub cache only, said explicitly: huggingface_hub reads HF_HUB_OFFLINE once at import, so a variable
+        # set later would be ignored; and an unreachable hub then fails at once instead of after its retries.
         kwargs["local_files_only"] = True
     if revision is not None and not source.is_dir():
         kwargs["revision"] = revision

@@ -118,3 +118,26 @@ def test_unreachable_hub_is_detected_without_retries(monkeypatch):
     with pytest.raises(UserError, match="hub is unreachable"):
         load_base("nobody-here/not-a-model-xyz")
     assert seen.get("local_files_only") is True
+
+
+def test_hf_hub_offline_means_hub_cache_only_even_if_set_after_import(monkeypatch):
+    """HF_HUB_OFFLINE set after huggingface_hub was imported must still keep load_base off the network."""
+    import socket
+
+    import transformers
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("no network probe when HF_HUB_OFFLINE is set")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket, "create_connection", no_probe)
+    seen = {}
+
+    def fake_from_pretrained(name, **kwargs):
+        seen.update(kwargs)
+        raise OSError("couldn't find them in the cached files")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_from_pretrained)
+    with pytest.raises(UserError, match="hub is unreachable"):
+        load_base("nobody-here/not-a-model-xyz")
+    assert seen.get("local_files_only") is True

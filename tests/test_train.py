@@ -218,13 +218,15 @@ def test_total_steps():
 @pytest.mark.slow
 def test_smollm2_end_to_end_loss_falls(tmp_path, smollm2_dir):
     """The real bundled model through the quickstart config, shortened: the training loss goes down."""
+    # Two examples seen three times each (micro-batch 1): small enough for a shared 2-core CPU, and the loss
+    # must fall well below its start as the adapter fits them.
     overrides = [
         f"output_dir={tmp_path / 'smol'}",
-        "data.num_samples=24",
-        "train.micro_batch_size=2",
-        "train.max_steps=12",
-        "train.save_every=null",
+        "data.num_samples=2",
         "data.max_seq_len=192",
+        "train.micro_batch_size=1",
+        "train.max_steps=6",
+        "train.save_every=null",
     ]
     result = CliRunner().invoke(
         app,
@@ -233,8 +235,8 @@ def test_smollm2_end_to_end_loss_falls(tmp_path, smollm2_dir):
     assert result.exit_code == 0, result.output
     assert "bundled copy" in result.stderr
     losses = [json.loads(x)["loss"] for x in (tmp_path / "smol" / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 12
-    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
-    assert last < first * 0.9, losses
+    assert len(losses) == 6
+    first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+    assert last < first * 0.8, losses
     cfg = json.loads((tmp_path / "smol" / "adapter_config.json").read_text())
     assert "SmolLM2-135M-Instruct" in json.dumps(cfg)
