@@ -32,7 +32,9 @@ class ModelConfig(_Strict):
 
 
 class AdapterConfig(_Strict):
-    type: Literal["abba", "lora", "hira"] = Field("abba", description="Adapter method.")
+    type: Literal["abba", "lora", "hira", "full"] = Field(
+        "abba", description="Adapter method; 'full' trains every parameter of the base (no adapter)."
+    )
     r1: int | None = Field(None, ge=1, description="ABBA rank of B1 A1 (default 16).")
     r2: int | None = Field(None, ge=1, description="ABBA rank of B2 A2 (default 16).")
     r: int | None = Field(None, ge=1, description="LoRA/HiRA rank (default 32).")
@@ -62,6 +64,16 @@ class AdapterConfig(_Strict):
 
     @model_validator(mode="after")
     def _ranks_for_type(self) -> AdapterConfig:
+        if self.type == "full":
+            given = [k for k in ("r", "r1", "r2", "alpha") if getattr(self, k) is not None]
+            if given:
+                raise ValueError(
+                    f"adapter.type 'full' trains every weight and takes no {'/'.join(given)}; remove "
+                    f"{', '.join('adapter.' + k for k in given)}"
+                )
+            if self.init != "default" or self.dropout:
+                raise ValueError("adapter.init/adapter.dropout apply to adapters, not to adapter.type 'full'")
+            return self
         if self.type == "abba":
             if self.r is not None:
                 raise ValueError("adapter.r is the LoRA/HiRA rank; ABBA takes adapter.r1 and adapter.r2")

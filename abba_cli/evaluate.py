@@ -104,10 +104,27 @@ def _resolve_target(run: Path | None, model: str | None, out: Path | None) -> _T
         return _Target(model, None, out_dir, {}, None)
 
     from abba_cli.adapters import read_adapter_config
+    from abba_cli.runs import full_model_dir
 
-    run_dir = resolve_run(run)
-    base = read_adapter_config(run_dir)["base_model"]
+    run_dir = resolve_run(run, allow_full=True)
     cfg = _run_config(run_dir)
+    trained = full_model_dir(run_dir)
+    if trained is not None:
+        # Full fine-tuning: the run holds the trained model itself; there is no adapter to put on another base.
+        if model is not None:
+            raise UserError(
+                f"--run {run_dir} is a full fine-tuning run (its model is {trained}); pass --run or --model, not both"
+            )
+        load_kwargs = {}
+        if cfg is not None:
+            load_kwargs = dict(
+                dtype=cfg.model.dtype,
+                trust_remote_code=cfg.model.trust_remote_code,
+                attn_implementation=cfg.model.attn_implementation,
+            )
+        out_dir = out if out is not None else run_dir / "eval"
+        return _Target(str(trained), None, out_dir, load_kwargs, cfg.eval if cfg else None)
+    base = read_adapter_config(run_dir)["base_model"]
     load_kwargs: dict[str, Any] = {}
     if cfg is not None and (model is None or model == cfg.model.name_or_path):
         m = cfg.model

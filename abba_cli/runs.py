@@ -14,6 +14,8 @@ from abba_cli.fsutil import atomic_write_text
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# A full fine-tuning run (adapter.type full) holds the trained model itself, as a plain Hugging Face folder.
+FULL_MODEL_DIR = "model"
 
 
 def abba_home() -> Path:
@@ -24,8 +26,18 @@ def record_latest(run_dir: str | Path) -> None:
     atomic_write_text(abba_home() / "latest_run", str(Path(run_dir).resolve()) + "\n")
 
 
-def resolve_run(run: str | Path | None) -> Path:
-    """The run directory to use: the one given, else the latest finished run. UserError if unusable."""
+def full_model_dir(run_dir: str | Path) -> Path | None:
+    """RUN_DIR/model when RUN_DIR is a finished full fine-tuning run, else None."""
+    path = Path(run_dir) / FULL_MODEL_DIR
+    return path if (path / "config.json").is_file() else None
+
+
+def resolve_run(run: str | Path | None, allow_full: bool = False) -> Path:
+    """The run directory to use: the one given, else the latest finished run. UserError if unusable.
+
+    A full fine-tuning run has no adapter: it is accepted only with `allow_full` (evaluation); merge and export
+    get a UserError pointing at the model folder, which is already what they would produce.
+    """
     if run is None:
         marker = abba_home() / "latest_run"
         if not marker.is_file():
@@ -39,6 +51,14 @@ def resolve_run(run: str | Path | None) -> Path:
         run_dir = Path(run)
         if not run_dir.is_dir():
             raise UserError(f"--run {run}: no such run directory")
+    model_dir = full_model_dir(run_dir)
+    if model_dir is not None:
+        if allow_full:
+            return run_dir
+        raise UserError(
+            f"{run_dir} is a full fine-tuning run (adapter.type full): it has no adapter to merge or export; "
+            f"the trained model is already a plain Hugging Face folder at {model_dir}"
+        )
     for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
         if not (run_dir / name).is_file():
             raise UserError(

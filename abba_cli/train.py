@@ -29,7 +29,7 @@ import yaml
 from abba_cli.config import RunConfig, dump_config
 from abba_cli.errors import UserError
 from abba_cli.fsutil import atomic_write_text
-from abba_cli.runs import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from abba_cli.runs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FULL_MODEL_DIR
 from abba_cli.signals import GracefulStop, TrainingStopped, signal_name
 
 CONFIG_FILE = "config.yaml"
@@ -54,8 +54,12 @@ def validate_run(cfg: RunConfig, config_path: str | Path) -> None:
     print(f"# resolved config from {config_path}")
     print(dump_config(cfg), end="")
     model, _ = _load_model(cfg)
-    adapted = inject_adapters(model, cfg.adapter, seed=cfg.train.seed)
-    print(f"# {cfg.adapter.type} adapters on {len(adapted)} linear layers of {cfg.model.name_or_path}")
+    if cfg.adapter.type == "full":
+        model.requires_grad_(True)
+        print(f"# full fine-tuning of every parameter of {cfg.model.name_or_path}")
+    else:
+        adapted = inject_adapters(model, cfg.adapter, seed=cfg.train.seed)
+        print(f"# {cfg.adapter.type} adapters on {len(adapted)} linear layers of {cfg.model.name_or_path}")
     print(trainable_summary(model))
 
 
@@ -72,9 +76,10 @@ def run_training(
     from transformers import get_scheduler
 
     from abba_cli import checkpoint as ckpt
-    from abba_cli.adapters import adapter_state_dict, inject_adapters, save_adapter, trainable_summary
+    from abba_cli.adapters import inject_adapters, save_adapter, trainable_summary
 
     t = cfg.train
+    full = cfg.adapter.type == "full"
     run_dir = Path(cfg.output_dir)
     resume_from = None if dry_run else _check_run_dir(cfg, run_dir, resume)
 
@@ -89,7 +94,11 @@ def run_training(
 
     model, tokenizer = _load_model(cfg)
     tokenizer.padding_side = "right"  # training pads on the right; evaluation sets its own side
-    inject_adapters(model, cfg.adapter, seed=t.seed)
+    if full:
+        # No adapter: every weight of the base trains (keep model.dtype float32 for fp32 master weights).
+        model.requires_grad_(True)
+    else:
+        inject_adapters(model, cfg.adapter, seed=t.seed)
     if t.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs; input grads keep the graph connected anyway.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -142,7 +151,7 @@ def run_training(
     rng = None
     if resume_from is not None:
         state, tensors, opt_state, sched_state, rng_states = ckpt.load_checkpoint(resume_from)
-        _load_adapter_tensors(accelerator.unwrap_model(model), tensors, resume_from)
+        _load_adapter_tensors(accelerator.unwrap_model(model), tensors, resume_from, full)
         optimizer.load_state_dict(opt_state)
         scheduler.load_state_dict(sched_state)
         rng = rng_states[rank] if rank < len(rng_states) else None
@@ -164,7 +173,7 @@ def run_training(
             path = ckpt.save_checkpoint(
                 run_dir,
                 state,
-                adapter_state_dict(accelerator.unwrap_model(model)),
+                trainable_state_dict(accelerator.unwrap_model(model), full),
                 optimizer.state_dict(),
                 scheduler.state_dict(),
                 rngs,
@@ -196,17 +205,28 @@ def run_training(
 
     accelerator.wait_for_everyone()
     if main:
-        save_adapter(accelerator.unwrap_model(model), cfg.adapter, run_dir, base_model=cfg.model.name_or_path)
+        if full:
+            _save_full_model(accelerator.unwrap_model(model), tokenizer, run_dir / FULL_MODEL_DIR)
+        else:
+            save_adapter(
+                accelerator.unwrap_model(model), cfg.adapter, run_dir, base_model=cfg.model.name_or_path
+            )
         from abba_cli.runs import record_latest
 
         record_latest(run_dir)
         print(f"run directory: {run_dir}")
-        print(f"  adapter:  {run_dir / ADAPTER_WEIGHTS} (+ {ADAPTER_CONFIG})")
+        if full:
+            print(f"  model:    {run_dir / FULL_MODEL_DIR} (plain Hugging Face folder, already 'merged')")
+        else:
+            print(f"  adapter:  {run_dir / ADAPTER_WEIGHTS} (+ {ADAPTER_CONFIG})")
         print(f"  config:   {run_dir / CONFIG_FILE}")
         print(f"  metrics:  {run_dir / METRICS_FILE}")
         if t.save_every:
             print(f"  checkpoints: {run_dir / ckpt.CHECKPOINTS}")
-        print("next: abba eval --task <task>   |   abba merge --out <dir>   (both default to this run)")
+        if full:
+            print("next: abba eval --task <task>   (defaults to this run)")
+        else:
+            print("next: abba eval --task <task>   |   abba merge --out <dir>   (both default to this run)")
     accelerator.end_training()
     return run_dir
 
@@ -457,12 +477,29 @@ def _to_device(batch: dict, device: Any) -> dict:
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
-def _load_adapter_tensors(model: Any, tensors: dict, source: Path) -> None:
-    import torch
-
+def trainable_state_dict(model: Any, full: bool) -> dict:
+    """What a checkpoint stores: the adapter factors, or every (deduplicated) parameter for full fine-tuning."""
+    if full:
+        return {name: p.detach() for name, p in model.named_parameters()}
     from abba_cli.adapters import adapter_state_dict
 
-    expected = adapter_state_dict(model)
+    return adapter_state_dict(model)
+
+
+def _save_full_model(model: Any, tokenizer: Any, out: Path) -> None:
+    """RUN_DIR/model: the trained weights as a plain Hugging Face folder (safetensors + tokenizer), atomically."""
+    from abba_cli.fsutil import atomic_directory
+
+    model.config.use_cache = True  # turned off for training; generation from the saved model wants it
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
+def _load_adapter_tensors(model: Any, tensors: dict, source: Path, full: bool = False) -> None:
+    import torch
+
+    expected = trainable_state_dict(model, full)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
