@@ -1,8 +1,8 @@
 """Generation speed with an ABBA adapter merged in memory against the base model (SmolLM2-135M, greedy).
 
 Three models in one process, timed round-robin: the base; base + a random ABBA adapter (r1 = r2 = 16, all seven
-projections) merged and unwrapped into plain nn.Linear layers, as `abba eval` does; and the same adapter left
-unmerged (every projection runs the adapter's forward), to show what merging buys. Every generation produces
+projections) merged and unwrapped into plain nn.Linear layers, as `abba eval` does; with --with-unmerged also the
+same adapter left unmerged (every projection runs the adapter's forward), to show what merging buys. Every generation produces
 exactly --new-tokens tokens per prompt (min_new_tokens = max_new_tokens), so tokens/s compare like for like.
 
     python benchmarks/eval_speed.py [--new-tokens 32] [--repeats 3] [--dtype fp32]
@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", choices=list(common.DTYPES), default="fp32")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--with-unmerged",
+        action="store_true",
+        help="also time the adapter left unmerged (slow: it rebuilds every W0 + dW at every decoding step)",
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
 
@@ -62,7 +67,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     base = common.load_smollm2(common.DTYPES[args.dtype], args.device).eval()
-    models = {"base": base, "abba_merged": adapted(base, True), "abba_unmerged": adapted(base, False)}
+    models = {"base": base, "abba_merged": adapted(base, True)}
+    if args.with_unmerged:
+        models["abba_unmerged"] = adapted(base, False)
     batch = tok(PROMPTS, return_tensors="pt", padding=True).to(args.device)
     n_new = args.new_tokens * len(PROMPTS)
 
