@@ -133,3 +133,21 @@ def test_full_checkpoint_holds_every_parameter_and_resumes_exactly(tmp_path, tin
     a = load_file(tmp_path / "whole" / "model" / "model.safetensors")
     b = load_file(tmp_path / "split" / "model" / "model.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_full_run_with_tied_embeddings(tmp_path):
+    """SmolLM2 ties lm_head to the embeddings: the shared weight trains once, saves once and reloads tied."""
+    from conftest import build_tiny_llama, build_tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "tied"
+    tok = build_tiny_tokenizer()
+    build_tiny_llama(len(tok), tie_word_embeddings=True).save_pretrained(base)
+    tok.save_pretrained(base)
+    result = _invoke("train", str(_config(tmp_path, base, save_every=1)))
+    assert result.exit_code == 0, result.output
+    ckpt = load_file(tmp_path / "full" / "checkpoints" / "step-2" / "adapter_model.safetensors")
+    assert "lm_head.weight" not in ckpt and "model.embed_tokens.weight" in ckpt
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "model")
+    assert trained.lm_head.weight.data_ptr() == trained.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(trained.model.embed_tokens.weight, ckpt["model.embed_tokens.weight"])
