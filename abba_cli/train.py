@@ -168,12 +168,13 @@ def run_training(
         from accelerate.utils import gather_object
 
         rngs = gather_object([ckpt.rng_state()]) if world > 1 else [ckpt.rng_state()]
+        tensors = gathered_trainable_state(accelerator, model, full)  # collective: every process calls it
         path = None
         if main:
             path = ckpt.save_checkpoint(
                 run_dir,
                 state,
-                trainable_state_dict(accelerator.unwrap_model(model), full),
+                tensors,
                 optimizer.state_dict(),
                 scheduler.state_dict(),
                 rngs,
@@ -204,12 +205,17 @@ def run_training(
         )
 
     accelerator.wait_for_everyone()
+    final_tensors = None if full else gathered_trainable_state(accelerator, model, full)
     if main:
         if full:
             _save_full_model(accelerator.unwrap_model(model), tokenizer, run_dir / FULL_MODEL_DIR)
         else:
             save_adapter(
-                accelerator.unwrap_model(model), cfg.adapter, run_dir, base_model=cfg.model.name_or_path
+                accelerator.unwrap_model(model),
+                cfg.adapter,
+                run_dir,
+                base_model=base_model_reference(cfg.model.name_or_path),
+                tensors=final_tensors,
             )
         from abba_cli.runs import record_latest
 
@@ -484,6 +490,34 @@ def trainable_state_dict(model: Any, full: bool) -> dict:
     from abba_cli.adapters import adapter_state_dict
 
     return adapter_state_dict(model)
+
+
+def gathered_trainable_state(accelerator: Any, model: Any, full: bool) -> dict | None:
+    """The trainable tensors to save, whole. Every process must call it; the main process gets the tensors.
+
+    Under FSDP and DeepSpeed the local parameters are shards (ZeRO-3: empty), so the full state dict is gathered
+    with `accelerator.get_state_dict` (a collective) and the trainable keys are kept.
+    """
+    from accelerate.utils import DistributedType
+
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        keys = list(trainable_state_dict(unwrapped, full))
+        whole = accelerator.get_state_dict(model)
+        if not accelerator.is_main_process:
+            return None
+        missing = [k for k in keys if k not in whole]
+        if missing:
+            raise RuntimeError(f"gathered state dict lacks trainable tensors, e.g. {missing[:3]}")
+        return {k: whole[k] for k in keys}
+    return trainable_state_dict(unwrapped, full)
+
+
+def base_model_reference(name_or_path: str) -> str:
+    """What adapter_config.json records as the base: an absolute path for a local directory (so eval and merge
+    work from any working directory), the hub id otherwise."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else name_or_path
 
 
 def _save_full_model(model: Any, tokenizer: Any, out: Path) -> None:

@@ -242,3 +242,54 @@ def test_smollm2_end_to_end_loss_falls(tmp_path, smollm2_dir):
     assert losses[-1] < losses[0] * 0.8, losses
     cfg = json.loads((tmp_path / "smol" / "adapter_config.json").read_text())
     assert "SmolLM2-135M-Instruct" in json.dumps(cfg)
+
+
+def test_adapter_base_model_is_recorded_as_an_absolute_path(tmp_path, tiny_model_dir, monkeypatch):
+    """A relative local base path in the config still resolves when eval/merge run from another directory."""
+    monkeypatch.chdir(tiny_model_dir.parent)
+    cfg = _config(tmp_path, Path(tiny_model_dir.name))
+    result = _train(cfg)
+    assert result.exit_code == 0, result.output
+    recorded = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["base_model"]
+    assert recorded == str(tiny_model_dir.resolve())
+    assert (
+        train_mod.base_model_reference("HuggingFaceTB/SmolLM2-135M-Instruct")
+        == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
+
+
+class _ShardedAccelerator:
+    """Stands in for an Accelerator under FSDP: local parameters are empty shards, get_state_dict gathers."""
+
+    def __init__(self, whole: dict, main: bool) -> None:
+        from accelerate.utils import DistributedType
+
+        self.distributed_type = DistributedType.FSDP
+        self.is_main_process = main
+        self._whole = whole
+        self.gathered = 0
+
+    def unwrap_model(self, model):
+        return model
+
+    def get_state_dict(self, model):
+        self.gathered += 1
+        return self._whole
+
+
+def test_sharded_training_saves_gathered_adapter_tensors(tiny_model_dir):
+    from abba_cli.adapters import adapter_state_dict, inject_adapters
+    from abba_cli.config import AdapterConfig
+    from abba_cli.models import load_base
+
+    model, _ = load_base(str(tiny_model_dir))
+    inject_adapters(model, AdapterConfig(r1=2, r2=2))
+    whole = {k: torch.full_like(v, 3.0) for k, v in model.state_dict().items()}
+    main = _ShardedAccelerator(whole, main=True)
+    tensors = train_mod.gathered_trainable_state(main, model, full=False)
+    assert main.gathered == 1
+    assert set(tensors) == set(adapter_state_dict(model))
+    assert all(torch.equal(t, whole[k]) for k, t in tensors.items())  # the gathered values, not local shards
+    other = _ShardedAccelerator(whole, main=False)
+    assert train_mod.gathered_trainable_state(other, model, full=False) is None
+    assert other.gathered == 1  # non-main processes still join the collective

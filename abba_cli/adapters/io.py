@@ -47,10 +47,22 @@ def adapter_config_dict(model: nn.Module, cfg: AdapterConfig, base_model: str) -
     }
 
 
-def save_adapter(model: nn.Module, cfg: AdapterConfig, out_dir: str | Path, base_model: str) -> None:
-    """Write adapter_config.json and adapter_model.safetensors (fp32, contiguous, on CPU), each atomically."""
+def save_adapter(
+    model: nn.Module,
+    cfg: AdapterConfig,
+    out_dir: str | Path,
+    base_model: str,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write adapter_config.json and adapter_model.safetensors (fp32, contiguous, on CPU), each atomically.
+
+    `tensors` overrides the model's own factors: under FSDP / ZeRO-3 the local parameters are shards, and the
+    caller passes the gathered full tensors instead.
+    """
     out_dir = Path(out_dir)
-    tensors = {k: v.float().cpu() for k, v in adapter_state_dict(model).items()}
+    tensors = {
+        k: v.float().cpu() for k, v in (tensors if tensors is not None else adapter_state_dict(model)).items()
+    }
     atomic_save_safetensors(tensors, out_dir / ADAPTER_WEIGHTS, metadata={"format": "pt", "producer": FORMAT})
     atomic_write_json(out_dir / ADAPTER_CONFIG, adapter_config_dict(model, cfg, base_model))
 
