@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 METHODS = ("base", "abba", "lora", "hira", "full")
@@ -91,6 +92,20 @@ def setting_tables(root: Path, setting: str) -> str:
             accs = [evals[m][t]["accuracy"] for t in tasks if t in evals[m]]
             avg.append(f"{100 * sum(accs) / len(accs):.1f}" if len(accs) == len(tasks) else "-")
         lines.append("| **average** | | " + " | ".join(avg) + " |")
+        # All examples pooled, with a 95% normal-approximation half-width: how far apart two methods must be
+        # before the difference means anything at this n.
+        pooled, ns = [], set()
+        for m in METHODS:
+            rows = [evals[m][t] for t in tasks if t in evals[m]]
+            if len(rows) != len(tasks):
+                pooled.append("-")
+                continue
+            n = sum(r["n"] for r in rows)
+            p = sum(r["correct"] for r in rows) / n
+            ns.add(n)
+            pooled.append(f"{100 * p:.1f} ± {196 * math.sqrt(p * (1 - p) / n):.1f}")
+        n_cell = "/".join(str(x) for x in sorted(ns))
+        lines.append(f"| **pooled, 95% CI** | {n_cell} | " + " | ".join(pooled) + " |")
     lines += [
         "",
         f"#### {setting}: training and evaluation cost",

@@ -62,6 +62,8 @@ def test_table_from_run_files(tmp_path):
     assert "| boolq | 10 | 10.0 (3) | 50.0 (0) | - | - | - |" in lines
     assert "| piqa | 10 | 20.0 (3) | 60.0 (0) | - | - | - |" in lines
     assert "| **average** | | 15.0 | 55.0 | - | - | - |" in lines
+    # pooled 11/20 = 55%: half-width 1.96 * sqrt(.55 * .45 / 20) = 21.8 points
+    assert "| **pooled, 95% CI** | 20 | 15.0 ± 15.6 | 55.0 ± 21.8 | - | - | - |" in lines
     # 14 adapter parameters; loss 2.0 first, mean of the last five steps 0.9; 60 s of training; 4 s of eval.
     assert "| ABBA | 14 | 6 | 2.000 -> 0.900 | 60 | 4 |" in lines
     assert "| full FT | 35 | - | - | - | - |" in lines
