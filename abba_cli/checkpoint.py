@@ -108,6 +108,10 @@ def save_checkpoint(
     if keep is not None:
         for _, old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
+    # A kill -9 mid-write leaves `.step-N.*.partial`; it is never read, but it would pile up on disk. Only one
+    # process writes checkpoints, so any partial dir other than the one just renamed is stale.
+    for stale in (Path(run_dir) / CHECKPOINTS).glob(".step-*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 

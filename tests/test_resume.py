@@ -214,6 +214,7 @@ def test_partial_checkpoint_left_by_a_crash_is_ignored(tmp_path, tiny_model_dir,
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from {run / 'checkpoints' / last_good}" in resumed.stderr
     _assert_same_adapter(run, reference)
+    assert not partial.exists()  # the next checkpoint write cleared the stale temporary dir
 
 
 def test_non_finite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, data):
