@@ -69,6 +69,17 @@ def trainable_params(run: Path) -> int | None:
     return total
 
 
+def majority_share(run: Path, task: str) -> float | None:
+    """Accuracy of always answering the most common gold label of this eval slice (choice tasks only)."""
+    path = run / "eval" / task / "predictions.jsonl"
+    if not path.is_file():
+        return None
+    golds = [json.loads(line)["gold"] for line in path.read_text().splitlines() if line.strip()]
+    if not golds or len(set(golds)) > 8:  # numeric answers (gsm8k): no label prior to speak of
+        return None
+    return max(golds.count(g) for g in set(golds)) / len(golds)
+
+
 def _cell(m: dict | None) -> str:
     if m is None:
         return "-"
@@ -80,18 +91,29 @@ def setting_tables(root: Path, setting: str) -> str:
     evals = {m: read_eval(runs[m]) for m in METHODS}
     tasks = [t for t in TASK_ORDER if any(t in evals[m] for m in METHODS)]
     tasks += sorted({t for m in METHODS for t in evals[m]} - set(tasks))
-    head = "| task | n | " + " | ".join(LABELS[m] for m in METHODS) + " |"
-    lines = [f"#### {setting}: accuracy % (invalid answers)", "", head, "|---|---:|" + "---:|" * len(METHODS)]
+    head = "| task | n | majority label | " + " | ".join(LABELS[m] for m in METHODS) + " |"
+    lines = [
+        f"#### {setting}: accuracy % (invalid answers)",
+        "",
+        head,
+        "|---|---:|---:|" + "---:|" * len(METHODS),
+    ]
+    majors: list[float | None] = []
     for task in tasks:
         ns = {evals[m][task]["n"] for m in METHODS if task in evals[m]}
         n = "/".join(str(x) for x in sorted(ns))
-        lines.append(f"| {task} | {n} | " + " | ".join(_cell(evals[m].get(task)) for m in METHODS) + " |")
+        shares = [x for m in METHODS if (x := majority_share(runs[m], task)) is not None]
+        majors.append(shares[0] if shares else None)
+        major = f"{100 * shares[0]:.1f}" if shares else "-"
+        cells = " | ".join(_cell(evals[m].get(task)) for m in METHODS)
+        lines.append(f"| {task} | {n} | {major} | {cells} |")
     if len(tasks) > 1:
         avg = []
         for m in METHODS:
             accs = [evals[m][t]["accuracy"] for t in tasks if t in evals[m]]
             avg.append(f"{100 * sum(accs) / len(accs):.1f}" if len(accs) == len(tasks) else "-")
-        lines.append("| **average** | | " + " | ".join(avg) + " |")
+        major_avg = f"{100 * sum(majors) / len(majors):.1f}" if None not in majors else ""
+        lines.append(f"| **average** | | {major_avg} | " + " | ".join(avg) + " |")
         # All examples pooled, with a 95% normal-approximation half-width: how far apart two methods must be
         # before the difference means anything at this n.
         pooled, ns = [], set()
@@ -105,7 +127,7 @@ def setting_tables(root: Path, setting: str) -> str:
             ns.add(n)
             pooled.append(f"{100 * p:.1f} ± {196 * math.sqrt(p * (1 - p) / n):.1f}")
         n_cell = "/".join(str(x) for x in sorted(ns))
-        lines.append(f"| **pooled, 95% CI** | {n_cell} | " + " | ".join(pooled) + " |")
+        lines.append(f"| **pooled, 95% CI** | {n_cell} | | " + " | ".join(pooled) + " |")
     lines += [
         "",
         f"#### {setting}: training and evaluation cost",
