@@ -3,15 +3,42 @@
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import typer
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
 from abba_cli.errors import UserError
 from abba_cli.signals import TrainingStopped
 
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors the parser catches itself (a bad option value, a missing argument, an unknown command) print
+    one line too, with exit code 2, like every other bad input."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except TyperException as e:
+            if type(e).__name__ == "NoArgsIsHelpError" or not standalone_mode:
+                if standalone_mode:
+                    e.show()  # `abba` alone prints the help, as before
+                    sys.exit(e.exit_code)
+                raise
+            ctx = getattr(e, "ctx", None)
+            where = f"{ctx.command_path}: " if ctx is not None else ""
+            print(f"error: {where}{e.format_message()} (see --help)", file=sys.stderr)
+            sys.exit(e.exit_code)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,

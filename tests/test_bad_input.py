@@ -316,6 +316,14 @@ CASES: list[tuple[str, Callable[[World], list[str]], list[str]]] = [
         ["adapter_config.json"],
     ),
     ("export-other-base", _other_base("export"), ["another base"]),
+    # --- errors the option parser catches before any command runs
+    (
+        "eval-limit-zero",
+        lambda w: ["eval", "--task", "gsm8k", "--limit", "0"],
+        ["--limit", "greater than or equal to 1"],
+    ),
+    ("train-no-config", lambda w: ["train"], ["train: Missing argument 'config'"]),
+    ("unknown-command", lambda w: ["trian"], ["No such command 'trian'"]),
 ]
 
 
