@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import make_run
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -20,20 +21,6 @@ from abba_cli.errors import UserError
 from abba_cli.export import export_run, khatri_rao_factors, peft_alpha
 
 PROMPTS = ["The answer is: 42", "Natalia sold clips to 48 of her friends in April."]
-
-
-def make_run(run_dir: Path, base_dir: Path, seed: int = 0, **adapter) -> Path:
-    """A run directory built with the adapter API on `base_dir`, factors random so that dW != 0."""
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    cfg = AdapterConfig(**adapter)
-    inject_adapters(model, cfg, init=False)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in adapter_layers(model):
-            for p in layer.factors().values():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    save_adapter(model, cfg, run_dir, base_model=str(base_dir))
-    return run_dir
 
 
 def logits(model, tok_dir: Path) -> list[torch.Tensor]:
