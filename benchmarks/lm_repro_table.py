@@ -80,6 +80,15 @@ def majority_share(run: Path, task: str) -> float | None:
     return max(golds.count(g) for g in set(golds)) / len(golds)
 
 
+def distinct_answers(run: Path, task: str) -> int | None:
+    """How many different valid answers a run gave on a task: 1 means it answers one label whatever the question."""
+    path = run / "eval" / task / "predictions.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return len({r["extracted"] for r in rows if r.get("extracted") is not None})
+
+
 def _cell(m: dict | None) -> str:
     if m is None:
         return "-"
@@ -128,6 +137,17 @@ def setting_tables(root: Path, setting: str) -> str:
             pooled.append(f"{100 * p:.1f} ± {196 * math.sqrt(p * (1 - p) / n):.1f}")
         n_cell = "/".join(str(x) for x in sorted(ns))
         lines.append(f"| **pooled, 95% CI** | {n_cell} | | " + " | ".join(pooled) + " |")
+    if any(t != "gsm8k" for t in tasks):
+        lines += [
+            "",
+            f"#### {setting}: distinct valid answers given (1 = the same label for every question)",
+            "",
+            "| task | " + " | ".join(LABELS[m] for m in METHODS) + " |",
+            "|---|" + "---:|" * len(METHODS),
+        ]
+        for task in tasks:
+            counts = [distinct_answers(runs[m], task) for m in METHODS]
+            lines.append(f"| {task} | " + " | ".join("-" if c is None else str(c) for c in counts) + " |")
     lines += [
         "",
         f"#### {setting}: training and evaluation cost",

@@ -69,5 +69,6 @@ def test_table_from_run_files(tmp_path):
     assert "| **pooled, 95% CI** | 20 | | 15.0 ± 15.6 | 55.0 ± 21.8 | - | - | - |" in lines
     # 14 adapter parameters; loss 2.0 first, mean of the last five steps 0.9; 60 s of training; 4 s of eval.
     assert "| ABBA | 14 | 6 | 2.000 -> 0.900 | 60 | 4 |" in lines
+    assert "| boolq | - | 0 | - | - | - |" in lines  # ABBA's predictions above extracted nothing
     assert "| full FT | 35 | - | - | - | - |" in lines
     assert "| LoRA | - | - | - | - | - |" in lines
