@@ -7,9 +7,11 @@
 # Every run goes through the product itself (`abba train`, `abba eval`), sequentially (the machine has 2 cores).
 # Writes runs/repro/<setting>/<method>/ and the table benchmarks/results/lm_repro_cpu.md.
 #
-#   scripts/repro_cpu.sh                      # everything (about 40 min on a quiet 2-core CPU)
+#   scripts/repro_cpu.sh                      # everything (about 70 min on the busy shared 2-core CPU)
 #   SETTINGS=commonsense METHODS="abba lora" scripts/repro_cpu.sh
 #   REPRO_ROOT=runs/repro2 scripts/repro_cpu.sh train.seed=1 data.seed=1   # another seed (KEY=VALUE overrides)
+#   REPRO_PREFIX=gpu_ REPRO_ROOT=runs/repro_gpu TABLE=benchmarks/results/lm_repro_gpu.md scripts/repro_cpu.sh
+#                                             # the longer GPU version (configs/repro/gpu_*.yaml)
 # A run directory that already holds a finished run (or eval results) is reused, so an interrupted script
 # picks up where it stopped; delete runs/repro to start over.
 set -euo pipefail
@@ -21,6 +23,7 @@ ROOT=${REPRO_ROOT:-runs/repro}
 SETTINGS=${SETTINGS:-"commonsense math"}
 METHODS=${METHODS:-"abba lora hira full"}
 TABLE=${TABLE:-benchmarks/results/lm_repro_cpu.md}
+PREFIX=${REPRO_PREFIX:-}   # configs/repro/${PREFIX}<setting>_<method>.yaml
 THREADS=${REPRO_THREADS:-2}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 EXTRA=("$@")  # KEY=VALUE overrides for every training run (passed as --set KEY=VALUE)
@@ -47,7 +50,7 @@ PYEOF
 fi
 
 for setting in $SETTINGS; do
-    first_cfg=configs/repro/${setting}_abba.yaml
+    first_cfg=configs/repro/${PREFIX}${setting}_abba.yaml
     # The untuned base model, with the same eval settings as the trained runs (read from the ABBA config).
     read -r tasks limit mnt bs < <("$PY" - "$first_cfg" <<'PYEOF'
 import sys
@@ -65,7 +68,7 @@ PYEOF
             --batch-size "$bs" "${mnt_arg[@]}" --out "$base_out" > "$ROOT/$setting/base.eval.log" 2>&1
     fi
     for method in $METHODS; do
-        cfg=configs/repro/${setting}_${method}.yaml
+        cfg=configs/repro/${PREFIX}${setting}_${method}.yaml
         run=$ROOT/$setting/$method
         if [ ! -f "$run/adapter_model.safetensors" ] && [ ! -f "$run/model/config.json" ]; then
             rm -rf "$run"  # an unfinished run from an interrupted script
