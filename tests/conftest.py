@@ -9,7 +9,11 @@ import pytest
 
 _CORPUS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
-    "### Instruction:", "### Input:", "### Response:", "The answer is: 42", "The answer is: -3.5",
+    "### Instruction:",
+    "### Input:",
+    "### Response:",
+    "The answer is: 42",
+    "The answer is: -3.5",
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
     "Please choose the correct answer to the question. Answer format: answer1/answer2/answer3/answer4/answer5",
     "solution1 solution2 option1 option2 ending1 ending2 ending3 ending4 true false",
@@ -39,9 +43,17 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = dict(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        tie_word_embeddings=False, bos_token_id=None, eos_token_id=0, pad_token_id=1,
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=0,
+        pad_token_id=1,
     )
     cfg.update(overrides)
     torch.manual_seed(seed)
