@@ -118,8 +118,13 @@ def load_base(
     trust_remote_code: bool = False,
     revision: str | None = None,
     attn_implementation: str | None = None,
+    empty_weights: bool = False,
 ) -> tuple[Any, Any]:
-    """(model, tokenizer) for a hub id or local directory; the tokenizer always has a pad token."""
+    """(model, tokenizer) for a hub id or local directory; the tokenizer always has a pad token.
+
+    `empty_weights=True` builds the model from its config on the meta device (no weights read or downloaded):
+    enough to count parameters or plan adapters for a 9B model on a laptop.
+    """
     if dtype != "auto" and dtype not in _DTYPES:
         raise UserError(f"model.dtype {dtype!r}: expected one of auto, {', '.join(_DTYPES)}")
     source = Path(name_or_path).expanduser()
@@ -171,7 +176,16 @@ def load_base(
     from transformers import AutoModelForCausalLM
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, **model_kwargs)
+        if empty_weights:
+            from accelerate import init_empty_weights
+            from transformers import AutoConfig
+
+            config_kwargs = {k: v for k, v in kwargs.items() if k != "use_safetensors"}
+            config = AutoConfig.from_pretrained(location, **config_kwargs)
+            with init_empty_weights():
+                model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(location, **model_kwargs)
     except OSError as err:
         raise UserError(
             f"model.name_or_path {name_or_path!r}: cannot load safetensors weights ({_first_line(err)})"

@@ -48,17 +48,21 @@ _RESUME_MAY_CHANGE = (
 
 
 def validate_run(cfg: RunConfig, config_path: str | Path) -> None:
-    """Print the resolved config and the trainable-parameter summary (loads the base model)."""
+    """Print the resolved config and the trainable-parameter summary.
+
+    The model is built from its config on the meta device: no weights are read, so validating a 9B config is
+    instant and needs no GPU (shapes, target matching and rank limits are all checked the same way).
+    """
     from abba_cli.adapters import inject_adapters, trainable_summary
 
     print(f"# resolved config from {config_path}")
     print(dump_config(cfg), end="")
-    model, _ = _load_model(cfg)
+    model, _ = _load_model(cfg, empty_weights=True)
     if cfg.adapter.type == "full":
         model.requires_grad_(True)
         print(f"# full fine-tuning of every parameter of {cfg.model.name_or_path}")
     else:
-        adapted = inject_adapters(model, cfg.adapter, seed=cfg.train.seed)
+        adapted = inject_adapters(model, cfg.adapter, seed=cfg.train.seed, init=False)
         print(f"# {cfg.adapter.type} adapters on {len(adapted)} linear layers of {cfg.model.name_or_path}")
     print(trainable_summary(model))
 
@@ -396,7 +400,7 @@ def _stop_requested(stop: GracefulStop | None, accelerator: Any) -> bool:
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def _load_model(cfg: RunConfig) -> tuple[Any, Any]:
+def _load_model(cfg: RunConfig, empty_weights: bool = False) -> tuple[Any, Any]:
     from abba_cli.models import load_base
 
     m = cfg.model
@@ -406,6 +410,7 @@ def _load_model(cfg: RunConfig) -> tuple[Any, Any]:
         trust_remote_code=m.trust_remote_code,
         revision=m.revision,
         attn_implementation=m.attn_implementation,
+        empty_weights=empty_weights,
     )
 
 

@@ -190,3 +190,27 @@ def test_quickstart_train_and_eval_slices_are_disjoint():
     assert cfg.data.recipe == "gsm8k_bundled_train" and "gsm8k" in cfg.eval.tasks
     assert cfg.eval.limit is not None
     assert cfg.data.skip_samples >= cfg.eval.skip + cfg.eval.limit
+
+
+def test_validate_reads_no_weights_and_counts_like_a_real_load(tmp_path, tiny_model_dir):
+    """validate builds the model on the meta device: a folder with config + tokenizer but no weights is enough
+    (a 9B config validates on a laptop), and the parameter summary equals a real load's."""
+    import shutil
+
+    from abba_cli.adapters import inject_adapters, trainable_summary
+    from abba_cli.config import AdapterConfig
+    from abba_cli.models import load_base
+
+    weightless = tmp_path / "no-weights"
+    shutil.copytree(tiny_model_dir, weightless, ignore=shutil.ignore_patterns("*.safetensors"))
+    raw = {**MINIMAL, "model": {"name_or_path": str(weightless)}, "adapter": {"r1": 3, "r2": 5}}
+    result = CliRunner().invoke(app, ["validate", str(_write(tmp_path, raw))])
+    assert result.exit_code == 0, result.output
+
+    model, _ = load_base(str(tiny_model_dir))
+    inject_adapters(model, AdapterConfig(r1=3, r2=5))
+    assert str(trainable_summary(model)) in result.stdout
+
+    raw["adapter"] = {"r1": 65, "r2": 2}  # rank limits are still checked on the meta model
+    result = CliRunner().invoke(app, ["validate", str(_write(tmp_path, raw))])
+    assert result.exit_code == 2 and "adapter.r1=65 is larger" in result.stderr
