@@ -31,7 +31,7 @@ EXTRA=("$@")  # KEY=VALUE overrides for every training run (passed as --set KEY=
 start=$(date +%s)
 log() { echo "== $* ($(( $(date +%s) - start )) s so far)"; }
 mkdir -p "$ROOT"
-{ echo "started $(date -u +%FT%TZ) on $(nproc) CPU(s), threads=$THREADS, $(uname -m)"; echo "extra: ${EXTRA[*]:-none}"; } > "$ROOT/machine.txt"
+{ echo "started $(date -u +%FT%TZ) on $(nproc --all) CPU(s), threads=$THREADS, $(uname -m)"; echo "extra: ${EXTRA[*]:-none}"; } > "$ROOT/machine.txt"
 
 # The base model is evaluated in fp32 like the trained runs (their configs say model.dtype float32; the bundled
 # copy is stored in bf16), so the comparison differs only in the weights. Converted once.
