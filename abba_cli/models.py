@@ -17,6 +17,7 @@ from typing import Any
 
 from abba_cli.errors import UserError
 from abba_cli.fsutil import atomic_directory
+from abba_cli.hub import use_hub
 from abba_cli.runs import abba_home
 
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -93,24 +94,6 @@ def _hub_unreachable(err: Exception) -> bool:
     return "couldn't connect" in text or "offline mode" in text.lower() or "cached files" in text
 
 
-def _hub_reachable() -> bool:
-    """A quick TCP probe of the hub, so an offline machine does not sit through huggingface_hub's retries.
-
-    Skipped (assumed reachable) behind a proxy, where a direct connection says nothing about the hub.
-    """
-    import socket
-    from urllib.parse import urlparse
-
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
-    except OSError:
-        return False
-    return True
-
-
 def load_base(
     name_or_path: str,
     dtype: str = "auto",
@@ -137,7 +120,7 @@ def load_base(
         location = name_or_path
 
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if not source.is_dir() and (_env_offline() or not _hub_reachable()):
+    if not source.is_dir() and not use_hub():
         # Hub cache only, said explicitly: huggingface_hub reads HF_HUB_OFFLINE once at import, so a variable
         # set later would be ignored; and an unreachable hub then fails at once instead of after its retries.
         kwargs["local_files_only"] = True
@@ -200,10 +183,6 @@ def load_base(
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
-
-
-def _env_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _load_tokenizer(location: str, kwargs: dict[str, Any]) -> Any:

@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from abba_cli.errors import UserError
+from abba_cli.hub import use_hub
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
@@ -362,6 +363,8 @@ def _read_rows(recipe: Recipe, path: str | None, source: str) -> tuple[Any, dict
             + f" split {src.hub.split}"
         )
         try:
+            if source == "auto" and src.bundled is not None and not use_hub():
+                raise ConnectionError("the hub is unreachable or HF_HUB_OFFLINE is set")
             rows = _read_hub(src.hub)
             return rows, {**recipe.derive, **src.hub.derive}, where
         except Exception as e:  # noqa: BLE001 - any hub failure falls back to the bundled copy

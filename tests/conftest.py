@@ -88,6 +88,9 @@ def _isolated_home(tmp_path, monkeypatch):
     monkeypatch.setenv("ABBA_HOME", str(tmp_path / "abba-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from abba_cli import hub
+
+    hub._reachable.cache_clear()  # the probe result is cached per process; tests fake the network
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -97,7 +97,7 @@ def test_unreachable_hub_is_detected_without_retries(monkeypatch):
 
     import transformers
 
-    from abba_cli import models
+    from abba_cli import hub
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
@@ -107,7 +107,7 @@ def test_unreachable_hub_is_detected_without_retries(monkeypatch):
         raise OSError("Name or service not known")
 
     monkeypatch.setattr(socket, "create_connection", no_network)
-    assert models._hub_reachable() is False
+    assert hub.hub_reachable() is False
     seen = {}
 
     def fake_from_pretrained(name, **kwargs):

@@ -350,3 +350,26 @@ def test_bad_map_value_missing_file_empty_data_and_excess_skip(tmp_path):
         load_examples("piqa", path=str(tmp_path / "empty.jsonl"))
     with pytest.raises(UserError, match="skip 5000 leaves no examples"):
         load_examples("obqa", source="bundled", skip=5000)
+
+
+def test_unreachable_hub_goes_straight_to_the_bundled_copy(monkeypatch):
+    """Offline without HF_HUB_OFFLINE: one quick probe, then the bundled copy; datasets is never asked (its
+    retries cost ~25 s per dataset)."""
+    import socket
+
+    import datasets
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+
+    def no_network(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("load_dataset must not be called when the hub is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    examples = load_examples("gsm8k", limit=3)
+    assert [e.id for e in examples] == ["gsm8k-0", "gsm8k-1", "gsm8k-2"]
