@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: the whole product on a laptop CPU, offline, in a few minutes:
 #   train configs/quickstart.yaml (SmolLM2-135M-Instruct + ABBA on GSM8K problems 50+)
-#   -> abba eval on GSM8K problems [0, 20) (disjoint from training) -> abba merge into a plain HF model.
+#   -> abba eval on GSM8K problems [0, 10) (disjoint from training) -> abba merge into a plain HF model.
 # Everything goes under runs/demo/. The demo removes that directory only if it made it (marker file);
 # anything else there is left alone and the demo stops.
 set -euo pipefail
@@ -29,8 +29,8 @@ step() { echo; echo "== $1 ($(( $(date +%s) - start )) s so far)"; }
 step "1/3 train: configs/quickstart.yaml -> $DEMO/run"
 "$ABBA" train configs/quickstart.yaml --set "output_dir=$DEMO/run"
 
-step "2/3 eval: GSM8K problems [0, 20) with the trained adapter (merged in memory)"
-"$ABBA" eval --task gsm8k --limit 20 --run "$DEMO/run" --out "$DEMO/eval"
+step "2/3 eval: GSM8K problems [0, 10) with the trained adapter (merged in memory)"
+"$ABBA" eval --task gsm8k --limit 10 --run "$DEMO/run" --out "$DEMO/eval"
 
 step "3/3 merge: adapter folded into the base -> $DEMO/merged"
 "$ABBA" merge --run "$DEMO/run" --out "$DEMO/merged"
