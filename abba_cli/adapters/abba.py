@@ -234,7 +234,7 @@ class ABBALinear(AdapterLinear):
 
     def adapter_forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         x = x.to(dtype)
-        x_adapter = self.dropout(x) if self.training and isinstance(self.dropout, nn.Dropout) else x
+        x_adapter = self.adapter_input(x)
         with torch.autocast(x.device.type, enabled=False):
             if self.resolved_path(x.numel() // self.in_features) == "khatri_rao":
                 return self.base_forward(x, dtype) + _KhatriRaoDelta.apply(

@@ -72,6 +72,26 @@ class AdapterLinear(nn.Module):
         raise NotImplementedError
 
     # -- shared ---------------------------------------------------------------------------------
+    def _add_low_rank_pair(self, r: int) -> None:
+        """A (r, n) and B (m, r), fp32: the LoRA-shaped factors of LoRA and HiRA."""
+        device = self.weight.device
+        self.A = nn.Parameter(torch.zeros(r, self.in_features, device=device))
+        self.B = nn.Parameter(torch.zeros(self.out_features, r, device=device))
+
+    @torch.no_grad()
+    def _reset_kaiming_a_zero_b(self, seed: int) -> None:
+        """A Kaiming-uniform, B = 0: dW = 0 at step 0 while B still gets a gradient."""
+        gen = layer_generator(seed, self.name)
+        self.A.copy_(kaiming_uniform(tuple(self.A.shape), gen).to(self.A.device))
+        self.B.zero_()
+
+    def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Dropout acts on the adapter's input only. Returns `x` itself when dropout is off (eval mode or p = 0),
+        which lets the fused paths run one matmul for base and adapter together."""
+        if self.training and isinstance(self.dropout, nn.Dropout):
+            return self.dropout(x)
+        return x
+
     def factors(self) -> dict[str, nn.Parameter]:
         return {n: getattr(self, n) for n in self.factor_names}
 

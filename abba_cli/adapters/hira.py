@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import Function
 
-from abba_cli.adapters.base import AdapterLinear, kaiming_uniform, layer_generator
+from abba_cli.adapters.base import AdapterLinear
 
 
 class _MergedHiRA(Function):
@@ -74,24 +74,19 @@ class HiRALinear(AdapterLinear):
     ) -> None:
         super().__init__(base, scaling, dropout, name)
         self.r = r
-        device = self.weight.device
-        self.A = nn.Parameter(torch.zeros(r, self.in_features, device=device))
-        self.B = nn.Parameter(torch.zeros(self.out_features, r, device=device))
+        self._add_low_rank_pair(r)
         if init:
             self.reset_parameters(seed)
 
-    @torch.no_grad()
     def reset_parameters(self, seed: int = 0) -> None:
-        gen = layer_generator(seed, self.name)
-        self.A.copy_(kaiming_uniform((self.r, self.in_features), gen).to(self.A.device))
-        self.B.zero_()
+        self._reset_kaiming_a_zero_b(seed)
 
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * self.weight.float() * (self.B.float() @ self.A.float())
 
     def adapter_forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         x = x.to(dtype)
-        x_adapter = self.dropout(x) if self.training and isinstance(self.dropout, nn.Dropout) else x
+        x_adapter = self.adapter_input(x)
         with torch.autocast(x.device.type, enabled=False):
             return _MergedHiRA.apply(
                 x, None if x_adapter is x else x_adapter, self.weight, self.bias, self.scaling, self.B, self.A

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from abba_cli.adapters.base import AdapterLinear, kaiming_uniform, layer_generator
+from abba_cli.adapters.base import AdapterLinear
 
 
 def lora_scaling(alpha: float, r: int, use_rslora: bool) -> float:
@@ -37,18 +37,15 @@ class LoRALinear(AdapterLinear):
     ) -> None:
         super().__init__(base, scaling, dropout, name)
         self.r, self.init_method = r, init_method
-        device = self.weight.device
-        self.A = nn.Parameter(torch.zeros(r, self.in_features, device=device))
-        self.B = nn.Parameter(torch.zeros(self.out_features, r, device=device))
+        self._add_low_rank_pair(r)
         if init_method == "pissa":
-            self.register_buffer("A0", torch.zeros(r, self.in_features, device=device))
-            self.register_buffer("B0", torch.zeros(self.out_features, r, device=device))
+            self.register_buffer("A0", torch.zeros_like(self.A.detach()))
+            self.register_buffer("B0", torch.zeros_like(self.B.detach()))
         if init:
             self.reset_parameters(seed)
 
     @torch.no_grad()
     def reset_parameters(self, seed: int = 0) -> None:
-        gen = layer_generator(seed, self.name)
         if self.init_method == "pissa":
             w = self.weight.detach().float()
             u, sigma, vh = torch.linalg.svd(w, full_matrices=False)
@@ -59,8 +56,7 @@ class LoRALinear(AdapterLinear):
             self.A0.copy_(self.A)
             self.apply_residual()
         else:
-            self.A.copy_(kaiming_uniform((self.r, self.in_features), gen).to(self.A.device))
-            self.B.zero_()
+            self._reset_kaiming_a_zero_b(seed)
 
     @torch.no_grad()
     def apply_residual(self) -> None:
@@ -73,6 +69,6 @@ class LoRALinear(AdapterLinear):
 
     def adapter_forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         x = x.to(dtype)
-        x_adapter = self.dropout(x)
+        x_adapter = self.adapter_input(x)
         base = self.base_forward(x, dtype)
         return base + (x_adapter @ self.A.to(dtype).T) @ self.B.to(dtype).T * self.scaling  # (T,r) -> (T,m)
