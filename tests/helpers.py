@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from abba_cli.adapters import adapter_layers, inject_adapters, save_adapter
 from abba_cli.config import AdapterConfig
+
+PROMPTS = ["The answer is: 42", "Natalia sold clips to 48 of her friends in April."]
 
 
 def make_run(run_dir: Path, base_dir: Path, seed: int = 0, **adapter) -> Path:
@@ -23,3 +25,16 @@ def make_run(run_dir: Path, base_dir: Path, seed: int = 0, **adapter) -> Path:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     save_adapter(model, cfg, run_dir, base_model=str(base_dir))
     return run_dir
+
+
+def logits(model, tok_dir: Path) -> list[torch.Tensor]:
+    """Logits of every PROMPTS entry (fp32), one prompt at a time, so no padding is involved."""
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    with torch.inference_mode():
+        return [model(**tok(p, return_tensors="pt")).logits[0].float() for p in PROMPTS]
+
+
+def max_rel(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    """Largest absolute difference relative to the reference logits' scale."""
+    scale = max(float(r.abs().max()) for r in ref)
+    return max(float((r - g).abs().max()) for r, g in zip(ref, got, strict=True)) / scale

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_run
+from helpers import logits, make_run, max_rel
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from abba_cli.adapters import adapter_layers, inject_adapters, load_adapter, save_adapter
@@ -19,19 +19,6 @@ from abba_cli.cli import app
 from abba_cli.config import AdapterConfig
 from abba_cli.errors import UserError
 from abba_cli.export import export_run, khatri_rao_factors, peft_alpha
-
-PROMPTS = ["The answer is: 42", "Natalia sold clips to 48 of her friends in April."]
-
-
-def logits(model, tok_dir: Path) -> list[torch.Tensor]:
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    with torch.inference_mode():
-        return [model(**tok(p, return_tensors="pt")).logits[0].float() for p in PROMPTS]
-
-
-def max_rel(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
-    scale = max(float(r.abs().max()) for r in ref)
-    return max(float((r - g).abs().max()) for r, g in zip(ref, got, strict=True)) / scale
 
 
 def ours_vs_peft(base_dir: Path, run_dir: Path, export_dir: Path) -> tuple[float, float]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_run
+from helpers import PROMPTS, logits, make_run, max_rel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -18,25 +18,12 @@ from abba_cli.cli import app
 from abba_cli.errors import UserError
 from abba_cli.merge import METADATA, merge_run
 
-PROMPTS = ["The answer is: 42", "Natalia sold clips to 48 of her friends in April."]
-
 
 def adapter_logits(base_dir: Path, run_dir: Path) -> list[torch.Tensor]:
     """Reference: base + adapter, unmerged, in fp32."""
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
     load_adapter(model, run_dir)
     return logits(model, base_dir)
-
-
-def logits(model, tok_dir: Path) -> list[torch.Tensor]:
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    with torch.inference_mode():
-        return [model(**tok(p, return_tensors="pt")).logits[0].float() for p in PROMPTS]
-
-
-def max_rel(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
-    scale = max(float(r.abs().max()) for r in ref)
-    return max(float((r - g).abs().max()) for r, g in zip(ref, got, strict=True)) / scale
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
