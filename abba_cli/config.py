@@ -58,8 +58,10 @@ class AdapterConfig(_Strict):
         description="LoRA init: 'default' (Kaiming A, zero B) or 'pissa' (principal singular vectors).",
     )
     use_rslora: bool = Field(False, description="LoRA: rank-stabilised scaling alpha/sqrt(r).")
-    path: Literal["auto", "khatri_rao", "merged"] = Field(
-        "auto", description="ABBA execution path: Khatri-Rao factors, merged weight, or chosen per layer."
+    path: Literal["auto", "khatri_rao", "merged", "hybrid"] = Field(
+        "auto",
+        description="ABBA execution path (all exact): Khatri-Rao factors, merged weight, merged forward with "
+        "Khatri-Rao gradients (hybrid), or the cheapest per layer (auto).",
     )
 
     @model_validator(mode="after")

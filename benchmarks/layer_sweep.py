@@ -1,24 +1,28 @@
-"""One adapted linear layer, forward + backward: ABBA's two exact paths, `auto`, and LoRA at the same budget.
+"""One adapted linear layer, forward + backward: ABBA's exact paths, `auto`, and LoRA at the same budget.
 
 Cells: layer shapes of SmolLM2-135M, Llama-3.2-1B and Mistral-7B x total rank r (LoRA rank r; ABBA
-r1 = r2 = r/2, the same (r1 + r2)(m + n) parameters) x tokens per micro-batch. Each cell times, round-robin in
-one process, LoRA, the Khatri-Rao path and the merged path (x requires grad, so dx is computed as inside a
-model). `auto` dispatches to exactly one of the two functions (choose_path is a few integer operations), so its
-time in a cell is the measured time of the path it picks; the table shows which one and its regret
-(auto / faster - 1). Peak memory: the peak above the resting state of one forward + backward (CUDA: max
+r1 = r2 = r/2, the same (r1 + r2)(m + n) parameters) x tokens per micro-batch, without adapter dropout and (with
+`--dropout`) with it. Each cell times, round-robin in one process, LoRA, the Khatri-Rao path, the merged path and
+the hybrid path (not with dropout, where it does not exist); x requires grad, so dx is computed as inside a
+model. `auto` dispatches to exactly one of the functions (choose_path is a few integer operations), so its time
+in a cell is the measured time of the path it picks; the table shows which one and its regret
+(auto / fastest - 1). Peak memory: the peak above the resting state of one forward + backward (CUDA: max
 allocated; CPU: VmHWM, see common.py).
 
-`--fit` fits the cost model's constants (KR_COST, KR_ELEMENT_COST; MERGED_COST = 1) to the cells (minimising
-auto's worst regret, then the total) and prints the constants to put in abba_cli/adapters/abba.py.
+`--fit` fits the cost model's constants (KR_COST, BUILD_COST; a big matmul multiply-add = 1) to the cells
+(minimising auto's worst regret, then the total) and prints the constants to put in abba_cli/adapters/abba.py.
+`--refit JSON...` does the same on recorded sweeps without measuring again.
 
     python benchmarks/layer_sweep.py --quick               # SmolLM2 + Llama-1B shapes, small ranks (CPU minutes)
     python benchmarks/layer_sweep.py --fit                 # full grid; big cells get fewer repeats
+    python benchmarks/layer_sweep.py --quick --dropout     # the same cells with adapter dropout on
     python benchmarks/layer_sweep.py --device cuda --dtype bf16 --fit
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -65,8 +69,11 @@ def _cell_inputs(m: int, n: int, r: int, tokens: int, device: str, dtype: torch.
     return w, x, dy, abba_f, lora_f
 
 
-def _runners(w, x, dy, abba_f, lora_f, s: float = 1.0):
-    """Forward + backward closures of the three variants (gradients cleared so memory does not accumulate)."""
+def _runners(w, x, dy, abba_f, lora_f, s: float = 1.0, dropout: bool = False):
+    """Forward + backward closures of the variants (gradients cleared so memory does not accumulate).
+
+    With `dropout` the adapter's input is a dropped-out copy of x (p = 0.05, a fresh mask each call, as in
+    training), which is what makes the merged path pay for a second weight and removes the hybrid path."""
     params = [x, *abba_f, *lora_f]
     dtype = x.dtype
 
@@ -74,23 +81,36 @@ def _runners(w, x, dy, abba_f, lora_f, s: float = 1.0):
         for p in params:
             p.grad = None
 
+    def adapter_input():
+        return F.dropout(x, 0.05) if dropout else x
+
     def lora() -> None:
         clear()
         a, b = lora_f
-        y = F.linear(x, w) + (x @ a.to(dtype).T) @ b.to(dtype).T * s  # as LoRALinear computes it
+        y = (
+            F.linear(x, w) + (adapter_input() @ a.to(dtype).T) @ b.to(dtype).T * s
+        )  # as LoRALinear computes it
         y.backward(dy)
 
     def kr() -> None:
         clear()
-        y = F.linear(x, w) + abba._KhatriRaoDelta.apply(x, s, *abba_f)
+        y = F.linear(x, w) + abba._KhatriRaoDelta.apply(adapter_input(), s, *abba_f)
         y.backward(dy)
 
     def merged() -> None:
         clear()
-        y = abba._MergedABBA.apply(x, None, w, None, s, *abba_f)
+        y = abba._MergedABBA.apply(x, adapter_input() if dropout else None, w, None, s, *abba_f)
         y.backward(dy)
 
-    return {"lora": lora, "khatri_rao": kr, "merged": merged}
+    def hybrid() -> None:
+        clear()
+        y = abba._HybridABBA.apply(x, w, None, s, *abba_f)
+        y.backward(dy)
+
+    runners = {"lora": lora, "khatri_rao": kr, "merged": merged, "hybrid": hybrid}
+    if dropout:
+        del runners["hybrid"]
+    return runners
 
 
 def _cell_flops(m: int, n: int, r: int, tokens: int) -> float:
@@ -98,10 +118,12 @@ def _cell_flops(m: int, n: int, r: int, tokens: int) -> float:
     return 3 * m * n * tokens + (r * r // 4) * (m + n) * tokens
 
 
-def run_cell(name: str, m: int, n: int, r: int, tokens: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_cell(
+    name: str, m: int, n: int, r: int, tokens: int, args: argparse.Namespace, dropout: bool = False
+) -> dict[str, Any]:
     dtype = common.DTYPES[args.dtype]
     w, x, dy, abba_f, lora_f = _cell_inputs(m, n, r, tokens, args.device, dtype)
-    fns = _runners(w, x, dy, abba_f, lora_f)
+    fns = _runners(w, x, dy, abba_f, lora_f, dropout=dropout)
     # Big cells are slow on a 2-core CPU: fewer repeats (budget in multiply-adds per cell).
     repeats = max(1, min(args.repeats, int(args.budget / max(1.0, _cell_flops(m, n, r, tokens)))))
     times = common.interleaved(fns, repeats, args.device, warmup=1)
@@ -119,6 +141,7 @@ def run_cell(name: str, m: int, n: int, r: int, tokens: int, args: argparse.Name
         "r1": r // 2,
         "r2": r // 2,
         "tokens": tokens,
+        "dropout": dropout,
         "repeats": repeats,
         "times": times,
         "median": med,
@@ -127,7 +150,8 @@ def run_cell(name: str, m: int, n: int, r: int, tokens: int, args: argparse.Name
     }
 
 
-COST_NAMES = ("KR_COST", "KR_ELEMENT_COST", "MERGED_COST")
+COST_NAMES = ("KR_COST", "BUILD_COST")
+PATHS = abba.PATHS
 
 
 def current_costs() -> dict[str, float]:
@@ -139,67 +163,82 @@ def auto_choice(cell: dict[str, Any], costs: dict[str, float] | None = None) -> 
     old = current_costs()
     try:
         for k, v in (costs or {}).items():
-            setattr(abba, k, v)
-        return abba.choose_path(cell["m"], cell["n"], cell["r1"], cell["r2"], cell["tokens"])
+            if k in COST_NAMES:
+                setattr(abba, k, v)
+        return abba.choose_path(
+            cell["m"], cell["n"], cell["r1"], cell["r2"], cell["tokens"], cell.get("dropout", False)
+        )
     finally:
         for k, v in old.items():
             setattr(abba, k, v)
 
 
+def measured_paths(cell: dict[str, Any]) -> list[str]:
+    return [p for p in PATHS if p in cell["median"]]
+
+
 def regret(cell: dict[str, Any], choice: str) -> float:
     med = cell["median"]
-    return med[choice] / min(med["khatri_rao"], med["merged"]) - 1.0
+    return med[choice] / min(med[p] for p in measured_paths(cell)) - 1.0
 
 
 def fit_costs(cells: list[dict[str, Any]]) -> dict[str, float]:
-    """KR_COST and KR_ELEMENT_COST (MERGED_COST = 1) minimising auto's (worst regret, total regret) on a grid.
+    """KR_COST and BUILD_COST minimising auto's (worst regret, total regret) over a log grid.
 
-    Only the decision boundary matters, so many constants tie; ties go to the simplest model (no element term,
-    then KR_COST closest to 1, the plain multiply-add count).
+    Only the decision boundaries matter, so many constants tie; ties go to the constants closest to 1 (the plain
+    multiply-add count). Cells recorded before the hybrid path existed are skipped: `auto` could pick a path they
+    did not measure.
     """
+    usable = [c for c in cells if all(p in c["median"] for p in ("khatri_rao", "merged"))]
+    usable = [c for c in usable if c.get("dropout") or "hybrid" in c["median"]]
+    if not usable:
+        raise SystemExit("no cell with every path measured: nothing to fit")
     best: tuple[tuple[float, ...], dict[str, float]] | None = None
-    for e in [0.0] + [2.0**k for k in range(0, 13)]:
-        for k in range(-200, 201, 2):
-            costs = {"KR_COST": 10 ** (k / 100), "KR_ELEMENT_COST": e, "MERGED_COST": 1.0}
-            regrets = [regret(c, auto_choice(c, costs)) for c in cells]
-            key = (round(max(regrets), 3), round(sum(regrets), 3), e, abs(k))
+    for b in range(-100, 201, 10):
+        for k in range(-100, 101, 2):
+            costs = {"KR_COST": 10 ** (k / 100), "BUILD_COST": 10 ** (b / 100)}
+            regrets = [regret(c, auto_choice(c, costs)) for c in usable]
+            key = (round(max(regrets), 3), round(sum(regrets), 3), abs(k) + abs(b))
             if best is None or key < best[0]:
                 best = (key, costs)
     assert best is not None  # the grid is never empty
-    return {**best[1], "worst_regret": best[0][0]}
+    return {**best[1], "worst_regret": best[0][0], "cells": len(usable)}
 
 
 def to_markdown(cells: list[dict[str, Any]], costs: dict[str, float] | None = None) -> str:
     """The cell table; `auto picks` uses `costs` (those the run recorded) or else the current constants."""
+    short = {"khatri_rao": "KR", "merged": "merged", "hybrid": "hybrid"}
     headers = [
         "layer (m x n)",
         "r (r1=r2)",
         "T",
+        "dropout",
         "LoRA ms",
         "KR ms",
         "merged ms",
+        "hybrid ms",
         "auto picks",
         "auto regret",
         "auto / LoRA",
-        "peak MiB LoRA / KR / merged",
+        "peak MiB LoRA / KR / merged / hybrid",
         "rep",
     ]
     rows = []
     for c in cells:
         med, mem = c["median"], c["peak_bytes"]
         choice = auto_choice(c, costs)
+        known = choice in med  # a sweep recorded before the hybrid path existed cannot say
         rows.append(
             [
                 f"{c['shape']} ({c['m']}x{c['n']})",
                 f"{c['r']} ({c['r1']})",
                 c["tokens"],
-                f"{med['lora'] * 1e3:.1f}",
-                f"{med['khatri_rao'] * 1e3:.1f}",
-                f"{med['merged'] * 1e3:.1f}",
-                "KR" if choice == "khatri_rao" else "merged",
-                f"{regret(c, choice):+.1%}",
-                f"{med[choice] / med['lora']:.2f}",
-                " / ".join(f"{common.mib(mem[k]):.0f}" for k in ("lora", "khatri_rao", "merged")),
+                "0.05" if c.get("dropout") else "-",
+                *(f"{med[k] * 1e3:.1f}" if k in med else "-" for k in ("lora", *PATHS)),
+                short[choice],
+                f"{regret(c, choice):+.1%}" if known else "?",
+                f"{med[choice] / med['lora']:.2f}" if known else "?",
+                " / ".join(f"{common.mib(mem[k]):.0f}" if k in mem else "-" for k in ("lora", *PATHS)),
                 c["repeats"],
             ]
         )
@@ -219,13 +258,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--budget", type=float, default=2.5e10, help="multiply-adds per cell before cutting repeats"
     )
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--fit", action="store_true", help="fit KR_COST/MERGED_COST to the measured cells")
+    p.add_argument("--dropout", action="store_true", help="run every cell with adapter dropout as well")
+    p.add_argument("--no-plain", action="store_true", help="with --dropout: only the dropout cells")
+    p.add_argument("--fit", action="store_true", help="fit KR_COST/BUILD_COST to the measured cells")
+    p.add_argument("--refit", nargs="+", type=Path, help="fit on recorded sweep JSONs instead of measuring")
     p.add_argument("--out", type=Path)
     return p.parse_args(argv)
 
 
+def refit(paths: list[Path]) -> dict[str, Any]:
+    cells = [c for path in paths for c in json.loads(path.read_text())["cells"]]
+    fit = fit_costs(cells)
+    print(to_markdown(cells, fit))
+    print(f"\nfit over {fit['cells']} cells: " + ", ".join(f"{k}={v:.3g}" for k, v in fit.items()))
+    return {"fit": fit, "cells": len(cells)}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.refit:
+        return refit(args.refit)
     if args.device == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         # glibc reads these at start-up: re-exec so RSS follows live tensors (see common.py).
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **common.MEASURE_ENV})
@@ -234,21 +286,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shapes = args.shapes or (QUICK_SHAPES if args.quick else list(SHAPES))
     ranks = args.ranks or (QUICK_RANKS if args.quick else RANKS)
     tokens = args.tokens or (QUICK_TOKENS if args.quick else TOKENS)
+    dropouts = ([] if args.no_plain else [False]) + ([True] if args.dropout else [])
     cells = []
     for name in shapes:
         m, n = SHAPES[name]
         for r in ranks:
             for t in tokens:
-                cell = run_cell(name, m, n, r, t, args)
-                cells.append(cell)
-                c = auto_choice(cell)
-                print(
-                    f"{name} r={r} T={t}: "
-                    + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in cell["median"].items())
-                    + f"; auto={c} regret {regret(cell, c):+.1%}",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                for dropout in dropouts:
+                    cell = run_cell(name, m, n, r, t, args, dropout)
+                    cells.append(cell)
+                    c = auto_choice(cell)
+                    print(
+                        f"{name} r={r} T={t}{' dropout' if dropout else ''}: "
+                        + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in cell["median"].items())
+                        + f"; auto={c} regret {regret(cell, c):+.1%}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    if args.out:  # keep what was measured should a long sweep be cut short
+                        common.write_json(args.out.with_suffix(".partial.json"), {"cells": cells})
     res: dict[str, Any] = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": common.machine_info(args.device),
@@ -257,13 +313,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "auto_worst_regret": max(regret(c, auto_choice(c)) for c in cells),
     }
     if args.fit:
-        kr, mg, worst = fit_costs(cells)
-        res["fit"] = {"KR_COST": kr, "MERGED_COST": mg, "worst_regret": worst}
-        print(
-            f"fit: KR_COST = {kr:.3g}, MERGED_COST = {mg:.3g} -> worst regret {worst:+.1%}", file=sys.stderr
-        )
+        res["fit"] = fit_costs(cells)
+        print("fit: " + ", ".join(f"{k} = {v:.3g}" for k, v in res["fit"].items()), file=sys.stderr)
     if args.out:
         common.write_json(args.out, res)
+        args.out.with_suffix(".partial.json").unlink(missing_ok=True)
     print(to_markdown(cells))
     print(f"\nauto's worst regret with the current constants: {res['auto_worst_regret']:+.1%}")
     return res

@@ -1,8 +1,10 @@
 """Training-step cost of ABBA against LoRA, LoHa, HiRA and full fine-tuning at the same parameter budget.
 
 One step = forward + backward (causal-LM loss on random tokens) + AdamW step on the trainable parameters +
-zero_grad. Adapters on all seven projections (q, k, v, o, gate, up, down), dropout 0. Budgets: ABBA r1 = r2 = 16,
-LoRA / HiRA r = 32, LoHa r = 16 (all (r1+r2)(m+n) = 32(m+n) parameters per layer).
+zero_grad. Adapters on all seven projections (q, k, v, o, gate, up, down). Budgets: ABBA r1 = r2 = 16,
+LoRA / HiRA r = 32, LoHa r = 16 (all (r1+r2)(m+n) = 32(m+n) parameters per layer). Adapter dropout is 0 unless
+`--dropout P` (the shipped configs train with 0.05): then PEFT LoRA and our ABBA/LoRA/HiRA drop out their input
+with P; PEFT LoHa has no input dropout (its module/rank dropouts are other regularisers) and stays at 0.
 
 Times: all variants live in one process and are stepped round-robin (see common.interleaved); ratios are the
 median of per-round ratios against PEFT LoRA. Peak memory: one fresh subprocess per variant (common docstring).
@@ -27,12 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-VARIANTS = ["peft_lora", "abba", "abba_merged", "abba_kr", "lora", "hira", "peft_loha", "full"]
+VARIANTS = ["peft_lora", "abba", "abba_merged", "abba_kr", "abba_hybrid", "lora", "hira", "peft_loha", "full"]
 LABELS = {
     "peft_lora": "PEFT LoRA r=32",
     "abba": "ABBA r1=r2=16 (auto)",
     "abba_merged": "ABBA r1=r2=16 (merged path)",
     "abba_kr": "ABBA r1=r2=16 (Khatri-Rao path)",
+    "abba_hybrid": "ABBA r1=r2=16 (hybrid path)",
     "lora": "our LoRA r=32",
     "hira": "our HiRA r=32",
     "peft_loha": "PEFT LoHa r=16",
@@ -63,7 +66,7 @@ def build_base(args: argparse.Namespace):
     return model
 
 
-def make_variant(base, name: str):
+def make_variant(base, name: str, dropout: float = 0.0):
     """A deep copy of the base with the variant's trainable parameters; returns (model, trainable params)."""
     from abba_cli.adapters import inject_adapters
     from abba_cli.config import AdapterConfig
@@ -75,17 +78,16 @@ def make_variant(base, name: str):
         from peft import LoHaConfig, LoraConfig, get_peft_model
 
         if name == "peft_lora":
-            cfg = LoraConfig(r=32, lora_alpha=64, lora_dropout=0.0, target_modules=TARGETS)
+            cfg = LoraConfig(r=32, lora_alpha=64, lora_dropout=dropout, target_modules=TARGETS)
         else:
             cfg = LoHaConfig(r=16, alpha=16, module_dropout=0.0, rank_dropout=0.0, target_modules=TARGETS)
         model = get_peft_model(model, cfg)
     else:
-        kind = {"abba": "abba", "abba_merged": "abba", "abba_kr": "abba", "lora": "lora", "hira": "hira"}[
-            name
-        ]
+        kind = "abba" if name.startswith("abba") else name
         extra: dict[str, Any] = {"r1": 16, "r2": 16} if kind == "abba" else {"r": 32}
         if name != "abba" and kind == "abba":
             extra["path"] = name.removeprefix("abba_").replace("kr", "khatri_rao")
+        extra["dropout"] = dropout
         inject_adapters(model, AdapterConfig(type=kind, target_modules=TARGETS, **extra), seed=0)
         if kind == "abba":
             # Random B2 so the timed update is a generic one (B2 = 0 at init changes no cost, but be general).
@@ -118,7 +120,7 @@ def make_step(model, params, args: argparse.Namespace):
 def measure_memory(args: argparse.Namespace, name: str) -> dict[str, Any]:
     """Run in a fresh process: peak memory of `steps` training steps of one variant after warm-up."""
     base = build_base(args)
-    model, params = make_variant(base, name)
+    model, params = make_variant(base, name, args.dropout)
     del base
     gc.collect()
     step = make_step(model, params, args)
@@ -145,7 +147,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     steps = {}
     trainable = {}
     for name in args.variants:
-        model, params = make_variant(base, name)
+        model, params = make_variant(base, name, args.dropout)
         models[name] = model
         trainable[name] = sum(p.numel() for p in params)
         steps[name] = make_step(model, params, args)
@@ -191,6 +193,7 @@ def _passthrough(args: argparse.Namespace) -> list[str]:
         f"--seq={args.seq}",
         f"--mem-steps={args.mem_steps}",
         f"--threads={args.threads}",
+        f"--dropout={args.dropout}",
     ]
 
 
@@ -227,7 +230,8 @@ def to_markdown(res: dict[str, Any]) -> str:
         rows.append(row)
     head = (
         (f"{cfg['model']} ({cfg['layers']} layers)" if cfg["model"] == "stack4096" else cfg["model"])
-        + f", {cfg['device']} {cfg['dtype']}, {cfg['batch']} x {cfg['seq']} tokens, {cfg['repeats']} interleaved rounds"
+        + f", {cfg['device']} {cfg['dtype']}, {cfg['batch']} x {cfg['seq']} tokens, "
+        + f"adapter dropout {cfg.get('dropout', 0.0):g}, {cfg['repeats']} interleaved rounds"
     )
     return f"{head}\n\n" + common.md_table(headers, rows)
 
@@ -244,6 +248,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--mem-steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--dropout", type=float, default=0.0, help="adapter input dropout (configs ship 0.05)")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
     p.add_argument("--memory-only", choices=VARIANTS, help=argparse.SUPPRESS)

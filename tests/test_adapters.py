@@ -24,7 +24,8 @@ from abba_cli.adapters import (
     unmerge_adapters,
     unwrap_adapters,
 )
-from abba_cli.adapters.abba import _KhatriRaoDelta, _MergedABBA
+from abba_cli.adapters import abba as abba_module
+from abba_cli.adapters.abba import _HybridABBA, _KhatriRaoDelta, _MergedABBA, path_costs
 from abba_cli.config import AdapterConfig
 from abba_cli.errors import UserError
 
@@ -57,7 +58,7 @@ def _reference_abba(layer: ABBALinear, x: torch.Tensor):
     return y, xr, factors
 
 
-@pytest.mark.parametrize("path", ["khatri_rao", "merged"])
+@pytest.mark.parametrize("path", ["khatri_rao", "merged", "hybrid"])
 @pytest.mark.parametrize(("r1", "r2"), [(3, 5), (4, 4), (1, 6)])
 def test_abba_forward_and_every_gradient_match_float64_reference(path, r1, r2):
     layer = _abba_layer(path, r1, r2)
@@ -75,7 +76,7 @@ def test_abba_forward_and_every_gradient_match_float64_reference(path, r1, r2):
     assert layer.weight.grad is None and layer.bias.grad is None  # the base stays frozen
 
 
-def test_both_paths_pass_gradcheck_with_r1_ne_r2():
+def test_every_path_passes_gradcheck_with_r1_ne_r2():
     gen = torch.Generator().manual_seed(1)
     B1, A1 = torch.randn(M, 2, generator=gen), torch.randn(2, N, generator=gen)
     B2, A2 = torch.randn(M, 3, generator=gen), torch.randn(3, N, generator=gen)
@@ -91,6 +92,12 @@ def test_both_paths_pass_gradcheck_with_r1_ne_r2():
     )
     assert torch.autograd.gradcheck(
         lambda x, xa, *f: _MergedABBA.apply(x, xa, wd, bd, 0.9, *f), [*xs, *args[1:]]
+    )
+    assert torch.autograd.gradcheck(lambda x, *f: _HybridABBA.apply(x, wd, bd, 0.9, *f), args)
+    # the frozen weight and bias too, should a caller ever unfreeze them
+    wb = [wd.clone().requires_grad_(True), bd.clone().requires_grad_(True)]
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, *f: _HybridABBA.apply(x, w, b, 0.9, *f), [args[0], *wb, *args[1:]]
     )
 
 
@@ -183,9 +190,56 @@ def test_scaling_formulas():
     assert lora_scaling(64, 16, True) == pytest.approx(16.0)
 
 
-def test_cost_model_picks_merged_for_narrow_layers_and_khatri_rao_for_wide_ones():
+def test_cost_model_picks_merged_for_narrow_layers_and_factor_paths_for_wide_ones():
     assert choose_path(576, 576, 16, 16, 1024) == "merged"
-    assert choose_path(4096, 4096, 4, 4, 2048) == "khatri_rao"
+    assert choose_path(4096, 4096, 4, 4, 256) == "khatri_rao"
+    # many tokens on a wide layer: the merged forward is free and the Khatri-Rao gradients beat G = dyᵀx
+    assert choose_path(4096, 4096, 16, 16, 8192) == "hybrid"
+
+
+def test_cost_model_prices_dropout():
+    """With dropout the merged path needs three extra (m, n, T) matmuls and the hybrid path does not exist."""
+    plain = path_costs(576, 1536, 16, 16, 1024)
+    dropped = path_costs(576, 1536, 16, 16, 1024, dropout=True)
+    assert set(plain) == {"khatri_rao", "merged", "hybrid"} and set(dropped) == {"khatri_rao", "merged"}
+    assert dropped["merged"] - plain["merged"] == 2 * 576 * 1536 * 1024
+    assert dropped["khatri_rao"] == plain["khatri_rao"]
+    assert choose_path(1536, 576, 16, 16, 1024) != "khatri_rao"
+    assert choose_path(1536, 576, 16, 16, 1024, dropout=True) == "khatri_rao"
+
+
+def test_auto_dispatch_follows_the_cost_model(monkeypatch):
+    """`auto` runs the function choose_path names, with dropout counted, and hybrid is never run without grad."""
+    layer = _abba_layer("auto", 2, 3, dtype=torch.float32)
+    x = torch.randn(T, N)
+    calls = []
+    for fn in (_KhatriRaoDelta, _MergedABBA, _HybridABBA):
+        monkeypatch.setattr(
+            fn, "apply", (lambda name, f: lambda *a: (calls.append(name), f(*a))[1])(fn.__name__, fn.apply)
+        )
+    for pick in ("khatri_rao", "merged", "hybrid"):
+        monkeypatch.setattr(abba_module, "choose_path", lambda *a, pick=pick, **k: pick)
+        calls.clear()
+        layer(x).sum().backward()
+        assert calls == [
+            {"khatri_rao": "_KhatriRaoDelta", "merged": "_MergedABBA", "hybrid": "_HybridABBA"}[pick]
+        ]
+    seen = []
+    monkeypatch.setattr(
+        abba_module, "choose_path", lambda m, n, r1, r2, t, dropout=False: seen.append(dropout) or "hybrid"
+    )
+    with torch.no_grad():
+        calls.clear()
+        layer(x)
+        assert calls == ["_MergedABBA"]  # same forward, without saving x A*ᵀ
+    layer.dropout = nn.Dropout(0.5)
+    layer.train()
+    layer(x)
+    assert seen == [False, True]
+    layer.path = "hybrid"  # forced hybrid under dropout runs the Khatri-Rao path
+    calls.clear()
+    layer(x).sum().backward()
+    assert calls == ["_KhatriRaoDelta"]
 
 
 @pytest.mark.parametrize("kind", ["lora", "hira"])
@@ -325,7 +379,7 @@ def test_bf16_base_with_fp32_adapters_trains(tiny_model_dir):
 
 def test_autocast_runs_matmuls_in_bf16_and_keeps_fp32_gradients():
     torch.manual_seed(0)
-    for path in ("merged", "khatri_rao"):
+    for path in ("merged", "khatri_rao", "hybrid"):
         layer = ABBALinear(nn.Linear(N, M), 2, 3, 1.0, path=path, name="l")
         _randomise(layer)
         x = torch.randn(T, N)

@@ -1,16 +1,22 @@
 """ABBA: dW = s * (B1 @ A1) ⊙ (B2 @ A2)   (arXiv 2505.14238, eq. 7).
 
 B1 (m, r1), A1 (r1, n), B2 (m, r2), A2 (r2, n); effective rank up to r1*r2 with (r1+r2)(m+n) parameters.
-Two exact execution paths, both custom autograd functions that keep neither an (m, n) tensor nor the r1*r2-wide
+Three exact execution paths, all custom autograd functions that keep neither an (m, n) tensor nor the r1*r2-wide
 factors alive between forward and backward (they are rebuilt in backward):
 
-- Khatri-Rao: (B1A1) ⊙ (B2A2) = B* A* with B* = B1 ⊙r B2 (m, r1r2) and A* = (A1ᵀ ⊙r A2ᵀ)ᵀ (r1r2, n), so
-  dW x = B* (A* x) without an (m, n) matrix. Extra cost ≈ 3·r1r2·(m+n)·T multiply-adds.
+- khatri_rao: (B1A1) ⊙ (B2A2) = B* A* with B* = B1 ⊙r B2 (m, r1r2) and A* = (A1ᵀ ⊙r A2ᵀ)ᵀ (r1r2, n), so
+  dW x = B* (A* x) without an (m, n) matrix: a rank-r1r2 LoRA. Extra cost ≈ 3·r1r2·(m+n)·T multiply-adds.
 - merged: build W0 + dW inside the function and run one matmul; backward rebuilds it for dx and forms
   G = dyᵀx (m·n·T) for the factor gradients. Extra cost ≈ m·n·T + 4·m·n·(r1+r2).
+- hybrid: the merged forward and dx (free: they ride on the frozen layer's own matmuls), with the factor
+  gradients taken the Khatri-Rao way (dyᵀ(x A*ᵀ) and (dy B*)ᵀx) instead of through G. It drops two of the
+  Khatri-Rao path's six skinny matmuls: extra cost ≈ 2·r1r2·(m+n)·T + 2·m·n·(r1+r2). It wins on wide layers
+  with many tokens (Llama/Mistral shapes at r1r2 up to a few hundred).
 
-`auto` picks the cheaper one per layer and per call (T is known at forward time) from that cost model;
-`benchmarks/` calibrates its constants (KR_COST, MERGED_COST) by measurement.
+With adapter dropout the adapter sees a different input than the frozen layer, so W0 + dW cannot be applied in
+one matmul: the merged path then pays three extra m·n·T matmuls and the hybrid path does not exist (it would be
+the Khatri-Rao path). `auto` picks the cheapest path per layer and per call (T is known at forward time) from
+that cost model; `benchmarks/layer_sweep.py --fit` calibrates its constants by measurement.
 """
 
 from __future__ import annotations
@@ -24,18 +30,18 @@ from torch.autograd import Function
 
 from abba_cli.adapters.base import AdapterLinear, kaiming_uniform, layer_generator
 
-# Cost model of `auto`, in units of one merged-path multiply-add (calibrated by measurement, not guessed:
-# `benchmarks/layer_sweep.py --fit` fits these to the measured cells, minimising auto's worst regret; the values and
-# the machine they come from are in benchmarks/RESULTS.md "## Performance").
-# - KR_COST: one Khatri-Rao multiply-add. Its matmuls are skinny (inner or outer size r1*r2), so each does less
-#   work per byte moved than the merged path's big square-ish ones.
-# - KR_ELEMENT_COST: per activation element T*(m+n) the Khatri-Rao path streams through memory (reading x and dy,
-#   writing the extra (T, m) output and (T, n) input gradient and adding them to the base's), a cost that does not
-#   shrink with r1*r2: at small ranks it, not the multiply-adds, decides.
-# Fitted on the quick sweep (2-core AMD EPYC, fp32, 1 torch thread), two runs, same result both times:
+# Cost model of `auto`, in units of one multiply-add of a big (m, n, T) matmul (calibrated by measurement, not
+# guessed: `benchmarks/layer_sweep.py --fit` fits these to the measured cells, minimising auto's worst regret; the
+# values and the machine they come from are in benchmarks/RESULTS.md "## Performance").
+# - KR_COST: one multiply-add of the Khatri-Rao matmuls. They are skinny (inner or outer size r1*r2), so each does
+#   less work per byte moved than the big square-ish ones.
+# - BUILD_COST: one multiply-add of building B1A1 and B2A2 (inner size r1 or r2, an (m, n) output) and the
+#   element-wise (m, n) passes that come with it; memory-bound, so dearer than a big matmul's.
+# Fitted on the full layer sweep (2-core AMD EPYC, fp32, 1 torch thread):
 KR_COST = 0.79
-KR_ELEMENT_COST = 0.0
-MERGED_COST = 1.0
+BUILD_COST = 1.0
+
+PATHS = ("khatri_rao", "merged", "hybrid")
 
 
 def abba_scaling(alpha: float, r1: int, r2: int, convention: str) -> float:
@@ -47,14 +53,24 @@ def abba_scaling(alpha: float, r1: int, r2: int, convention: str) -> float:
     raise ValueError(f"unknown ABBA scaling convention {convention!r}")
 
 
-def choose_path(m: int, n: int, r1: int, r2: int, tokens: int) -> str:
-    """The cheaper exact path for one layer and micro-batch, by weighted multiply-add count (module docstring)."""
-    kr = (
-        KR_COST * (3 * r1 * r2 * (m + n) * tokens + 2 * r1 * r2 * (m + n))
-        + KR_ELEMENT_COST * (m + n) * tokens
-    )
-    merged = MERGED_COST * (m * n * tokens + 4 * m * n * (r1 + r2))
-    return "khatri_rao" if kr <= merged else "merged"
+def path_costs(m: int, n: int, r1: int, r2: int, tokens: int, dropout: bool = False) -> dict[str, float]:
+    """Modelled cost of each exact path for one layer and micro-batch (module docstring), in big-matmul MACs."""
+    kr_macs = r1 * r2 * (m + n) * tokens  # one skinny matmul over all tokens
+    build = m * n * (r1 + r2)  # B1A1 and B2A2 once
+    costs = {"khatri_rao": KR_COST * (3 * kr_macs + 2 * r1 * r2 * (m + n))}
+    if dropout:
+        # x and dropout(x) differ: x W0ᵀ + x_a dWᵀ forward, dy W0 and dy dW backward, plus G.
+        costs["merged"] = 3 * m * n * tokens + BUILD_COST * 4 * build
+    else:
+        costs["merged"] = m * n * tokens + BUILD_COST * 4 * build
+        costs["hybrid"] = KR_COST * (2 * kr_macs + 2 * r1 * r2 * (m + n)) + BUILD_COST * 2 * build
+    return costs
+
+
+def choose_path(m: int, n: int, r1: int, r2: int, tokens: int, dropout: bool = False) -> str:
+    """The cheapest exact path for one layer and micro-batch by the cost model (ties: the listed order)."""
+    costs = path_costs(m, n, r1, r2, tokens, dropout)
+    return min(costs, key=costs.__getitem__)
 
 
 def _khatri_rao_factors(B1, A1, B2, A2, dtype, scale: float = 1.0):
@@ -92,23 +108,31 @@ class _KhatriRaoDelta(Function):
         x, h, B1, A1, B2, A2 = ctx.saved_tensors
         s = ctx.scaling
         dtype = x.dtype
-        m, r1 = B1.shape
-        r2, n = A2.shape
         b_kr, a_kr = _khatri_rao_factors(B1, A1, B2, A2, dtype, s)  # rebuilt, not saved; s inside b_kr
-        dy2 = dy.reshape(-1, m).to(dtype)  # (T, m)
-        x2 = x.reshape(-1, n)
+        dy2 = dy.reshape(-1, b_kr.shape[0]).to(dtype)  # (T, m)
+        x2 = x.reshape(-1, a_kr.shape[1])  # (T, n)
         dh = dy2 @ b_kr  # (T, r1r2) = s · dy B*
         dx = (dh @ a_kr).reshape(x.shape) if ctx.needs_input_grad[0] else None  # (T, n)
-        db_kr = (dy2.T @ h).view(m, r1, r2)  # dL/dB* / s
-        da_kr = (dh.T @ x2).view(r1, r2, n)  # dL/dA*
-        # B*[k, i r2 + j] = B1[k, i] B2[k, j]  and  A*[i r2 + j, c] = A1[i, c] A2[j, c]; the B sums are batched
-        # mat-vecs (no (m, r1, r2) temporary), s is applied to the (m, r) results.
-        b1, b2 = B1.to(dtype), B2.to(dtype)
-        dB1 = torch.bmm(db_kr, b2[:, :, None]).squeeze(2).mul_(s)  # (m, r1)
-        dB2 = torch.bmm(b1[:, None, :], db_kr).squeeze(1).mul_(s)  # (m, r2)
-        dA1 = (da_kr * A2.to(dtype)[None, :, :]).sum(1)  # (r1, n)
-        dA2 = (da_kr * A1.to(dtype)[:, None, :]).sum(0)  # (r2, n)
-        return dx, None, dB1.to(B1.dtype), dA1.to(A1.dtype), dB2.to(B2.dtype), dA2.to(A2.dtype)
+        return (dx, None, *_khatri_rao_factor_grads(dy2, x2, h, dh, B1, A1, B2, A2, s))
+
+
+def _khatri_rao_factor_grads(dy2, x2, h, dh, B1, A1, B2, A2, s: float):
+    """dB1, dA1, dB2, dA2 from dL/dB* = s·dyᵀh and dL/dA* = dhᵀx (h = x A*ᵀ, dh = s·dy B*), in the factors' dtype.
+
+    B*[k, i r2 + j] = B1[k, i] B2[k, j] and A*[i r2 + j, c] = A1[i, c] A2[j, c]: the B sums are batched mat-vecs
+    (no (m, r1, r2) temporary), s is applied to the small (m, r) results.
+    """
+    dtype = dy2.dtype
+    m, r1 = B1.shape
+    r2, n = A2.shape
+    db_kr = (dy2.T @ h).view(m, r1, r2)  # dL/dB* / s
+    da_kr = (dh.T @ x2).view(r1, r2, n)  # dL/dA*
+    b1, b2 = B1.to(dtype), B2.to(dtype)
+    dB1 = torch.bmm(db_kr, b2[:, :, None]).squeeze(2).mul_(s)  # (m, r1)
+    dB2 = torch.bmm(b1[:, None, :], db_kr).squeeze(1).mul_(s)  # (m, r2)
+    dA1 = (da_kr * A2.to(dtype)[None, :, :]).sum(1)  # (r1, n)
+    dA2 = (da_kr * A1.to(dtype)[:, None, :]).sum(0)  # (r2, n)
+    return dB1.to(B1.dtype), dA1.to(A1.dtype), dB2.to(B2.dtype), dA2.to(A2.dtype)
 
 
 def _merged_weight(weight, B1, A1, B2, A2, scaling, dtype):
@@ -178,6 +202,51 @@ class _MergedABBA(Function):
         return dx, dxa, dw, db, None, dB1, dA1, dB2, dA2
 
 
+class _HybridABBA(Function):
+    """y = x (W0 + dW)ᵀ + b in one matmul, dx through W0 + dW; factor gradients the Khatri-Rao way (no G = dyᵀx).
+
+    Saves x, h = x A*ᵀ (T, r1r2; what the Khatri-Rao path saves too) and the factors; W0 + dW, B*, A* are rebuilt
+    in backward. Only for the no-dropout case (x is the adapter's input too).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, scaling, B1, A1, B2, A2):
+        dtype = x.dtype
+        b = None if bias is None else bias.to(dtype)
+        w, p1, p2 = _merged_weight(weight, B1, A1, B2, A2, scaling, dtype)
+        del p1, p2
+        y = F.linear(x, w, b)
+        del w
+        _, a_kr = _khatri_rao_factors(B1, A1, B2, A2, dtype)
+        h = x.reshape(-1, x.shape[-1]) @ a_kr.T  # (T, r1r2)
+        ctx.save_for_backward(x, h, weight, bias, B1, A1, B2, A2)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, h, weight, bias, B1, A1, B2, A2 = ctx.saved_tensors
+        s = ctx.scaling
+        dtype = x.dtype
+        m, n = weight.shape
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        dy2 = dy.reshape(-1, m).to(dtype)  # (T, m)
+        x2 = x.reshape(-1, n)
+        dx = dw = db = None
+        if need_x:
+            w, p1, p2 = _merged_weight(weight, B1, A1, B2, A2, s, dtype)
+            del p1, p2
+            dx = (dy2 @ w).reshape(x.shape)
+            del w
+        if need_w:
+            dw = (dy2.T @ x2).to(weight.dtype)
+        if need_b and bias is not None:
+            db = dy2.sum(0).to(bias.dtype)
+        b_kr, _ = _khatri_rao_factors(B1, A1, B2, A2, dtype, s)
+        dh = dy2 @ b_kr  # (T, r1r2) = s · dy B*
+        return (dx, dw, db, None, *_khatri_rao_factor_grads(dy2, x2, h, dh, B1, A1, B2, A2, s))
+
+
 class ABBALinear(AdapterLinear):
     factor_names = ("B1", "A1", "B2", "A2")
     kind = "abba"
@@ -227,27 +296,26 @@ class ABBALinear(AdapterLinear):
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.B1.float() @ self.A1.float()) * (self.B2.float() @ self.A2.float())
 
-    def resolved_path(self, tokens: int) -> str:
-        if self.path != "auto":
-            return self.path
-        return choose_path(self.out_features, self.in_features, self.r1, self.r2, tokens)
+    def resolved_path(self, tokens: int, dropout: bool = False) -> str:
+        """The path a forward over `tokens` tokens runs. With dropout active there is no hybrid path: a forced
+        `hybrid` then runs as `khatri_rao`, its gradient half (training with dropout stays exact, just not fused)."""
+        if self.path == "auto":
+            return choose_path(self.out_features, self.in_features, self.r1, self.r2, tokens, dropout)
+        if self.path == "hybrid" and dropout:
+            return "khatri_rao"
+        return self.path
 
     def adapter_forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         x = x.to(dtype)
         x_adapter = self.adapter_input(x)
+        dropout = x_adapter is not x
+        factors = (self.B1, self.A1, self.B2, self.A2)
         with torch.autocast(x.device.type, enabled=False):
-            if self.resolved_path(x.numel() // self.in_features) == "khatri_rao":
-                return self.base_forward(x, dtype) + _KhatriRaoDelta.apply(
-                    x_adapter, self.scaling, self.B1, self.A1, self.B2, self.A2
-                )
-            return _MergedABBA.apply(
-                x,
-                None if x_adapter is x else x_adapter,
-                self.weight,
-                self.bias,
-                self.scaling,
-                self.B1,
-                self.A1,
-                self.B2,
-                self.A2,
-            )
+            path = self.resolved_path(x.numel() // self.in_features, dropout)
+            if path == "khatri_rao":
+                return self.base_forward(x, dtype) + _KhatriRaoDelta.apply(x_adapter, self.scaling, *factors)
+            if path == "hybrid" and torch.is_grad_enabled():
+                return _HybridABBA.apply(x, self.weight, self.bias, self.scaling, *factors)
+            # (hybrid without gradients: its forward is the merged one, minus the h it would save)
+            x_adapter = x_adapter if dropout else None
+            return _MergedABBA.apply(x, x_adapter, self.weight, self.bias, self.scaling, *factors)
