@@ -9,7 +9,7 @@ in a cell is the measured time of the path it picks; the table shows which one a
 (auto / fastest - 1). Peak memory: the peak above the resting state of one forward + backward (CUDA: max
 allocated; CPU: VmHWM, see common.py).
 
-`--fit` fits the cost model's constants (KR_COST, BUILD_COST; a big matmul multiply-add = 1) to the cells
+`--fit` fits the cost model's constants (abba.COST_CONSTANTS; a big matmul multiply-add = 1) to the cells
 (minimising auto's worst regret, then the total) and prints the constants to put in abba_cli/adapters/abba.py.
 `--refit JSON...` does the same on recorded sweeps without measuring again.
 
@@ -150,27 +150,21 @@ def run_cell(
     }
 
 
-COST_NAMES = ("KR_COST", "BUILD_COST")
+COST_NAMES = abba.COST_CONSTANTS
 PATHS = abba.PATHS
 
 
 def current_costs() -> dict[str, float]:
-    return {k: getattr(abba, k) for k in COST_NAMES}
+    return abba.cost_constants()
 
 
 def auto_choice(cell: dict[str, Any], costs: dict[str, float] | None = None) -> str:
     """What `auto` picks in this cell with the given constants (default: the ones abba.py uses now)."""
-    old = current_costs()
-    try:
-        for k, v in (costs or {}).items():
-            if k in COST_NAMES:
-                setattr(abba, k, v)
-        return abba.choose_path(
-            cell["m"], cell["n"], cell["r1"], cell["r2"], cell["tokens"], cell.get("dropout", False)
-        )
-    finally:
-        for k, v in old.items():
-            setattr(abba, k, v)
+    constants = {k: v for k, v in (costs or {}).items() if k in COST_NAMES} or None
+    if constants is not None and set(constants) != set(COST_NAMES):  # a sweep recorded with an older model
+        constants = {**abba.cost_constants(), **constants}
+    args = (cell["m"], cell["n"], cell["r1"], cell["r2"], cell["tokens"], cell.get("dropout", False))
+    return abba.choose_path(*args, constants=constants)
 
 
 def measured_paths(cell: dict[str, Any]) -> list[str]:
@@ -182,27 +176,72 @@ def regret(cell: dict[str, Any], choice: str) -> float:
     return med[choice] / min(med[p] for p in measured_paths(cell)) - 1.0
 
 
-def fit_costs(cells: list[dict[str, Any]]) -> dict[str, float]:
-    """KR_COST and BUILD_COST minimising auto's (worst regret, total regret) over a log grid.
+# Candidate calibrations: log grids around the plain multiply-add count (KR/hybrid/build = 1, no element term).
+FIT_GRID = {
+    "KR_COST": [10 ** (k / 100) for k in range(-60, 61, 3)],
+    "HYBRID_RATIO": [1.0, 1.1, 1.2, 1.3, 1.5],  # HYBRID_COST / KR_COST
+    "BUILD_COST": [10 ** (b / 100) for b in range(-100, 151, 10)],
+    "ELEMENT_COST": [0.0] + [2 ** (j / 2) for j in range(0, 20)],
+    "KR_ELEMENT_COST": [0.0] + [2 ** (j / 2) for j in range(0, 20)],
+}
 
-    Only the decision boundaries matter, so many constants tie; ties go to the constants closest to 1 (the plain
-    multiply-add count). Cells recorded before the hybrid path existed are skipped: `auto` could pick a path they
-    did not measure.
+
+def fit_costs(cells: list[dict[str, Any]], grid: dict[str, list[float]] | None = None) -> dict[str, float]:
+    """The calibration on the grid minimising auto's (worst regret, total regret) over the cells.
+
+    Only the decision boundaries matter, so many constants tie; ties go to the constants closest to the plain
+    multiply-add count. Every grid point is evaluated at once (the cost model takes tensors). Cells recorded
+    before the hybrid path existed are skipped: `auto` could pick a path they did not measure.
     """
     usable = [c for c in cells if all(p in c["median"] for p in ("khatri_rao", "merged"))]
     usable = [c for c in usable if c.get("dropout") or "hybrid" in c["median"]]
     if not usable:
         raise SystemExit("no cell with every path measured: nothing to fit")
-    best: tuple[tuple[float, ...], dict[str, float]] | None = None
-    for b in range(-100, 201, 10):
-        for k in range(-100, 101, 2):
-            costs = {"KR_COST": 10 ** (k / 100), "BUILD_COST": 10 ** (b / 100)}
-            regrets = [regret(c, auto_choice(c, costs)) for c in usable]
-            key = (round(max(regrets), 3), round(sum(regrets), 3), abs(k) + abs(b))
-            if best is None or key < best[0]:
-                best = (key, costs)
-    assert best is not None  # the grid is never empty
-    return {**best[1], "worst_regret": best[0][0], "cells": len(usable)}
+    axes = [torch.tensor(v, dtype=torch.float64) for v in (grid or FIT_GRID).values()]
+    k, ratio, b, e, ke = (t.reshape(-1) for t in torch.meshgrid(*axes, indexing="ij"))
+    constants = {
+        "KR_COST": k,
+        "HYBRID_COST": k * ratio,
+        "BUILD_COST": b,
+        "ELEMENT_COST": e,
+        "KR_ELEMENT_COST": ke,
+    }
+    worst = torch.zeros_like(k)
+    total = torch.zeros_like(k)
+    for c in usable:
+        costs = abba.path_costs(
+            c["m"], c["n"], c["r1"], c["r2"], c["tokens"], bool(c.get("dropout")), constants
+        )
+        names = list(costs)
+        picks = torch.stack([costs[p] for p in names]).argmin(0)  # ties: the first listed, as choose_path
+        regrets = torch.tensor([regret(c, p) for p in names], dtype=torch.float64)[picks]
+        worst = torch.maximum(worst, regrets)
+        total += regrets
+    # Among the grid points with the least worst regret, take the one whose neighbourhood (one step along every
+    # axis) has the least worst regret too: not a point on a decision boundary that a cell's noise straddles, where
+    # rounding the constants or a little machine drift flips a decision.
+    shape = [len(a) for a in axes]
+    robust = worst.reshape(shape)
+    for dim in range(robust.dim()):
+        padded = torch.cat([robust.narrow(dim, 0, 1), robust, robust.narrow(dim, shape[dim] - 1, 1)], dim)
+        robust = torch.stack([padded.narrow(dim, j, shape[dim]) for j in range(3)]).amax(0)
+    robust = robust.reshape(-1)
+    simplicity = k.log().abs() + ratio.log() + b.log().abs() + e + ke
+    # lexicographic: own worst (to 0.1%), neighbourhood worst, total, simplicity
+    candidates = torch.arange(len(k))
+    for crit in (worst.mul(1000).round(), robust.mul(1000).round(), total.mul(1000).round(), simplicity):
+        values = crit[candidates]
+        candidates = candidates[values == values.min()]
+    i = int(candidates[0])
+    fitted = {name: round(float(v[i]), 3) for name, v in constants.items()}
+    # What goes into abba.py are these rounded constants: report their regret, not the grid point's.
+    check = max(regret(c, auto_choice(c, fitted)) for c in usable)
+    return {
+        **fitted,
+        "worst_regret": round(check, 4),
+        "neighbourhood_worst_regret": round(float(robust[i]), 4),
+        "cells": len(usable),
+    }
 
 
 def to_markdown(cells: list[dict[str, Any]], costs: dict[str, float] | None = None) -> str:
@@ -260,15 +299,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--dropout", action="store_true", help="run every cell with adapter dropout as well")
     p.add_argument("--no-plain", action="store_true", help="with --dropout: only the dropout cells")
-    p.add_argument("--fit", action="store_true", help="fit KR_COST/BUILD_COST to the measured cells")
+    p.add_argument("--fit", action="store_true", help="fit the cost-model constants to the measured cells")
     p.add_argument("--refit", nargs="+", type=Path, help="fit on recorded sweep JSONs instead of measuring")
     p.add_argument("--out", type=Path)
     return p.parse_args(argv)
 
 
-def refit(paths: list[Path]) -> dict[str, Any]:
-    cells = [c for path in paths for c in json.loads(path.read_text())["cells"]]
-    fit = fit_costs(cells)
+def refit(paths: list[Path], grid: dict[str, list[float]] | None = None) -> dict[str, Any]:
+    """Fit on recorded sweeps; a cell measured again in a later file (more repeats) replaces the earlier one."""
+    by_key: dict[tuple, dict[str, Any]] = {}
+    for path in paths:
+        for c in json.loads(path.read_text())["cells"]:
+            by_key[(c["m"], c["n"], c["r"], c["tokens"], bool(c.get("dropout")))] = c
+    cells = list(by_key.values())
+    fit = fit_costs(cells, grid)
     print(to_markdown(cells, fit))
     print(f"\nfit over {fit['cells']} cells: " + ", ".join(f"{k}={v:.3g}" for k, v in fit.items()))
     return {"fit": fit, "cells": len(cells)}

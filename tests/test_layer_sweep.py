@@ -30,20 +30,23 @@ def _load() -> ModuleType:
 sweep = _load()
 
 
-def _synthetic_cells(kr_cost: float, build_cost: float) -> list[dict]:
+PLAIN = {"KR_COST": 1.0, "HYBRID_COST": 1.0, "BUILD_COST": 1.0, "ELEMENT_COST": 0.0, "KR_ELEMENT_COST": 0.0}
+# A small grid holding the constants the synthetic cells are made from (the default grid takes ~30 s per fit).
+GRID = {
+    "KR_COST": [0.5, 1.0, 2.0],
+    "HYBRID_RATIO": [1.0, 1.2],
+    "BUILD_COST": [0.5, 1.0, 2.5],
+    "ELEMENT_COST": [0.0, 8.0, 64.0],
+    "KR_ELEMENT_COST": [0.0, 8.0],
+}
+
+
+def _synthetic_cells(constants: dict[str, float]) -> list[dict]:
     """Cells whose 'measured' times are exactly what the cost model says with the given constants."""
     cells = []
     shapes = [(576, 576), (1536, 576), (2048, 2048), (4096, 4096), (14336, 4096)]
     for (m, n), r, t, dropout in itertools.product(shapes, (8, 32, 128), (256, 2048, 8192), (False, True)):
-        costs = dict(zip(sweep.COST_NAMES, (kr_cost, build_cost), strict=True))
-        old = sweep.current_costs()
-        try:
-            for k, v in costs.items():
-                setattr(abba, k, v)
-            modelled = abba.path_costs(m, n, r // 2, r // 2, t, dropout)
-        finally:
-            for k, v in old.items():
-                setattr(abba, k, v)
+        modelled = abba.path_costs(m, n, r // 2, r // 2, t, dropout, constants)
         med = {"lora": 1.0, **{k: v * 1e-9 for k, v in modelled.items()}}
         cells.append(
             {
@@ -62,22 +65,35 @@ def _synthetic_cells(kr_cost: float, build_cost: float) -> list[dict]:
 
 
 def test_fit_recovers_a_cost_model_that_picks_the_fastest_path_everywhere():
-    cells = _synthetic_cells(kr_cost=0.5, build_cost=2.5)
-    assert {sweep.auto_choice(c, {"KR_COST": 0.5, "BUILD_COST": 2.5}) for c in cells} == set(abba.PATHS)
-    fit = sweep.fit_costs(cells)
+    truth = {
+        "KR_COST": 0.5,
+        "HYBRID_COST": 0.6,
+        "BUILD_COST": 2.5,
+        "ELEMENT_COST": 64.0,
+        "KR_ELEMENT_COST": 8.0,
+    }
+    cells = _synthetic_cells(truth)
+    assert {sweep.auto_choice(c, truth) for c in cells} == set(abba.PATHS)
+    fit = sweep.fit_costs(cells, GRID)
     assert fit["worst_regret"] == 0.0 and fit["cells"] == len(cells)
     assert all(sweep.regret(c, sweep.auto_choice(c, fit)) == 0.0 for c in cells)
     # wrong constants do leave regret, and the regret is measured against the fastest measured path
-    worst = max(sweep.regret(c, sweep.auto_choice(c, {"KR_COST": 5.0, "BUILD_COST": 0.1})) for c in cells)
-    assert worst > 0.05
+    wrong = {
+        "KR_COST": 5.0,
+        "HYBRID_COST": 5.0,
+        "BUILD_COST": 0.1,
+        "ELEMENT_COST": 0.0,
+        "KR_ELEMENT_COST": 0.0,
+    }
+    assert max(sweep.regret(c, sweep.auto_choice(c, wrong)) for c in cells) > 0.05
 
 
 def test_cells_without_the_hybrid_path_are_not_fitted():
-    cells = _synthetic_cells(1.0, 1.0)
+    cells = _synthetic_cells(PLAIN)
     for c in cells:
         if not c["dropout"]:
             del c["median"]["hybrid"]
-    assert sweep.fit_costs(cells)["cells"] == sum(c["dropout"] for c in cells)
+    assert sweep.fit_costs(cells, GRID)["cells"] == sum(c["dropout"] for c in cells)
 
 
 def test_a_real_cell_times_every_path_and_the_table_and_refit_read_it(tmp_path):
@@ -91,14 +107,25 @@ def test_a_real_cell_times_every_path_and_the_table_and_refit_read_it(tmp_path):
     assert table.count("| tiny (24x16) |") == 2 and "| 0.05 |" in table
     out = tmp_path / "sweep.json"
     out.write_text(json.dumps({"cells": [plain, dropped]}))
-    res = sweep.refit([out])
+    res = sweep.refit([out], GRID)
     assert res["fit"]["cells"] == 2 and res["fit"]["worst_regret"] >= 0
+
+
+def test_refit_lets_a_later_measurement_of_a_cell_replace_the_earlier_one(tmp_path):
+    cells = _synthetic_cells(PLAIN)
+    noisy = json.loads(json.dumps(cells[:1]))
+    noisy[0]["median"]["merged"] *= 10  # an outlier in the first sweep
+    first, again = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps({"cells": noisy + cells[1:]}))
+    again.write_text(json.dumps({"cells": cells[:1]}))
+    assert sweep.refit([first, again], GRID)["cells"] == len(cells)
+    assert sweep.refit([first, again], GRID)["fit"]["worst_regret"] == 0.0
 
 
 def test_refit_refuses_sweeps_with_nothing_to_fit(tmp_path):
     out = tmp_path / "old.json"
-    cell = _synthetic_cells(1.0, 1.0)[0]
+    cell = _synthetic_cells(PLAIN)[0]
     del cell["median"]["hybrid"]
     out.write_text(json.dumps({"cells": [cell]}))
     with pytest.raises(SystemExit, match="nothing to fit"):
-        sweep.refit([out])
+        sweep.refit([out], GRID)

@@ -22,6 +22,7 @@ that cost model; `benchmarks/layer_sweep.py --fit` calibrates its constants by m
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,13 +34,25 @@ from abba_cli.adapters.base import AdapterLinear, kaiming_uniform, layer_generat
 # Cost model of `auto`, in units of one multiply-add of a big (m, n, T) matmul (calibrated by measurement, not
 # guessed: `benchmarks/layer_sweep.py --fit` fits these to the measured cells, minimising auto's worst regret; the
 # values and the machine they come from are in benchmarks/RESULTS.md "## Performance").
-# - KR_COST: one multiply-add of the Khatri-Rao matmuls. They are skinny (inner or outer size r1*r2), so each does
-#   less work per byte moved than the big square-ish ones.
-# - BUILD_COST: one multiply-add of building B1A1 and B2A2 (inner size r1 or r2, an (m, n) output) and the
-#   element-wise (m, n) passes that come with it; memory-bound, so dearer than a big matmul's.
-# Fitted on the full layer sweep (2-core AMD EPYC, fp32, 1 torch thread):
-KR_COST = 0.79
-BUILD_COST = 1.0
+# - KR_COST: one multiply-add of the Khatri-Rao path's matmuls. They are skinny (inner or outer size r1*r2), so
+#   each does less work per byte moved than the big square-ish ones.
+# - HYBRID_COST: the same for the hybrid path's four gradient matmuls (other shapes: (T, m) x (m, r1r2) and two
+#   with the token dimension inside).
+# - KR_ELEMENT_COST: per activation element T*(m+n) that a pair of skinny matmuls streams through memory (reading
+#   x or dy, writing a (T, m) or (T, n) result); at small r1*r2 this, not the multiply-adds, decides their cost.
+# - BUILD_COST: one multiply-add of building B1A1 and B2A2 (inner size r1 or r2, an (m, n) output) or of the
+#   merged path's small gradient matmuls that read an (m, n) matrix.
+# - ELEMENT_COST: per (m, n) element of one such build: the element-wise passes (W0 + s·P1⊙P2, G⊙P2) and the
+#   (m, n) writes are memory-bound, so at small ranks they, not the multiply-adds, decide what a build costs.
+# Fitted on the full layer sweep with and without dropout, 94 cells (2-core AMD EPYC, fp32, 1 torch thread):
+# auto within 0.7% of the fastest path in every cell. Other hardware (a GPU above all) has other constants:
+# re-run the sweep with --fit there.
+KR_COST = 0.708
+HYBRID_COST = 0.92
+BUILD_COST = 0.501
+ELEMENT_COST = 45.3
+KR_ELEMENT_COST = 16.0
+COST_CONSTANTS = ("KR_COST", "HYBRID_COST", "BUILD_COST", "ELEMENT_COST", "KR_ELEMENT_COST")
 
 PATHS = ("khatri_rao", "merged", "hybrid")
 
@@ -53,23 +66,45 @@ def abba_scaling(alpha: float, r1: int, r2: int, convention: str) -> float:
     raise ValueError(f"unknown ABBA scaling convention {convention!r}")
 
 
-def path_costs(m: int, n: int, r1: int, r2: int, tokens: int, dropout: bool = False) -> dict[str, float]:
-    """Modelled cost of each exact path for one layer and micro-batch (module docstring), in big-matmul MACs."""
+def cost_constants() -> dict[str, float]:
+    """The constants `auto` uses now (module globals, so a calibration can be tried by setting them)."""
+    return {k: globals()[k] for k in COST_CONSTANTS}
+
+
+def path_costs(
+    m: int,
+    n: int,
+    r1: int,
+    r2: int,
+    tokens: int,
+    dropout: bool = False,
+    constants: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Modelled cost of each exact path for one layer and micro-batch (module docstring), in big-matmul MACs.
+
+    `constants` overrides the module's; its values may be tensors (a whole grid of candidate calibrations at
+    once, as `benchmarks/layer_sweep.py --fit` uses), the costs are then tensors of the same shape.
+    """
+    c = constants or cost_constants()
     kr_macs = r1 * r2 * (m + n) * tokens  # one skinny matmul over all tokens
-    build = m * n * (r1 + r2)  # B1A1 and B2A2 once
-    costs = {"khatri_rao": KR_COST * (3 * kr_macs + 2 * r1 * r2 * (m + n))}
+    kr_build = 2 * r1 * r2 * (m + n)  # B* and A*
+    build = m * n * (c["BUILD_COST"] * (r1 + r2) + c["ELEMENT_COST"])  # B1A1, B2A2, W0 + s·B1A1⊙B2A2 once
+    stream = c["KR_ELEMENT_COST"] * (m + n) * tokens  # one pair of skinny matmuls' activation traffic
+    costs = {"khatri_rao": c["KR_COST"] * (3 * kr_macs + kr_build) + 3 * stream}
     if dropout:
         # x and dropout(x) differ: x W0ᵀ + x_a dWᵀ forward, dy W0 and dy dW backward, plus G.
-        costs["merged"] = 3 * m * n * tokens + BUILD_COST * 4 * build
+        costs["merged"] = 3 * m * n * tokens + 4 * build
     else:
-        costs["merged"] = m * n * tokens + BUILD_COST * 4 * build
-        costs["hybrid"] = KR_COST * (2 * kr_macs + 2 * r1 * r2 * (m + n)) + BUILD_COST * 2 * build
+        costs["merged"] = m * n * tokens + 4 * build
+        costs["hybrid"] = c["HYBRID_COST"] * (2 * kr_macs + kr_build) + 2 * stream + 2 * build
     return costs
 
 
-def choose_path(m: int, n: int, r1: int, r2: int, tokens: int, dropout: bool = False) -> str:
+def choose_path(
+    m: int, n: int, r1: int, r2: int, tokens: int, dropout: bool = False, constants: dict | None = None
+) -> str:
     """The cheapest exact path for one layer and micro-batch by the cost model (ties: the listed order)."""
-    costs = path_costs(m, n, r1, r2, tokens, dropout)
+    costs = path_costs(m, n, r1, r2, tokens, dropout, constants)
     return min(costs, key=costs.__getitem__)
 
 
