@@ -54,6 +54,7 @@ def validate_run(cfg: RunConfig, config_path: str | Path) -> None:
     instant and needs no GPU (shapes, target matching and rank limits are all checked the same way).
     """
     from abba_cli.adapters import inject_adapters, trainable_summary
+    from abba_cli.adapters.abba import describe_paths
 
     print(f"# resolved config from {config_path}")
     print(dump_config(cfg), end="")
@@ -65,6 +66,9 @@ def validate_run(cfg: RunConfig, config_path: str | Path) -> None:
         adapted = inject_adapters(model, cfg.adapter, seed=cfg.train.seed, init=False)
         print(f"# {cfg.adapter.type} adapters on {len(adapted)} linear layers of {cfg.model.name_or_path}")
     print(trainable_summary(model))
+    plan = describe_paths(model, cfg.train.micro_batch_size * cfg.data.max_seq_len)
+    if plan:
+        print(f"{plan} (full-length micro-batch; `auto` re-decides per batch)")
 
 
 # ----------------------------------------------------------------------------------------------- train
@@ -81,6 +85,7 @@ def run_training(
 
     from abba_cli import checkpoint as ckpt
     from abba_cli.adapters import inject_adapters, save_adapter, trainable_summary
+    from abba_cli.adapters.abba import describe_paths
 
     t = cfg.train
     full = cfg.adapter.type == "full"
@@ -120,8 +125,11 @@ def run_training(
     total_steps = _total_steps(t.max_steps, t.epochs, per_epoch, t.grad_accum_steps)
     warmup = math.ceil(t.warmup_ratio * total_steps)
     summary = trainable_summary(model)
+    plan = describe_paths(model, t.micro_batch_size * cfg.data.max_seq_len)
     if main:
         print(summary, file=sys.stderr)
+        if plan:
+            print(f"{plan} (full-length micro-batch; `auto` re-decides per batch)", file=sys.stderr)
         print(
             f"{len(dataset)} training examples, {per_epoch} micro-batches of {t.micro_batch_size} per epoch "
             f"x {world} process(es); {total_steps} optimizer steps of {t.grad_accum_steps} micro-batches "

@@ -305,23 +305,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def refit(paths: list[Path], grid: dict[str, list[float]] | None = None) -> dict[str, Any]:
-    """Fit on recorded sweeps; a cell measured again in a later file (more repeats) replaces the earlier one."""
+def refit(
+    paths: list[Path], grid: dict[str, list[float]] | None = None, out: Path | None = None
+) -> dict[str, Any]:
+    """Fit on recorded sweeps; a cell measured again in a later file (more repeats) replaces the earlier one.
+
+    With `out`, writes the merged cells with the fitted constants as the sweep's cost model (what
+    `run_cpu.py --record` renders: `auto picks` are then the fitted model's picks)."""
     by_key: dict[tuple, dict[str, Any]] = {}
+    first: dict[str, Any] | None = None
     for path in paths:
-        for c in json.loads(path.read_text())["cells"]:
+        res = json.loads(path.read_text())
+        first = first or res
+        for c in res["cells"]:
             by_key[(c["m"], c["n"], c["r"], c["tokens"], bool(c.get("dropout")))] = c
     cells = list(by_key.values())
     fit = fit_costs(cells, grid)
-    print(to_markdown(cells, fit))
+    constants = {k: fit[k] for k in COST_NAMES}
+    print(to_markdown(cells, constants))
     print(f"\nfit over {fit['cells']} cells: " + ", ".join(f"{k}={v:.3g}" for k, v in fit.items()))
-    return {"fit": fit, "cells": len(cells)}
+    merged = {
+        "config": {"refit": [str(p) for p in paths]},
+        "machine": (first or {}).get("machine", {}),
+        "cost_model": constants,
+        "cells": cells,
+        "auto_worst_regret": max(regret(c, auto_choice(c, constants)) for c in cells),
+        "fit": fit,
+    }
+    if out:
+        common.write_json(out, merged)
+    return merged
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.refit:
-        return refit(args.refit)
+        return refit(args.refit, out=args.out)
     if args.device == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         # glibc reads these at start-up: re-exec so RSS follows live tensors (see common.py).
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **common.MEASURE_ENV})

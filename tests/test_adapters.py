@@ -209,6 +209,22 @@ def test_cost_model_prices_dropout():
     assert choose_path(1536, 576, 16, 16, 1024, dropout=True) == "khatri_rao"
 
 
+def test_describe_paths_reports_the_cost_models_choice_per_layer_kind():
+    from abba_cli.adapters.abba import describe_paths
+
+    model = nn.Sequential()
+    model.add_module("q_proj", ABBALinear(nn.Linear(576, 576), 16, 16, 1.0, name="q_proj", init=False))
+    model.add_module("up_proj", ABBALinear(nn.Linear(576, 1536), 16, 16, 1.0, name="up_proj", init=False))
+    assert (
+        describe_paths(model, 1024)
+        == "ABBA execution at 1024 tokens per micro-batch: merged on 2 (q_proj, up_proj)"
+    )
+    model.up_proj.dropout = nn.Dropout(0.05)  # dropout removes the fused paths where Khatri-Rao is cheaper
+    line = describe_paths(model, 1024)
+    assert "khatri_rao on 1 (up_proj)" in line and "merged on 1 (q_proj)" in line
+    assert describe_paths(nn.Sequential(nn.Linear(2, 2)), 8) is None
+
+
 def test_auto_dispatch_follows_the_cost_model(monkeypatch):
     """`auto` runs the function choose_path names, with dropout counted, and hybrid is never run without grad."""
     layer = _abba_layer("auto", 2, 3, dtype=torch.float32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,9 @@ def test_validate_prints_resolved_config_and_trainable_summary(tmp_path, tiny_mo
     assert resolved["train"]["lr"] == pytest.approx(2e-4)
     assert resolved["adapter"]["alpha"] == 4.0  # defaults are filled in
     assert "trainable" in result.stdout and "14 linear layers" in result.stdout
+    # which exact path each layer runs, at the full micro-batch (MINIMAL: no dropout)
+    plan = result.stdout.split("ABBA execution at")[1]
+    assert sum(int(k) for k in re.findall(r" on (\d+) \(", plan)) == 14
 
 
 def test_configs_exist():

@@ -107,8 +107,10 @@ def test_a_real_cell_times_every_path_and_the_table_and_refit_read_it(tmp_path):
     assert table.count("| tiny (24x16) |") == 2 and "| 0.05 |" in table
     out = tmp_path / "sweep.json"
     out.write_text(json.dumps({"cells": [plain, dropped]}))
-    res = sweep.refit([out], GRID)
+    res = sweep.refit([out], GRID, out=tmp_path / "fitted.json")
     assert res["fit"]["cells"] == 2 and res["fit"]["worst_regret"] >= 0
+    saved = json.loads((tmp_path / "fitted.json").read_text())
+    assert saved["cost_model"] == {k: res["fit"][k] for k in sweep.COST_NAMES} and len(saved["cells"]) == 2
 
 
 def test_refit_lets_a_later_measurement_of_a_cell_replace_the_earlier_one(tmp_path):
@@ -118,7 +120,7 @@ def test_refit_lets_a_later_measurement_of_a_cell_replace_the_earlier_one(tmp_pa
     first, again = tmp_path / "a.json", tmp_path / "b.json"
     first.write_text(json.dumps({"cells": noisy + cells[1:]}))
     again.write_text(json.dumps({"cells": cells[:1]}))
-    assert sweep.refit([first, again], GRID)["cells"] == len(cells)
+    assert len(sweep.refit([first, again], GRID)["cells"]) == len(cells)
     assert sweep.refit([first, again], GRID)["fit"]["worst_regret"] == 0.0
 
 

@@ -354,3 +354,22 @@ class ABBALinear(AdapterLinear):
             # (hybrid without gradients: its forward is the merged one, minus the h it would save)
             x_adapter = x_adapter if dropout else None
             return _MergedABBA.apply(x, x_adapter, self.weight, self.bias, self.scaling, *factors)
+
+
+def describe_paths(model: nn.Module, tokens: int) -> str | None:
+    """One line saying which exact path each ABBA layer runs for a micro-batch of `tokens` tokens (None: no ABBA).
+
+    Adapter dropout counts as it will in training (it is what decides whether the fused paths exist).
+    """
+    by_path: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ABBALinear):
+            dropout = isinstance(module.dropout, nn.Dropout) and module.dropout.p > 0
+            by_path.setdefault(module.resolved_path(tokens, dropout), []).append(name)
+    if not by_path:
+        return None
+    parts = []
+    for path, names in sorted(by_path.items()):
+        kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
+        parts.append(f"{path} on {len(names)} ({', '.join(kinds)})")
+    return f"ABBA execution at {tokens} tokens per micro-batch: " + "; ".join(parts)
