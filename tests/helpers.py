@@ -38,3 +38,17 @@ def max_rel(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
     """Largest absolute difference relative to the reference logits' scale."""
     scale = max(float(r.abs().max()) for r in ref)
     return max(float((r - g).abs().max()) for r, g in zip(ref, got, strict=True)) / scale
+
+
+def load_benchmark(name: str):
+    """Import benchmarks/<name>.py (a folder of scripts, not a package) as a module."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses and pickling look the module up by name
+    spec.loader.exec_module(mod)
+    return mod

@@ -4,30 +4,15 @@ cost-model fit are computed right. Timings themselves are never asserted (benchm
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import json
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import pytest
+from helpers import load_benchmark
 
 from abba_cli.adapters import abba
 
-
-def _load() -> ModuleType:
-    # benchmarks/ is a folder of scripts, not a package: import the file directly.
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "layer_sweep.py"
-    spec = importlib.util.spec_from_file_location("bench_layer_sweep", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-sweep = _load()
+sweep = load_benchmark("layer_sweep")
 
 
 PLAIN = {"KR_COST": 1.0, "HYBRID_COST": 1.0, "BUILD_COST": 1.0, "ELEMENT_COST": 0.0, "KR_ELEMENT_COST": 0.0}

@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
+from helpers import load_benchmark
 
-
-def _load() -> ModuleType:
-    # benchmarks/ is a folder of scripts, not a package: import the file directly.
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reconstruction.py"
-    spec = importlib.util.spec_from_file_location("bench_reconstruction", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-R = _load()
+R = load_benchmark("reconstruction")
 
 
 def _abba_target(m: int, n: int, r1: int, r2: int, seed: int) -> torch.Tensor:

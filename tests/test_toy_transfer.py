@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
-from types import ModuleType
 
 import torch
+from helpers import load_benchmark
 
-
-def _load() -> ModuleType:
-    # benchmarks/ is a folder of scripts, not a package: import the file directly.
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_transfer.py"
-    spec = importlib.util.spec_from_file_location("bench_toy_transfer", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-T = _load()
+T = load_benchmark("toy_transfer")
 
 
 def test_data_splits_are_disjoint_by_digit() -> None:
