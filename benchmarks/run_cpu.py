@@ -27,7 +27,20 @@ HERE = Path(__file__).resolve().parent
 JOBS = {
     "step": (
         "step_bench.py",
-        ["--repeats", "3", "--variants", "peft_lora", "abba", "lora", "hira", "peft_loha", "full"],
+        # one measured step for memory (after two warm-up steps the peak repeats): keeps the set under 15 min
+        [
+            "--repeats",
+            "3",
+            "--mem-steps",
+            "1",
+            "--variants",
+            "peft_lora",
+            "abba",
+            "lora",
+            "hira",
+            "peft_loha",
+            "full",
+        ],
         "step_cpu.json",
     ),
     # One torch thread: on a shared 2-core machine a descheduled OpenMP thread stalls every op, which swamps
