@@ -135,22 +135,6 @@ def check_against_base(adapter: RunAdapter, model, base: str) -> None:
             )
 
 
-def khatri_rao_factors(
-    B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """LoRA factors (B*, A*) of rank r1*r2 with B* @ A* == (B1 @ A1) * (B2 @ A2) exactly in exact arithmetic.
-
-    B*[i, j*r2 + k] = B1[i, j] * B2[i, k] and A*[j*r2 + k, c] = A1[j, c] * A2[k, c], so
-    (B* A*)[i, c] = sum_jk B1[i,j] A1[j,c] B2[i,k] A2[k,c] = (B1 A1)[i,c] (B2 A2)[i,c].
-    """
-    m, r1 = B1.shape
-    r2 = B2.shape[1]
-    n = A1.shape[1]
-    B = (B1[:, :, None] * B2[:, None, :]).reshape(m, r1 * r2)  # (m, r1*r2)
-    A = (A1[:, None, :] * A2[None, :, :]).reshape(r1 * r2, n)  # (r1*r2, n)
-    return B, A
-
-
 def peft_alpha(scaling: float, r: int) -> tuple[float, float]:
     """(lora_alpha, factor to fold into B) so that PEFT's lora_alpha / r times the factor is exactly s.
 
@@ -261,6 +245,7 @@ def _export_peft_lora(adapter: RunAdapter, out: Path, overwrite: bool) -> Path:
     import torch
     from tqdm.auto import tqdm
 
+    from abba_cli.adapters.abba import khatri_rao_factors
     from abba_cli.fsutil import atomic_directory, atomic_save_safetensors, atomic_write_json
 
     modules = sorted(adapter.factors)

@@ -15,10 +15,11 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from abba_cli.adapters import adapter_layers, inject_adapters, load_adapter, save_adapter
+from abba_cli.adapters.abba import khatri_rao_factors
 from abba_cli.cli import app
 from abba_cli.config import AdapterConfig
 from abba_cli.errors import UserError
-from abba_cli.export import export_run, khatri_rao_factors, peft_alpha
+from abba_cli.export import export_run, peft_alpha
 
 
 def ours_vs_peft(base_dir: Path, run_dir: Path, export_dir: Path) -> tuple[float, float]:

@@ -108,20 +108,35 @@ def choose_path(
     return min(costs, key=costs.__getitem__)
 
 
-def _khatri_rao_factors(B1, A1, B2, A2, dtype, scale: float = 1.0):
-    """B* (m, r1 r2) and A* (r1 r2, n), column/row (i, j) at index i*r2 + j; `scale` folded into B* via B1.
+def khatri_rao_factors(
+    B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA factors (B*, A*) of rank r1*r2 with B* @ A* == (B1 @ A1) * (B2 @ A2) exactly in exact arithmetic.
 
-    Both are built r-major ((m, r1, r2) and (r1, r2, n) contiguous), so the reshapes are free views and the
-    matmuls read them without a transpose copy. `.to(dtype)` is a no-op when the factors are already `dtype`.
+    B*[i, j*r2 + k] = B1[i, j] * B2[i, k] and A*[j*r2 + k, c] = A1[j, c] * A2[k, c], so
+    (B* A*)[i, c] = sum_jk B1[i,j] A1[j,c] B2[i,k] A2[k,c] = (B1 A1)[i,c] (B2 A2)[i,c].
     """
+    return khatri_rao_b(B1, B2), khatri_rao_a(A1, A2)
+
+
+def khatri_rao_b(B1: torch.Tensor, B2: torch.Tensor) -> torch.Tensor:
+    """B* (m, r1 r2), built r-major ((m, r1, r2) contiguous): the reshape is a free view and matmuls read it
+    without a transpose copy."""
     m, r1 = B1.shape
-    r2, n = A2.shape
+    return (B1[:, :, None] * B2[:, None, :]).reshape(m, r1 * B2.shape[1])
+
+
+def khatri_rao_a(A1: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
+    """A* (r1 r2, n), built r-major ((r1, r2, n) contiguous), like `khatri_rao_b`."""
+    r1, n = A1.shape
+    return (A1[:, None, :] * A2[None, :, :]).reshape(r1 * A2.shape[0], n)
+
+
+def _scaled_khatri_rao_b(B1, B2, dtype, scale: float) -> torch.Tensor:
+    """B* in `dtype` with `s` folded in through B1 (m, r1): cheaper than scaling a (T, m) or (T, r1r2) activation.
+    `.to(dtype)` is a no-op when the factors are already `dtype`."""
     b1 = B1.to(dtype)
-    if scale != 1.0:
-        b1 = b1 * scale  # (m, r1): scaling here is cheaper than scaling a (T, m) or (T, r1r2) activation
-    b_kr = (b1[:, :, None] * B2.to(dtype)[:, None, :]).reshape(m, r1 * r2)  # (m, r1r2)
-    a_kr = (A1.to(dtype)[:, None, :] * A2.to(dtype)[None, :, :]).reshape(r1 * r2, n)  # (r1r2, n)
-    return b_kr, a_kr
+    return khatri_rao_b(b1 * scale if scale != 1.0 else b1, B2.to(dtype))
 
 
 class _KhatriRaoDelta(Function):
@@ -130,7 +145,8 @@ class _KhatriRaoDelta(Function):
     @staticmethod
     def forward(ctx, x, scaling, B1, A1, B2, A2):
         dtype = x.dtype
-        b_kr, a_kr = _khatri_rao_factors(B1, A1, B2, A2, dtype, scaling)
+        b_kr = _scaled_khatri_rao_b(B1, B2, dtype, scaling)
+        a_kr = khatri_rao_a(A1.to(dtype), A2.to(dtype))
         x2 = x.reshape(-1, x.shape[-1])  # (T, n)
         h = x2 @ a_kr.T  # (T, r1r2): an activation, saved like LoRA's (T, r)
         y = h @ b_kr.T  # (T, m), s already in b_kr
@@ -143,7 +159,8 @@ class _KhatriRaoDelta(Function):
         x, h, B1, A1, B2, A2 = ctx.saved_tensors
         s = ctx.scaling
         dtype = x.dtype
-        b_kr, a_kr = _khatri_rao_factors(B1, A1, B2, A2, dtype, s)  # rebuilt, not saved; s inside b_kr
+        b_kr = _scaled_khatri_rao_b(B1, B2, dtype, s)  # rebuilt, not saved; s inside b_kr
+        a_kr = khatri_rao_a(A1.to(dtype), A2.to(dtype))
         dy2 = dy.reshape(-1, b_kr.shape[0]).to(dtype)  # (T, m)
         x2 = x.reshape(-1, a_kr.shape[1])  # (T, n)
         dh = dy2 @ b_kr  # (T, r1r2) = s · dy B*
@@ -170,11 +187,21 @@ def _khatri_rao_factor_grads(dy2, x2, h, dh, B1, A1, B2, A2, s: float):
     return dB1.to(B1.dtype), dA1.to(A1.dtype), dB2.to(B2.dtype), dA2.to(A2.dtype)
 
 
-def _merged_weight(weight, B1, A1, B2, A2, scaling, dtype):
-    """(W0 + s (B1 A1) ⊙ (B2 A2), B1 A1, B2 A2) in `dtype`; the sum in one fused pass (addcmul)."""
-    p1 = B1.to(dtype) @ A1.to(dtype)  # (m, n)
-    p2 = B2.to(dtype) @ A2.to(dtype)  # (m, n)
-    return torch.addcmul(weight.to(dtype), p1, p2, value=scaling), p1, p2
+def _products(B1, A1, B2, A2, dtype):
+    """B1 A1 and B2 A2, each (m, n), in `dtype`."""
+    return B1.to(dtype) @ A1.to(dtype), B2.to(dtype) @ A2.to(dtype)
+
+
+def _merged_weight(weight, p1, p2, scaling, dtype):
+    """W0 + s (B1 A1) ⊙ (B2 A2) in `dtype`, in one fused pass (addcmul)."""
+    return torch.addcmul(weight.to(dtype), p1, p2, value=scaling)
+
+
+def _merged_linear(x, weight, bias, scaling, B1, A1, B2, A2):
+    """x (W0 + dW)ᵀ + b: the frozen layer's own matmul, the update riding along for free."""
+    dtype = x.dtype
+    w = _merged_weight(weight, *_products(B1, A1, B2, A2, dtype), scaling, dtype)
+    return F.linear(x, w, None if bias is None else bias.to(dtype))
 
 
 class _MergedABBA(Function):
@@ -186,14 +213,12 @@ class _MergedABBA(Function):
     @staticmethod
     def forward(ctx, x, x_adapter, weight, bias, scaling, B1, A1, B2, A2):
         dtype = x.dtype
-        b = None if bias is None else bias.to(dtype)
         if x_adapter is None:
-            w, p1, p2 = _merged_weight(weight, B1, A1, B2, A2, scaling, dtype)
-            del p1, p2
-            y = F.linear(x, w, b)  # the frozen layer's own cost: the update rides along for free
+            y = _merged_linear(x, weight, bias, scaling, B1, A1, B2, A2)
         else:
-            p1 = B1.to(dtype) @ A1.to(dtype)
-            delta = p1.mul_(B2.to(dtype) @ A2.to(dtype)).mul_(scaling)  # (m, n), freed on return
+            p1, p2 = _products(B1, A1, B2, A2, dtype)
+            delta = p1.mul_(p2).mul_(scaling)  # (m, n), freed on return
+            b = None if bias is None else bias.to(dtype)
             y = F.linear(x, weight.to(dtype), b) + F.linear(x_adapter, delta)
         ctx.save_for_backward(x, x_adapter, weight, bias, B1, A1, B2, A2)
         ctx.scaling = scaling
@@ -208,15 +233,12 @@ class _MergedABBA(Function):
         need_x, need_xa, need_w, need_b = ctx.needs_input_grad[:4]
         dy2 = dy.reshape(-1, m).to(dtype)  # (T, m)
         dx = dxa = dw = db = None
+        p1, p2 = _products(B1, A1, B2, A2, dtype)  # rebuilt (m, n) each
         if x_adapter is None:
-            w, p1, p2 = _merged_weight(weight, B1, A1, B2, A2, s, dtype)  # rebuilt (m, n) each
-            if need_x:  # skipped when x needs no gradient (e.g. the first layer's inputs)
-                dx = (dy2 @ w).reshape(x.shape)
-            del w
+            if need_x:  # skipped (and W0 + dW not rebuilt) when x needs no gradient, e.g. the first layer's
+                dx = (dy2 @ _merged_weight(weight, p1, p2, s, dtype)).reshape(x.shape)
             src = x.reshape(-1, n)
         else:
-            p1 = B1.to(dtype) @ A1.to(dtype)
-            p2 = B2.to(dtype) @ A2.to(dtype)
             if need_x:
                 dx = (dy2 @ weight.to(dtype)).reshape(x.shape)
             if need_xa:
@@ -247,12 +269,8 @@ class _HybridABBA(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, scaling, B1, A1, B2, A2):
         dtype = x.dtype
-        b = None if bias is None else bias.to(dtype)
-        w, p1, p2 = _merged_weight(weight, B1, A1, B2, A2, scaling, dtype)
-        del p1, p2
-        y = F.linear(x, w, b)
-        del w
-        _, a_kr = _khatri_rao_factors(B1, A1, B2, A2, dtype)
+        y = _merged_linear(x, weight, bias, scaling, B1, A1, B2, A2)
+        a_kr = khatri_rao_a(A1.to(dtype), A2.to(dtype))  # B* is not needed until backward
         h = x.reshape(-1, x.shape[-1]) @ a_kr.T  # (T, r1r2)
         ctx.save_for_backward(x, h, weight, bias, B1, A1, B2, A2)
         ctx.scaling = scaling
@@ -264,21 +282,17 @@ class _HybridABBA(Function):
         s = ctx.scaling
         dtype = x.dtype
         m, n = weight.shape
-        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dy2 = dy.reshape(-1, m).to(dtype)  # (T, m)
         x2 = x.reshape(-1, n)
         dx = dw = db = None
         if need_x:
-            w, p1, p2 = _merged_weight(weight, B1, A1, B2, A2, s, dtype)
-            del p1, p2
-            dx = (dy2 @ w).reshape(x.shape)
-            del w
+            dx = (dy2 @ _merged_weight(weight, *_products(B1, A1, B2, A2, dtype), s, dtype)).reshape(x.shape)
         if need_w:
             dw = (dy2.T @ x2).to(weight.dtype)
         if need_b and bias is not None:
             db = dy2.sum(0).to(bias.dtype)
-        b_kr, _ = _khatri_rao_factors(B1, A1, B2, A2, dtype, s)
-        dh = dy2 @ b_kr  # (T, r1r2) = s · dy B*
+        dh = dy2 @ _scaled_khatri_rao_b(B1, B2, dtype, s)  # (T, r1r2) = s · dy B*; A* not needed
         return (dx, dw, db, None, *_khatri_rao_factor_grads(dy2, x2, h, dh, B1, A1, B2, A2, s))
 
 
