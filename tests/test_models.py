@@ -11,6 +11,20 @@ from abba_cli.errors import UserError
 from abba_cli.models import SMOLLM2_ID, bundled_smollm2_dir, load_base
 
 
+def _tokenizer_load_fails(monkeypatch, message: str) -> dict:
+    """Make AutoTokenizer.from_pretrained raise OSError(message); returns the kwargs it was called with."""
+    import transformers
+
+    seen: dict = {}
+
+    def fake_from_pretrained(name, **kwargs):
+        seen.update(kwargs)
+        raise OSError(message)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_from_pretrained)
+    return seen
+
+
 def test_local_dir_loads_with_dtype(tiny_model_dir):
     model, tok = load_base(str(tiny_model_dir), "bfloat16")
     assert model.dtype == torch.bfloat16
@@ -95,8 +109,6 @@ def test_unreachable_hub_is_detected_without_retries(monkeypatch):
     """Offline without HF_HUB_OFFLINE: a quick probe switches to the hub cache, no network retries."""
     import socket
 
-    import transformers
-
     from abba_cli import hub
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
@@ -108,13 +120,9 @@ def test_unreachable_hub_is_detected_without_retries(monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", no_network)
     assert hub.hub_reachable() is False
-    seen = {}
-
-    def fake_from_pretrained(name, **kwargs):
-        seen.update(kwargs)
-        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
-
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_from_pretrained)
+    seen = _tokenizer_load_fails(
+        monkeypatch, "We couldn't connect to 'https://huggingface.co' to load the files"
+    )
     with pytest.raises(UserError, match="hub is unreachable"):
         load_base("nobody-here/not-a-model-xyz")
     assert seen.get("local_files_only") is True
@@ -124,20 +132,12 @@ def test_hf_hub_offline_means_hub_cache_only_even_if_set_after_import(monkeypatc
     """HF_HUB_OFFLINE set after huggingface_hub was imported must still keep load_base off the network."""
     import socket
 
-    import transformers
-
     def no_probe(*args, **kwargs):
         raise AssertionError("no network probe when HF_HUB_OFFLINE is set")
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(socket, "create_connection", no_probe)
-    seen = {}
-
-    def fake_from_pretrained(name, **kwargs):
-        seen.update(kwargs)
-        raise OSError("couldn't find them in the cached files")
-
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_from_pretrained)
+    seen = _tokenizer_load_fails(monkeypatch, "couldn't find them in the cached files")
     with pytest.raises(UserError, match="hub is unreachable"):
         load_base("nobody-here/not-a-model-xyz")
     assert seen.get("local_files_only") is True
