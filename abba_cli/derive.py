@@ -8,22 +8,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from abba_cli.latex import last_boxed  # one implementation for golds (here) and answers (scoring)
 from abba_cli.recipe_schema import Derive
-
-
-def last_boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...} (or \\fbox{...}) in text, braces balanced; None if there is none."""
-    starts = [m.end() for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text)]
-    if not starts:
-        return None
-    i = start = starts[-1]
-    depth = 1
-    while i < len(text):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[start:i]
-        i += 1
-    return None
 
 
 class DeriveMissing(Exception):

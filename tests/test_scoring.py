@@ -169,3 +169,108 @@ def test_truncate_at_first_stop_string():
     assert truncate_at_stop(text, ["### Instruction", "\n\n\n"]) == "The answer is: 4\n\n"
     assert truncate_at_stop("abc", ["zz", ""]) == "abc"
     assert truncate_at_stop("a</s>b###c", ["###", "</s>"]) == "a"
+
+
+# ---------------------------------------------------------------- issue 13: defects 2-5
+
+
+def test_later_marker_without_an_answer_is_ignored():
+    out = "The answer is: 7. Note that the answer is reasonable."
+    assert score_number(out, "7") == Score("7", True)
+    assert score_math(out, "7") == Score("7", True)
+
+
+def test_metamath_marker_is_preferred_to_a_later_bare_one():
+    # "The answer is:" is the trained format; a later bare "the answer is" with a number is prose.
+    out = "The answer is: 12\nWe can check: the answer is 3 times 4."
+    assert extract_number(out) == "12"
+
+
+@pytest.mark.parametrize(
+    "output, expected",
+    [
+        ("The answer is: 5, since x = 3", "5"),
+        ("The answer is: 5 because 2 + 3 = 5", "5"),
+        ("The answer is: 40; she keeps the rest", "40"),
+        ("The answer is: -$5", "-5"),
+        ("The answer is: -\\$5.50", "-5.50"),
+        ("The answer is: $1,200 in total", "1200"),
+        ("The answer is: €30", "30"),
+    ],
+)
+def test_justification_and_currency_on_the_answer_line(output, expected):
+    assert extract_number(output) == expected
+
+
+def test_justification_on_a_math_answer_line():
+    assert score_math("The answer is: 5, since x = 3", "5") == Score("5", True)
+    assert score_math("The answer is: $x=4$ because the sum is 8.", "x=4").correct
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        "Natalia sold 48 + 24 = 72 clips.\n#### 72",
+        "#### 72",
+        "She has 72 clips.\n#### 72\n\nI hope this helps",
+    ],
+)
+def test_gsm8k_hash_format_is_read(output):
+    assert score_number(output, "72") == Score("72", True)
+
+
+def test_marker_beats_hash_format():
+    assert extract_number("#### 5\nThe answer is: 6") == "6"
+
+
+@pytest.mark.parametrize(
+    "output, gold, extracted",
+    [
+        ("The answer is: \\$18.90", "\\$18.90", "\\$18.90"),
+        ("The answer is: $18.90", "\\$18.90", "$18.90"),
+        ("The answer is: 18.90", "\\$18.90", "18.90"),
+        ("The answer is: \\$40", "40", "\\$40"),
+        ("The answer is: $\\$40$.", "40", "$\\$40$"),
+    ],
+)
+def test_escaped_dollar_is_a_dollar_sign_not_math(output, gold, extracted):
+    assert score_math(output, gold) == Score(extracted, True)
+
+
+def test_dollar_answer_can_still_be_wrong():
+    s = score_math("The answer is: \\$41", "\\$18.90")
+    assert s.extracted == "\\$41" and not s.correct
+
+
+def test_math_thousands_separator_inside_a_fraction():
+    assert score_math("The answer is: \\frac{12}{5,\\!525}", "\\frac{12}{5,\\!525}").correct
+    assert score_math("The answer is: \\frac{12}{5525}", "\\frac{12}{5,\\!525}").correct
+    assert not score_math("The answer is: \\frac{12}{5524}", "\\frac{12}{5,\\!525}").correct
+
+
+def test_gold_with_a_trailing_period():
+    assert score_math(
+        "The answer is: \\frac{7}{5} + \\frac{1}{5} i", "\\frac{7}{5} + \\frac{1}{5} i."
+    ).correct
+
+
+def test_multiline_matrix_answer_is_read_whole():
+    out = "The answer is: \\begin{pmatrix} 6 \\\\\n 3 \\\\\n 0 \\end{pmatrix}\n\nDone."
+    assert score_math(out, "\\begin{pmatrix} 6 \\\\ 3 \\\\ 0 \\end{pmatrix}").correct
+    assert not score_math(out, "\\begin{pmatrix} 6 \\\\ 3 \\\\ 1 \\end{pmatrix}").correct
+
+
+@pytest.mark.parametrize(
+    "output, choices, expected",
+    [
+        ("solution1solution1solution1", ["solution1", "solution2"], "solution1"),
+        ("answer2answer2", ["answer1", "answer2", "answer3"], "answer2"),
+        ("the correct answer is ending4ending4.", ["ending1", "ending2", "ending3", "ending4"], "ending4"),
+        ("TrueTrue", ["true", "false"], "true"),
+        # Two different labels glued together state no answer (the references would read the first).
+        ("solution1solution2", ["solution1", "solution2"], None),
+        ("answer1answer2 answer3", ["answer1", "answer2", "answer3"], "answer3"),
+    ],
+)
+def test_glued_repeated_labels(output, choices, expected):
+    assert extract_choice(output, choices) == expected
