@@ -29,6 +29,7 @@ mkdir -p "$ROOT"
 job() {
     local name=$1 cfg=$2; shift 2
     local run=$ROOT/$name sets=()
+    mkdir -p "$(dirname "$run")"
     for kv in "$@"; do sets+=(--set "$kv"); done
     if [ ! -f "$run/adapter_model.safetensors" ]; then
         rm -rf "$run"
