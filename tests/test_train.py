@@ -223,7 +223,7 @@ def test_smollm2_end_to_end_loss_falls(tmp_path, smollm2_dir):
     overrides = [
         f"output_dir={tmp_path / 'smol'}",
         "data.num_samples=1",
-        "data.max_seq_len=192",
+        "data.max_seq_len=512",
         "train.micro_batch_size=1",
         "train.max_steps=5",
         "train.lr=3e-3",
