@@ -109,6 +109,20 @@ class DataConfig(_Strict):
     max_seq_len: int = Field(512, ge=8, description="Truncate prompt+response to this many tokens.")
     train_on_inputs: bool = Field(False, description="Also compute the loss on prompt tokens.")
     seed: int = Field(42, description="Seed of the subset selection and shuffling.")
+    val_samples: int | None = Field(
+        None, ge=1, description="Hold this many examples of the source out of training for val_loss."
+    )
+    val_path: str | None = Field(
+        None, description="Local json/jsonl/parquet file of validation examples (the recipe's fields)."
+    )
+
+    @model_validator(mode="after")
+    def _one_val_source(self) -> DataConfig:
+        if self.val_samples is not None and self.val_path is not None:
+            raise ValueError(
+                "data.val_samples and data.val_path are two sources of validation data; set only one"
+            )
+        return self
 
 
 class TrainConfig(_Strict):
@@ -131,6 +145,9 @@ class TrainConfig(_Strict):
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps.")
     save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")
     log_every: int = Field(1, ge=1, description="Write metrics.jsonl every N optimizer steps.")
+    eval_every: int | None = Field(
+        None, ge=1, description="Validation loss every N optimizer steps and at the end (null: at the end)."
+    )
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Trackers.")
 
 
@@ -149,6 +166,15 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: str = Field(description="Run directory to create (refused if it exists, unless resuming).")
+
+    @model_validator(mode="after")
+    def _eval_needs_val_data(self) -> RunConfig:
+        if self.train.eval_every is not None and self.data.val_samples is None and self.data.val_path is None:
+            raise ValueError(
+                f"train.eval_every {self.train.eval_every} needs validation data: set data.val_samples "
+                "(hold examples out of the training source) or data.val_path (a separate file)"
+            )
+        return self
 
 
 def _parse_value(text: str) -> Any:

@@ -158,12 +158,27 @@ def _missing_field_error(recipe: Recipe, where: str, field: str, row: dict) -> U
     )
 
 
-def _select(n: int, skip: int, limit: int | None, num_samples: int | None, seed: int, name: str) -> list[int]:
+def _select(
+    n: int, skip: int, limit: int | None, num_samples: int | None, seed: int, name: str, held_out: int = 0
+) -> tuple[list[int], list[int]]:
+    """(training indices, held-out indices), both in source order; see `load_split`."""
     if skip >= n:
         raise UserError(f"recipe {name}: skip {skip} leaves no examples (the source has {n})")
     indices = list(range(skip, n))
     if limit is not None:
         indices = indices[:limit]
+    held: list[int] = []
+    if held_out:
+        if held_out >= len(indices):
+            raise UserError(
+                f"recipe {name}: val_samples {held_out} leaves no training examples "
+                f"(the source has {len(indices)} after skipping {skip})"
+            )
+        # A generator of its own (a string seed hashes deterministically): the held-out set depends only on
+        # the source, skip and seed, never on how many training examples are drawn after it.
+        held = sorted(random.Random(f"held-out:{seed}").sample(indices, held_out))
+        taken = set(held)
+        indices = [i for i in indices if i not in taken]
     if num_samples is not None:
         if num_samples >= len(indices):
             if num_samples > len(indices):
@@ -173,7 +188,7 @@ def _select(n: int, skip: int, limit: int | None, num_samples: int | None, seed:
                 )
         else:
             indices = sorted(random.Random(seed).sample(indices, num_samples))
-    return indices
+    return indices, held
 
 
 def load_examples(
@@ -192,33 +207,60 @@ def load_examples(
     `source` forces a copy ('hub' or 'bundled'); 'auto' tries the hub then the bundled copy. `path` (a local
     json/jsonl/parquet file or directory) overrides both.
     """
+    return load_split(recipe, path, num_samples, skip, seed, limit=limit, source=source)[0]
+
+
+def load_split(
+    recipe: Recipe | str,
+    path: str | None = None,
+    num_samples: int | None = None,
+    skip: int = 0,
+    seed: int = 42,
+    *,
+    held_out: int = 0,
+    limit: int | None = None,
+    source: Literal["auto", "hub", "bundled"] = "auto",
+) -> tuple[list[Example], list[Example]]:
+    """(examples, held-out examples) of a recipe, disjoint by construction.
+
+    As `load_examples`, except that `held_out` examples are first drawn (seeded by `seed`, with a generator of
+    their own) from the rows left after skip/limit and set aside; the `num_samples` subset is then drawn from
+    the remaining rows. The held-out set is therefore the same whatever `num_samples` is.
+    """
     if isinstance(recipe, str):
         recipe = load_recipe(recipe)
     if recipe.mix is not None:
-        return _load_mix(recipe, path, num_samples, skip, seed, limit)
+        return _load_mix(recipe, path, num_samples, skip, seed, limit, held_out)
     rows, derive, where = read_rows(recipe, path, source)
     n = len(rows)
     if n == 0:
         raise UserError(f"recipe {recipe.name}: {where} has no rows")
-    indices = _select(n, skip, limit, num_samples, seed, recipe.name)
+    indices, held = _select(n, skip, limit, num_samples, seed, recipe.name, held_out)
+    wanted = sorted(indices + held)
     if hasattr(rows, "select"):  # a datasets.Dataset: materialise only the rows we keep
-        picked = rows.select(indices).to_list()
+        picked = rows.select(wanted).to_list()
     else:
-        picked = [rows[i] for i in indices]
-    examples = []
-    for i, row in zip(indices, picked, strict=True):
+        picked = [rows[i] for i in wanted]
+    rendered = {}
+    for i, row in zip(wanted, picked, strict=True):
         try:
-            examples.append(_render_row(recipe, derive, row, i))
+            rendered[i] = _render_row(recipe, derive, row, i)
         except KeyError as e:
             raise _missing_field_error(recipe, where, e.args[0], row) from None
         except (IndexError, AttributeError, TypeError, ValueError) as e:
             raise UserError(f"recipe {recipe.name}, row {i} of {where}: cannot render: {e}") from None
-    return examples
+    return [rendered[i] for i in indices], [rendered[i] for i in held]
 
 
 def _load_mix(
-    recipe: Recipe, path: str | None, num_samples: int | None, skip: int, seed: int, limit: int | None
-) -> list[Example]:
+    recipe: Recipe,
+    path: str | None,
+    num_samples: int | None,
+    skip: int,
+    seed: int,
+    limit: int | None,
+    held_out: int = 0,
+) -> tuple[list[Example], list[Example]]:
     if path is not None:
         raise UserError(
             f"recipe {recipe.name} mixes {', '.join(recipe.mix.recipes)}; data.path cannot override a mix"
@@ -231,5 +273,5 @@ def _load_mix(
                 f"recipe {recipe.name}: component {name} must be a plain recipe with render.output"
             )
         examples.extend(load_examples(part, skip=recipe.mix.skip_per_recipe, source=recipe.mix.source))
-    indices = _select(len(examples), skip, limit, num_samples, seed, recipe.name)
-    return [examples[i] for i in indices]
+    indices, held = _select(len(examples), skip, limit, num_samples, seed, recipe.name, held_out)
+    return [examples[i] for i in indices], [examples[i] for i in held]

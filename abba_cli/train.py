@@ -34,11 +34,13 @@ from abba_cli.signals import GracefulStop, TrainingStopped, signal_name
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+VAL_SUMMARY_FILE = "val_summary.json"
 # Keys that may change between a run and its --resume without breaking exactness.
 _RESUME_MAY_CHANGE = (
     "train.save_every",
     "train.save_total_limit",
     "train.log_every",
+    "train.eval_every",  # validation draws no randomness, so its cadence never changes training
     "train.report_to",
     "eval.",
 )
@@ -119,7 +121,7 @@ def run_training(
             f"adapter.target_modules {cfg.adapter.target_modules}: no trainable parameters were created"
         )
 
-    dataset, collate = _build_dataset(cfg, tokenizer)
+    dataset, val_dataset, collate = _build_dataset(cfg, tokenizer)
     world, rank = accelerator.num_processes, accelerator.process_index
     per_epoch = _micro_batches_per_epoch(len(dataset), t.micro_batch_size, world)
     total_steps = _total_steps(t.max_steps, t.epochs, per_epoch, t.grad_accum_steps)
@@ -136,6 +138,8 @@ def run_training(
             f"({total_steps * t.grad_accum_steps / per_epoch:.2f} epochs), {warmup} warmup steps",
             file=sys.stderr,
         )
+        if val_dataset is not None:
+            print(_describe_validation(cfg, len(val_dataset)), file=sys.stderr)
     if dry_run:
         print("dry run: nothing trained, nothing written")
         return None
@@ -207,6 +211,7 @@ def run_training(
             scheduler,
             params,
             dataset,
+            val_dataset,
             collate,
             state,
             total_steps,
@@ -257,6 +262,7 @@ def _fit(
     scheduler: Any,
     params: list,
     dataset: Any,
+    val_dataset: Any,
     collate: Callable,
     state: Any,
     total_steps: int,
@@ -287,6 +293,7 @@ def _fit(
         total=total_steps, initial=state.step, disable=not main, unit="step", dynamic_ncols=True, desc="train"
     )
     start, elapsed0, tokens0 = time.perf_counter(), state.elapsed_s, state.tokens_seen
+    best = _best_val(run_dir / METRICS_FILE) if val_dataset is not None else None
     model.train()
     while state.step < total_steps:
         micro = [
@@ -336,8 +343,25 @@ def _fit(
         state.elapsed_s = elapsed0 + now
         tok_s = (state.tokens_seen - tokens0) / max(now, 1e-9)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-        if state.step % t.log_every == 0 or state.step == total_steps:
+        val = None
+        if val_dataset is not None and (
+            state.step == total_steps or (t.eval_every and state.step % t.eval_every == 0)
+        ):
+            val = _validation_loss(accelerator, model, val_dataset, collate, t.micro_batch_size)
+            if best is None or val["val_loss"] < best["best_val_loss"]:
+                best = {"best_val_loss": val["val_loss"], "best_val_step": state.step}
+            if main:
+                _write_val_summary(run_dir, state.step, val, best)
+                bar.write(
+                    f"step {state.step}: val_loss {val['val_loss']:.4f} "
+                    f"(best {best['best_val_loss']:.4f} at step {best['best_val_step']})",
+                    file=sys.stderr,
+                )
+        postfix = dict(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+        if best is not None:
+            postfix["best_val"] = f"{best['best_val_loss']:.4f}"
+        bar.set_postfix(postfix)
+        if state.step % t.log_every == 0 or state.step == total_steps or val is not None:
             record = {
                 "step": state.step,
                 "epoch": round(state.micro_batches_seen / per_epoch, 4),
@@ -347,6 +371,7 @@ def _fit(
                 "tokens_per_s": round(tok_s, 1),
                 "tokens": state.tokens_seen,
                 "elapsed_s": round(state.elapsed_s, 2),
+                **(val or {}),
             }
             if main:
                 with open(run_dir / METRICS_FILE, "a") as f:
@@ -366,6 +391,75 @@ def _fit(
                 signum,
             )
     bar.close()
+
+
+def _validation_loss(
+    accelerator: Any, model: Any, val_dataset: Any, collate: Callable, micro_batch_size: int
+) -> dict[str, float | int]:
+    """{"val_loss": mean next-token loss per target token of the validation set, "val_tokens": their count}.
+
+    Sums over tokens, then divides by all processes' target count (each process takes every world-th example).
+    Eval mode and no_grad, and nothing here draws randomness (no DataLoader iterator, dropout off), so a run
+    with validation resumes bit for bit. Every process runs the same number of forwards, as sharded (FSDP)
+    models need: one whose shard ran out repeats an example without counting it.
+    """
+    import torch
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    shard = list(range(rank, len(val_dataset), world))
+    n_batches = math.ceil(math.ceil(len(val_dataset) / world) / micro_batch_size)
+    loss_sum, targets = 0.0, 0
+    model.eval()
+    try:
+        with torch.no_grad():
+            for b in range(n_batches):
+                idx = shard[b * micro_batch_size : (b + 1) * micro_batch_size]
+                batch = _to_device(collate([val_dataset[i] for i in idx or [0]]), accelerator.device)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                if idx:
+                    loss_sum += float(_target_loss_sum(logits, batch["labels"]))
+                    targets += int((batch["labels"][:, 1:] != -100).sum())
+    finally:
+        model.train()
+    if world > 1:
+        totals = accelerator.reduce(
+            torch.tensor([loss_sum, targets], dtype=torch.float64, device=accelerator.device), "sum"
+        )
+        loss_sum, targets = float(totals[0]), int(totals[1])
+    return {"val_loss": loss_sum / max(targets, 1), "val_tokens": targets}
+
+
+def _best_val(metrics: Path) -> dict[str, float | int] | None:
+    """The best val_loss logged so far (on resume, metrics.jsonl is already cut back to the checkpoint)."""
+    if not metrics.is_file():
+        return None
+    best = None
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if "val_loss" in record and (best is None or record["val_loss"] < best["best_val_loss"]):
+            best = {"best_val_loss": record["val_loss"], "best_val_step": record["step"]}
+    return best
+
+
+def _write_val_summary(run_dir: Path, step: int, val: dict, best: dict) -> None:
+    summary = {
+        **best,
+        "last_val_loss": val["val_loss"],
+        "last_val_step": step,
+        "val_tokens": val["val_tokens"],
+    }
+    atomic_write_text(run_dir / VAL_SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+
+
+def _describe_validation(cfg: RunConfig, n: int) -> str:
+    d, every = cfg.data, cfg.train.eval_every
+    source = "held out of the training source (data.val_samples)" if d.val_samples else f"from {d.val_path}"
+    when = (
+        f"every {every} steps and at the end"
+        if every
+        else "at the end only (set train.eval_every for a curve)"
+    )
+    return f"validation: {n} examples {source}; val_loss {when}"
 
 
 def _all_finite(params: list, accelerator: Any) -> bool:
@@ -422,20 +516,32 @@ def _load_model(cfg: RunConfig, empty_weights: bool = False) -> tuple[Any, Any]:
     )
 
 
-def _build_dataset(cfg: RunConfig, tokenizer: Any) -> tuple[Any, Callable]:
+def _build_dataset(cfg: RunConfig, tokenizer: Any) -> tuple[Any, Any, Callable]:
+    """(training dataset, validation dataset or None, collator). data.val_samples examples are held out of the
+    training source before the training subset is drawn (recipes.load_split), so the two never overlap."""
     from abba_cli import data, recipes
 
     d = cfg.data
     recipe = recipes.load_recipe(d.recipe)
-    examples = recipes.load_examples(
-        recipe, path=d.path, num_samples=d.num_samples, skip=d.skip_samples, seed=d.seed
+    examples, held_out = recipes.load_split(
+        recipe,
+        path=d.path,
+        num_samples=d.num_samples,
+        skip=d.skip_samples,
+        seed=d.seed,
+        held_out=d.val_samples or 0,
     )
     dataset = data.build_train_dataset(examples, tokenizer, d.max_seq_len, d.train_on_inputs)
     if len(dataset) == 0:
         raise UserError(
             f"data.recipe {d.recipe!r}: no training examples left (check data.num_samples/skip_samples)"
         )
-    return dataset, data.make_collator(tokenizer)
+    if d.val_path is not None:
+        held_out = recipes.load_examples(recipe, path=d.val_path)
+    val_dataset = None
+    if held_out:
+        val_dataset = data.build_train_dataset(held_out, tokenizer, d.max_seq_len, d.train_on_inputs)
+    return dataset, val_dataset, data.make_collator(tokenizer)
 
 
 def _micro_batches_per_epoch(n: int, micro_batch_size: int, world: int) -> int:
