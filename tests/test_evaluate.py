@@ -268,9 +268,9 @@ def test_format_table():
 
 
 @pytest.mark.slow
-def test_bundled_smollm2_on_five_gsm8k_problems(tmp_path, tmp_path_factory, monkeypatch):
+def test_bundled_smollm2_on_five_gsm8k_problems(tmp_path):
     """The real bundled SmolLM2-135M-Instruct (dequantized 4-bit GGUF) through the whole eval path."""
-    monkeypatch.setenv("ABBA_MODELS_DIR", str(tmp_path_factory.getbasetemp() / "models"))
+    # The hub id falls back to the session's converted copy (conftest's ABBA_MODELS_DIR): converted once.
     out_dir = tmp_path / "smol"
     result, out = _invoke(
         "--task",
@@ -295,11 +295,6 @@ def test_bundled_smollm2_on_five_gsm8k_problems(tmp_path, tmp_path_factory, monk
         )
     )
     assert metrics["n"] == 5 and [p["gold"] for p in preds] == ["18", "3", "70000", "540", "20"]
-    # A 135M model writes real English about the problem (not garbage, not empty) and stops at a stop string.
+    # A 135M model writes real English about the problem (not garbage, not empty). Stop strings and the stored
+    # verdicts are checked against hand-written outputs in tests/test_eval_known_outputs.py.
     assert all(len(p["output"].split()) >= 3 for p in preds)
-    assert not any("### Instruction" in p["output"] for p in preds)
-    for p in preds:  # whatever it answered, the stored score agrees with the scorer
-        from abba_cli.scoring import score_number
-
-        s = score_number(p["output"], p["gold"])
-        assert (s.extracted, s.correct) == (p["extracted"], p["correct"])

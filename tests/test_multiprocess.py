@@ -18,6 +18,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+# Seconds before a hung run fails the test (each run takes a few seconds; gloo hangs forever on a lost peer).
+TIMEOUT_S = 240
+
 
 def _config(tmp_path: Path, model_dir: Path, out: str, accum: int) -> Path:
     data = tmp_path / "data.jsonl"
@@ -68,7 +71,11 @@ def runs(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path, str]:
     one = _config(tmp, tiny_model_dir, "one", accum=2)  # micro 1 x accum 2 x 1 process
     two = _config(tmp, tiny_model_dir, "two", accum=1)  # micro 1 x accum 1 x 2 processes
     p1 = subprocess.run(
-        [sys.executable, "-m", "abba_cli", "train", str(one)], env=_env(tmp), capture_output=True, text=True
+        [sys.executable, "-m", "abba_cli", "train", str(one)],
+        env=_env(tmp),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
     )
     assert p1.returncode == 0, p1.stderr
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -77,12 +84,13 @@ def runs(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path, str]:
         env=_env(tmp, ACCELERATE_USE_CPU="true"),
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=TIMEOUT_S,
     )
     assert p2.returncode == 0, p2.stderr[-3000:]
     return tmp / "one", tmp / "two", p2.stderr + p2.stdout
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_the_same_global_batch(runs):
     one, two, log = runs
     assert "x 2 process(es)" in log  # really distributed, not two independent runs
@@ -98,6 +106,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
     assert lb == pytest.approx(la, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_only_the_main_process_writes(runs):
     _, two, log = runs
     assert log.count("run directory:") == 1  # the summary is printed once

@@ -24,8 +24,13 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
+# Every test here runs `abba train` in subprocesses (about a minute in all): `make test-fast` skips them.
+pytestmark = pytest.mark.slow
+
 MAX_STEPS = 12
 SAVE_EVERY = 2
+# A hung run fails the test after this long instead of eating CI's time (a run takes ~10 s; 2 busy cores: ~45 s).
+DEADLINE_S = 240
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -81,7 +86,9 @@ def _cmd(cfg: Path, *args: str) -> list[str]:
 
 
 def _train(tmp_path: Path, cfg: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(cfg, *args), env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        _cmd(cfg, *args), env=_env(tmp_path), capture_output=True, text=True, timeout=DEADLINE_S
+    )
 
 
 def _start(tmp_path: Path, cfg: Path) -> subprocess.Popen:
@@ -91,9 +98,14 @@ def _start(tmp_path: Path, cfg: Path) -> subprocess.Popen:
 
 
 def _wait_until(proc: subprocess.Popen, ready: Callable[[], bool]) -> None:
-    """Poll until `ready()`; fail if the run ends first (it must still be training when signalled)."""
+    """Poll until `ready()`; fail if the run ends first (it must still be training when signalled) or if
+    DEADLINE_S pass (a hang), killing the run then."""
+    deadline = time.monotonic() + DEADLINE_S
     while not ready():
         assert proc.poll() is None, f"training ended before it could be interrupted:\n{proc.stderr.read()}"
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no progress within {DEADLINE_S} s:\n{proc.communicate()[1][-3000:]}")
         time.sleep(0.02)
 
 
@@ -146,7 +158,7 @@ def test_signal_finishes_the_step_saves_and_resume_is_exact(tmp_path, tiny_model
     # After the first checkpoint (step 2, four micro-batches into the 5-micro-batch epoch), mid-run.
     _wait_until(proc, lambda: (run / "checkpoints" / "step-2").is_dir())
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=DEADLINE_S)
 
     assert proc.returncode == 128 + sig, (proc.returncode, err)
     steps = _metrics_steps(run)
@@ -177,10 +189,19 @@ def test_kill_9_between_checkpoints_resumes_from_the_last_complete_one(
     assert proc.returncode == -signal.SIGKILL
     killed_at = _metrics_steps(run)[-1]
     assert killed_at < MAX_STEPS
+    # The newest step-N directory on disk (renamed into place only when whole); a kill inside step N's save
+    # leaves step N - SAVE_EVERY as the newest, never an older one.
+    on_disk = [int(name.removeprefix("step-")) for name in _checkpoints(run) if name.startswith("step-")]
+    last_complete = max(on_disk)
+    assert killed_at - SAVE_EVERY <= last_complete <= killed_at and last_complete % SAVE_EVERY == 0
 
     resumed = _train(tmp_path, cfg, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stderr
+    # Starting again from step 0 would reproduce the reference too: check which checkpoint was used.
+    assert (
+        f"resuming from {run / 'checkpoints' / f'step-{last_complete}'} (step {last_complete}/"
+        in resumed.stderr
+    )
     _assert_same_adapter(run, reference)
     # metrics past the checkpoint were dropped and re-run, not duplicated
     assert _losses(run) == _losses(reference)
