@@ -53,6 +53,7 @@ class RunAdapter:
 
 def read_run_adapter(run: str | Path | None) -> RunAdapter:
     """Read RUN_DIR/adapter_config.json and the factors; UserError for anything inconsistent."""
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -80,6 +81,11 @@ def read_run_adapter(run: str | Path | None) -> RunAdapter:
             raise UserError(
                 f"{run_dir / ADAPTER_WEIGHTS}: unexpected tensor {key!r}; a {kind} adapter stores "
                 f"'<module>.{{{','.join(allowed)}}}'"
+            )
+        if not torch.isfinite(t).all():
+            raise UserError(
+                f"{run_dir / ADAPTER_WEIGHTS}: {key} holds NaN or infinite values (the run diverged?); "
+                "nothing was written; use an earlier checkpoint (--run RUN_DIR/checkpoints/step-N)"
             )
         factors.setdefault(module, {})[name] = t.float()
     if not factors:

@@ -209,6 +209,7 @@ def merge_run(
 
     base_logits = _logits(model, tokenizer, CHECK_PROMPTS)
     load_adapter(model, adapter.run_dir)
+    model.eval()  # the adapter layers follow it anyway; dropout must be off in the reference
     ref_logits = _logits(model, tokenizer, CHECK_PROMPTS)
     effect = compare_logits(ref_logits, base_logits)["max_rel_diff"]
     del base_logits

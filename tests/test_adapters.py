@@ -109,7 +109,8 @@ def test_merged_path_with_dropout_input_matches_reference():
     f = layer.factors()
     y = _MergedABBA.apply(x, xa, layer.weight, layer.bias, layer.scaling, f["B1"], f["A1"], f["B2"], f["A2"])
     y.sum().backward()
-    dw = layer.delta_weight().double()
+    # float64, written here (delta_weight() is fp32 by contract: too coarse for a float64 comparison)
+    dw = layer.scaling * (f["B1"].double() @ f["A1"].double()) * (f["B2"].double() @ f["A2"].double())
     xr, xar = x.detach().requires_grad_(True), xa.detach().requires_grad_(True)
     y_ref = xr @ layer.weight.T + layer.bias + xar @ dw.T
     y_ref.sum().backward()
@@ -459,3 +460,86 @@ def test_saved_file_recomputes_delta_with_the_stored_scaling(tiny_model_dir, tmp
     torch.testing.assert_close(
         meta["scaling"] * (t["B1"] @ t["A1"]) * (t["B2"] @ t["A2"]), layer.delta_weight()
     )
+
+
+def test_injected_layers_follow_the_model_mode(tiny_model_dir):
+    """Injected into a model in eval mode (merge, evaluation), adapter dropout must stay off."""
+    model = _tiny(tiny_model_dir).eval()
+    inject_adapters(model, AdapterConfig(r1=2, r2=2, dropout=0.3))
+    assert all(not layer.training and not layer.dropout.training for _, layer in adapter_layers(model))
+    for _, layer in adapter_layers(model):
+        _randomise(layer, scale=0.3)
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids()).logits, model(_ids()).logits, rtol=0, atol=0)
+    model.train()
+    assert all(layer.dropout.training for _, layer in adapter_layers(model))
+
+
+def test_refused_layer_leaves_the_model_unchanged(tiny_model_dir):
+    """r1=40 fits q_proj (64x64) but not k_proj (32x64): nothing may be swapped in before the refusal."""
+    model = _tiny(tiny_model_dir)
+    with pytest.raises(UserError, match="adapter.r1=40 is larger than .*k_proj"):
+        inject_adapters(model, AdapterConfig(r1=40, r2=2))
+    assert not list(adapter_layers(model))
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_adapter_on_a_tied_lm_head_is_refused(tiny_model_dir):
+    from conftest import build_tiny_llama
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = build_tiny_llama(len(tok), tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    with pytest.raises(UserError, match=r"lm_head's weight is tied to model\.embed_tokens\.weight"):
+        inject_adapters(model, AdapterConfig(r1=2, r2=2, target_modules=["q_proj", "lm_head"]))
+    assert not list(adapter_layers(model))
+    inject_adapters(model, AdapterConfig(r1=2, r2=2))  # the default projections are not tied: fine
+    untied = build_tiny_llama(len(tok))
+    inject_adapters(untied, AdapterConfig(r1=2, r2=2, target_modules=["lm_head"]))
+    assert [n for n, _ in adapter_layers(untied)] == ["lm_head"]
+
+
+def test_failed_load_leaves_the_model_as_it_was(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _tiny(tiny_model_dir)
+    cfg = AdapterConfig(r1=2, r2=2)
+    inject_adapters(model, cfg)
+    save_adapter(model, cfg, tmp_path / "good", base_model="tiny")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_bytes(
+        (tmp_path / "good" / "adapter_config.json").read_bytes()
+    )
+    tensors = load_file(tmp_path / "good" / "adapter_model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.B1"] = torch.zeros(64, 3)  # wrong rank in the last layer
+    save_file(tensors, tmp_path / "bad" / "adapter_model.safetensors")
+
+    fresh = _tiny(tiny_model_dir).eval()
+    before = {n: type(m) for n, m in fresh.named_modules()}
+    with pytest.raises(UserError, match="down_proj.B1 has shape"):
+        load_adapter(fresh, tmp_path / "bad")
+    assert {n: type(m) for n, m in fresh.named_modules()} == before
+    assert all(p.requires_grad for p in fresh.parameters())
+    load_adapter(fresh, tmp_path / "good")  # no "already has adapters"
+    assert len(list(adapter_layers(fresh))) == 14
+
+
+def test_pissa_on_a_bf16_base_computes_with_the_exact_residual():
+    """The layer must compute x (W0 + s(BA - B0A0))ᵀ with W0 the bf16 weight as stored, as export and merge
+    assume; a residual W0 - s B0A0 rounded to bf16 is off by bf16's rounding (~4e-3 of W)."""
+    torch.manual_seed(0)
+    base = nn.Linear(64, 48, bias=False).to(torch.bfloat16)
+    w0 = base.weight.detach().double().clone()
+    layer = LoRALinear(base, 4, scaling=0.5, init_method="pissa", name="l")
+    assert torch.equal(layer.weight.double(), w0)  # the base weight itself is untouched
+    _randomise(layer, scale=0.1)
+    s = 0.5
+    ref_w = w0 + s * (
+        layer.B.double() @ layer.A.double() - layer.B0.double() @ layer.A0.double()
+    )  # float64, written here
+    x = torch.randn(5, 64)
+    with torch.no_grad():
+        y = layer(x)  # fp32 input: fp32 compute
+    ref = x.double() @ ref_w.T
+    assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5

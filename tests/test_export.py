@@ -164,3 +164,18 @@ def test_corrupt_factor_names_are_refused(tiny_model_dir, tmp_path):
     save_file(tensors, run / "adapter_model.safetensors")
     with pytest.raises(UserError, match="unexpected tensor"):
         export_run(format="peft-lora", out=tmp_path / "o", run=run)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_adapter_is_refused(tiny_model_dir, tmp_path, bad):
+    from safetensors.torch import save_file
+
+    run = make_run(tmp_path / "run", tiny_model_dir, type="abba", r1=2, r2=2)
+    tensors = load_file(run / "adapter_model.safetensors")
+    tensors = {k: torch.full_like(v, bad) if k.endswith(".B2") else v for k, v in tensors.items()}
+    save_file(tensors, run / "adapter_model.safetensors")
+    result = CliRunner().invoke(app, ["export", "--out", str(tmp_path / "o"), "--run", str(run)])
+    assert result.exit_code == 2, result.output
+    assert "NaN or infinite" in result.output and ".B2" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()

@@ -75,16 +75,48 @@ def inject_adapters(
             f"adapter.target_modules {cfg.target_modules} matches no nn.Linear in the model; "
             f"its linear layers end with: {', '.join(suffixes)}"
         )
+    _refuse_tied(model, matched)
+    # Every layer is built (and its ranks checked) before the first one is swapped in, so a refused layer
+    # leaves the model as it was.
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        layers = [(name, _build_layer(base, cfg, s, name, seed, init)) for name, base in matched]
+    except BaseException:
+        for p, flag in requires_grad:  # building a layer freezes the weight it wraps
+            p.requires_grad_(flag)
+        raise
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, base in matched:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = _build_layer(base, cfg, s, name, seed, init)
-        setattr(parent, child, layer)
+    for (name, layer), (_, base) in zip(layers, matched, strict=True):
+        # A new module starts in training mode; follow the layer it replaces, so that injecting into a model
+        # in eval mode (merge, evaluation) does not switch adapter dropout on.
+        layer.train(base.training)
+        model.set_submodule(name, layer)
         for p in layer.factors().values():
             p.requires_grad_(True)
     return [name for name, _ in matched]
+
+
+def remove_adapters(model: nn.Module, originals: dict[str, nn.Module]) -> None:
+    """Put back the modules that `inject_adapters` replaced (`originals`: name -> module, taken before)."""
+    for name, _ in list(adapter_layers(model)):
+        model.set_submodule(name, originals[name])
+
+
+def _refuse_tied(model: nn.Module, matched: list[tuple[str, nn.Module]]) -> None:
+    """Refuse a target whose weight is shared with another module (lm_head tied to embed_tokens): merging
+    its update would rewrite the shared tensor, so the other module (the input embedding) would change too."""
+    holders: dict[int, list[str]] = {}
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(p), []).append(pname)
+    for name, mod in matched:
+        others = [h for h in holders.get(id(mod.weight), []) if h != f"{name}.weight"]
+        if others:
+            raise UserError(
+                f"adapter.target_modules: {name}'s weight is tied to {others[0]} (tie_word_embeddings), so "
+                f"merging an update into {name} would change {others[0]} too; remove "
+                f"{name.rsplit('.', 1)[-1]} from adapter.target_modules"
+            )
 
 
 def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLinear]]:

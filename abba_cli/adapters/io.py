@@ -14,8 +14,13 @@ import torch
 from torch import nn
 
 from abba_cli import __version__
-from abba_cli.adapters.inject import adapter_layers, adapter_state_dict, inject_adapters, scaling_for
-from abba_cli.adapters.lora import LoRALinear
+from abba_cli.adapters.inject import (
+    adapter_layers,
+    adapter_state_dict,
+    inject_adapters,
+    remove_adapters,
+    scaling_for,
+)
 from abba_cli.config import AdapterConfig
 from abba_cli.errors import UserError
 from abba_cli.fsutil import atomic_save_safetensors, atomic_write_json
@@ -115,10 +120,25 @@ def load_adapter(model: nn.Module, run_dir: str | Path) -> AdapterConfig:
     data = read_adapter_config(run_dir)
     cfg = adapter_config_from_dict(data, str(run_dir / ADAPTER_CONFIG))
     tensors = _read_tensors(run_dir / ADAPTER_WEIGHTS)
+    originals = dict(model.named_modules())
+    requires_grad = {id(p): p.requires_grad for p in model.parameters()}
     try:
         inject_adapters(model, cfg, init=False, scaling=float(data["scaling"]))
     except UserError as e:
         raise UserError(f"{run_dir}: adapter does not fit this model: {e}") from None
+    try:
+        _fill_adapter(model, tensors, run_dir, data)
+    except BaseException:
+        # Leave the model as it came: a caller that catches the error must not find half an adapter in it.
+        remove_adapters(model, originals)
+        for p in model.parameters():
+            p.requires_grad_(requires_grad.get(id(p), p.requires_grad))
+        raise
+    return cfg
+
+
+def _fill_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], run_dir: Path, data: dict) -> None:
+    """Copy the stored factors into the injected layers; UserError naming any key or shape that does not fit."""
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -138,7 +158,3 @@ def load_adapter(model: nn.Module, run_dir: str | Path) -> AdapterConfig:
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key].to(target.device, target.dtype))
-        for _, layer in adapter_layers(model):
-            if isinstance(layer, LoRALinear) and layer.init_method == "pissa":
-                layer.apply_residual()
-    return cfg

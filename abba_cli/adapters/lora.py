@@ -1,9 +1,11 @@
 """LoRA (dW = s · B A) and its PiSSA and rsLoRA variants: the paper's main baseline.
 
 s = alpha / r, or alpha / sqrt(r) with rsLoRA. Default init: A Kaiming-uniform, B = 0.
-PiSSA: B, A from W0's top-r singular triplets (scaled so s·B A equals them) and the frozen weight becomes the
-residual W0 - s·B0 A0; B0, A0 are kept (and saved) so the adapter can be re-applied to the original W0 and the
-merged weight is W0 + s(BA - B0A0).
+PiSSA: B, A from W0's top-r singular triplets (scaled so s·B A equals them); the frozen initial factors B0, A0
+are kept (and saved) and the layer computes x W0ᵀ + s·x (BA - B0A0)ᵀ, so the merged weight is W0 + s(BA - B0A0).
+The residual W0 - s·B0A0 is never stored as a weight: rounded to a bf16 base it would differ from the exact
+residual that export and merge rebuild (7e-3 of the logits on SmolLM2), and W0 itself stays untouched. The price
+is two rank-r matmuls per forward, the same as the trainable pair's.
 """
 
 from __future__ import annotations
@@ -54,21 +56,23 @@ class LoRALinear(AdapterLinear):
             self.A.copy_(root[:, None] * vh[: self.r])  # (r, n)
             self.B0.copy_(self.B)
             self.A0.copy_(self.A)
-            self.apply_residual()
         else:
             self._reset_kaiming_a_zero_b(seed)
 
-    @torch.no_grad()
-    def apply_residual(self) -> None:
-        """PiSSA: the frozen weight becomes W0 - s B0 A0 (call once, after B0/A0 are set)."""
-        residual = self.weight.float() - self.scaling * (self.B0.float() @ self.A0.float())
-        self.weight.data = residual.to(self.weight.dtype)
+    @property
+    def pissa(self) -> bool:
+        return self.init_method == "pissa"
 
     def delta_weight(self) -> torch.Tensor:
+        if self.pissa:
+            return self.scaling * (self.B.float() @ self.A.float() - self.B0.float() @ self.A0.float())
         return self.scaling * (self.B.float() @ self.A.float())
 
     def adapter_forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         x = x.to(dtype)
         x_adapter = self.adapter_input(x)
-        base = self.base_forward(x, dtype)
-        return base + (x_adapter @ self.A.to(dtype).T) @ self.B.to(dtype).T * self.scaling  # (T,r) -> (T,m)
+        y = self.base_forward(x, dtype)
+        if self.pissa:
+            # The frozen principal part leaves the base's input, not the dropped-out one: x (W0 - s B0A0)ᵀ.
+            y = y - (x @ self.A0.to(dtype).T) @ self.B0.to(dtype).T * self.scaling  # (T,r) -> (T,m)
+        return y + (x_adapter @ self.A.to(dtype).T) @ self.B.to(dtype).T * self.scaling  # (T,r) -> (T,m)
