@@ -6,29 +6,57 @@ reported at once as a `UserError` naming the file and the dotted key.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from abba_cli.errors import UserError
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
+# transformers 5's attention backends ("eager" plus ALL_ATTENTION_FUNCTIONS' keys, less the deprecated paged|
+# forms); a test checks each one against the installed transformers.
+AttnImplementation = Literal[
+    "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention"
+]
+ATTN_IMPLEMENTATIONS: tuple[str, ...] = get_args(AttnImplementation)
+
+
+def _expand_home(value: str) -> str:
+    # `~/x` means the home directory, as in a shell; without this a literal `./~` folder is created. Only a
+    # leading ~ is expanded: a hub id never starts with one.
+    return os.path.expanduser(value) if value.startswith("~") else value
+
+
+PathStr = Annotated[str, AfterValidator(_expand_home)]
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: nan/inf pass every bound check (or fail one with a misleading message); say "finite".
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Strict):
-    name_or_path: str = Field(description="Hub id or local directory of a Hugging Face causal LM.")
+    name_or_path: PathStr = Field(description="Hub id or local directory of a Hugging Face causal LM.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of the frozen base weights ('auto': the checkpoint's own)."
     )
     trust_remote_code: bool = Field(False, description="Allow custom model code from the checkpoint.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2.")
+    attn_implementation: AttnImplementation | None = Field(
+        None, description="Attention backend: " + ", ".join(ATTN_IMPLEMENTATIONS) + " (default: sdpa)."
+    )
 
 
 class AdapterConfig(_Strict):
@@ -98,8 +126,8 @@ class AdapterConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    recipe: str = Field(description="Recipe name (recipes/NAME.yaml) or path to a recipe YAML.")
-    path: str | None = Field(
+    recipe: PathStr = Field(description="Recipe name (recipes/NAME.yaml) or path to a recipe YAML.")
+    path: PathStr | None = Field(
         None, description="Local json/jsonl/parquet file or directory overriding the recipe's source."
     )
     num_samples: int | None = Field(None, ge=1, description="Seeded random subset of this many examples.")
@@ -150,6 +178,12 @@ class TrainConfig(_Strict):
     )
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Trackers.")
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _no_is_a_string(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare `no`/`off` as false; for this key it can only mean "no".
+        return "no" if value is False else value
+
 
 class EvalConfig(_Strict):
     tasks: list[str] = Field(default_factory=list, description="Tasks evaluated by `abba eval` by default.")
@@ -165,7 +199,9 @@ class RunConfig(_Strict):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    output_dir: str = Field(description="Run directory to create (refused if it exists, unless resuming).")
+    output_dir: PathStr = Field(
+        description="Run directory to create (refused if it exists, unless resuming)."
+    )
 
     @model_validator(mode="after")
     def _eval_needs_val_data(self) -> RunConfig:
@@ -225,23 +261,82 @@ def format_validation_error(source: str, err: ValidationError, model: type[BaseM
             msg = "unknown key" + _valid_keys_hint(model, e["loc"])
         elif e["type"] == "missing":
             msg = "required key is missing"
+        elif e["type"] == "finite_number":
+            msg = f"must be a finite number (got {e['input']!r})"
         elif "input" in e and not isinstance(e["input"], (dict, list)):
             msg = f"{msg} (got {e['input']!r})"
         problems.append(f"{loc}: {msg}")
     return f"{source}: " + "; ".join(problems)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Read, override and validate a run config; any problem is a UserError naming file and key."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: config file not found")
+def read_utf8(path: Path) -> str:
+    """A text file's content; bytes that are not UTF-8 are a UserError naming the line, not a traceback."""
     try:
-        raw = yaml.safe_load(path.read_text())
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UserError(
+            f"{path}: line {line}: byte 0x{data[e.start]:02x} is not UTF-8; save the file as UTF-8"
+        ) from None
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line, self.first = key, line, first
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base` then overriding a key is YAML's way to extend a mapping
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in first_line:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1, first_line[key])
+                first_line[key] = key_node.start_mark.line + 1
+            except TypeError:
+                pass  # an unhashable key: SafeLoader's own construct_mapping reports it
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file as Python data; non-UTF-8 bytes, syntax errors and duplicate keys are one-line UserErrors."""
+    text = read_utf8(path)
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
+    except _DuplicateKey as e:
+        raise UserError(
+            f"{path}: line {e.line}: key {e.key!r} is given twice (first on line {e.first}); keep one"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise UserError(f"{path}: YAML syntax error{where}: {getattr(e, 'problem', e)}") from None
+        raise UserError(f"{path}: YAML syntax error{where}: {getattr(e, 'problem', None) or e}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a run config; any problem is a UserError naming file and key."""
+    path = Path(path)
+    if path.is_dir():
+        saved = path / "config.yaml"
+        hint = (
+            f"pass {saved} (the run's saved config; with --resume to continue that run)"
+            if saved.is_file()
+            else "pass a run config YAML (see configs/)"
+        )
+        raise UserError(f"{path} is a directory, not a config file; {hint}")
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    raw = read_yaml(path)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -9,6 +9,7 @@ Face folder under the user's cache and used instead, with a note on stderr: it i
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -110,10 +111,12 @@ def load_base(
     """
     if dtype != "auto" and dtype not in _DTYPES:
         raise UserError(f"model.dtype {dtype!r}: expected one of auto, {', '.join(_DTYPES)}")
+    check_attention_available(attn_implementation)
     source = Path(name_or_path).expanduser()
     bundled = False
     if source.is_dir():
         location = str(source)
+        check_model_dir(source, name_or_path, weights=not empty_weights)
     elif source.exists() or _looks_like_path(name_or_path):
         raise UserError(f"model.name_or_path {name_or_path!r}: no such model directory")
     else:
@@ -156,6 +159,7 @@ def load_base(
     model_kwargs = dict(kwargs, use_safetensors=True, dtype=dtype)
     if attn_implementation is not None:
         model_kwargs["attn_implementation"] = attn_implementation
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     try:
@@ -173,7 +177,17 @@ def load_base(
         raise UserError(
             f"model.name_or_path {name_or_path!r}: cannot load safetensors weights ({_first_line(err)})"
         ) from None
+    except SafetensorError as err:
+        # A hub-cache download cut short (local folders are checked file by file before this).
+        raise UserError(
+            f"model.name_or_path {name_or_path!r}: a weights file is truncated or corrupt ({err}); download it again"
+        ) from None
     except ValueError as err:
+        if "attn_implementation" in str(err):
+            raise UserError(
+                f"model.attn_implementation {attn_implementation!r}: this model does not support it "
+                "(use sdpa, the default, or eager)"
+            ) from None
         raise UserError(f"model.name_or_path {name_or_path!r}: {_first_line(err)}") from None
     if bundled:
         # Keep the user's name in the config so run directories and adapter configs name the real model.
@@ -183,6 +197,68 @@ def load_base(
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+# attn_implementation -> (transformers' own availability check, what it needs)
+_ATTENTION_NEEDS = {
+    "flash_attention_2": (
+        "is_flash_attn_2_available",
+        "the flash-attn package (2.3.3 or newer) and a CUDA GPU",
+    ),
+    "flash_attention_3": ("is_flash_attn_3_available", "the flash-attn-3 package and a CUDA GPU"),
+    "flash_attention_4": ("is_flash_attn_4_available", "the flash-attn-4 package and a CUDA GPU"),
+    "flex_attention": ("is_torch_flex_attn_available", "a torch with flex_attention, not on TPU"),
+}
+
+
+def check_attention_available(attn_implementation: str | None) -> None:
+    """UserError, before any weights load, when the chosen attention backend cannot run on this machine."""
+    if attn_implementation not in _ATTENTION_NEEDS:
+        return  # None, eager, sdpa: always there (other values are refused by the config schema)
+    import transformers.utils
+
+    check, needs = _ATTENTION_NEEDS[attn_implementation]
+    if not getattr(transformers.utils, check)():
+        raise UserError(
+            f"model.attn_implementation {attn_implementation!r} cannot run here: it needs {needs} "
+            f"(transformers.utils.{check}() is False); install that, or use sdpa (the default) or eager"
+        )
+
+
+def check_model_dir(path: Path, name: str, weights: bool = True) -> None:
+    """A local model folder's config.json parses and (with `weights`) every *.safetensors header is whole.
+
+    Checked before anything loads so the message names the broken file: transformers reports a bad config.json
+    as a tokenizer problem, and safetensors' own error does not say which shard is truncated.
+    """
+    from abba_cli.config import read_utf8
+
+    config = path / "config.json"
+    if not config.is_file():
+        raise UserError(
+            f"model.name_or_path {name!r}: {config} is missing; a model folder holds config.json, "
+            "tokenizer files and *.safetensors (save_pretrained writes them)"
+        )
+    try:
+        parsed = json.loads(read_utf8(config))
+    except json.JSONDecodeError as e:
+        raise UserError(
+            f"model.name_or_path {name!r}: {config} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
+        ) from None
+    if not isinstance(parsed, dict):
+        raise UserError(f"model.name_or_path {name!r}: {config} must hold a JSON object of model settings")
+    if weights:
+        from safetensors import SafetensorError, safe_open
+
+        for shard in sorted(path.glob("*.safetensors")):
+            try:
+                with safe_open(shard, framework="pt"):
+                    pass  # opening parses the header and checks the file covers every tensor it lists
+            except SafetensorError as e:
+                raise UserError(
+                    f"model.name_or_path {name!r}: {shard} is truncated or corrupt ({e}); "
+                    "download or save the model again"
+                ) from None
 
 
 def _load_tokenizer(location: str, kwargs: dict[str, Any]) -> Any:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import ValidationError
 
 from abba_cli.derive import DeriveMissing, derive_value, last_boxed
@@ -112,11 +111,9 @@ def load_recipe(name_or_path: str) -> Recipe:
             raise UserError(
                 f"unknown recipe {name_or_path!r}; valid: {', '.join(sorted(files))} (or a path to a .yaml)"
             )
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: YAML syntax error: {e}") from None
-    recipe = parse_recipe(raw, str(path))
+    from abba_cli.config import read_yaml  # one line for non-UTF-8 bytes, syntax errors and duplicate keys
+
+    recipe = parse_recipe(read_yaml(path), str(path))
     if path.parent == RECIPES_DIR and recipe.name != path.stem:
         raise UserError(f"{path}: name {recipe.name!r} must match the file name {path.stem!r}")
     return recipe

@@ -44,7 +44,16 @@ def resolve_run(run: str | Path | None, allow_full: bool = False) -> Path:
             raise UserError(
                 "no run given and no finished run recorded: pass --run RUN_DIR (or train one first)"
             )
-        run_dir = Path(marker.read_text().strip())
+        try:
+            recorded = marker.read_bytes().decode("utf-8").strip()
+        except UnicodeDecodeError:
+            recorded = ""
+        if not recorded:
+            raise UserError(
+                f"{marker}: the latest-run record is empty or not UTF-8 text; pass --run RUN_DIR "
+                "(the next finished `abba train` rewrites it)"
+            )
+        run_dir = Path(recorded)
         if not run_dir.is_dir():
             raise UserError(f"the latest recorded run {run_dir} no longer exists: pass --run RUN_DIR")
     else:

@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from abba_cli.cli import app
-from abba_cli.config import load_config
+from abba_cli.config import load_config, read_yaml
 from abba_cli.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,3 +234,124 @@ def test_validate_reads_no_weights_and_counts_like_a_real_load(tmp_path, tiny_mo
     raw["adapter"] = {"r1": 65, "r2": 2}  # rank limits are still checked on the meta model
     result = CliRunner().invoke(app, ["validate", str(_write(tmp_path, raw))])
     assert result.exit_code == 2 and "adapter.r1=65 is larger" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------- hostile config files
+
+
+def test_non_utf8_config_names_file_line_and_byte(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes(b"model:\n  name_or_path: x\ndata: {recipe: caf\xe9}\noutput_dir: runs/x\n")
+    line = _cli_error(["train", str(path)])
+    assert line == f"error: {path}: line 3: byte 0xe9 is not UTF-8; save the file as UTF-8"
+
+
+@pytest.mark.parametrize(
+    "text,key,line,first",
+    [
+        ("train:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n", "lr", 4, 2),
+        ("train: {lr: 0.1}\nadapter: {r1: 2}\ntrain: {lr: 0.2}\n", "train", 3, 1),
+    ],
+    ids=["nested", "section"],
+)
+def test_duplicate_yaml_key_names_key_and_both_lines(tmp_path, text, key, line, first):
+    head = "model: {name_or_path: x}\ndata: {recipe: gsm8k}\noutput_dir: runs/x\n"
+    path = _write(tmp_path, head + text)
+    got = _cli_error(["validate", str(path)])
+    assert f"line {line + 3}: key {key!r} is given twice (first on line {first + 3})" in got
+    assert str(path) in got
+
+
+def test_yaml_merge_key_may_override_what_it_merges(tmp_path):
+    """`<<: *base` then a key of its own is how YAML extends a mapping, not a duplicate."""
+    text = (
+        "base: &base {lr: 0.1, epochs: 3}\n"
+        "model: {name_or_path: x}\ndata: {recipe: gsm8k}\noutput_dir: runs/x\n"
+        "train:\n  <<: *base\n  lr: 0.5\n"
+    )
+    raw = read_yaml(_write(tmp_path, text))
+    assert raw["train"] == {"lr": 0.5, "epochs": 3}
+
+
+def test_directory_instead_of_config_says_what_to_pass(tmp_path):
+    empty = tmp_path / "somedir"
+    empty.mkdir()
+    line = _cli_error(["train", str(empty)])
+    assert line == f"error: {empty} is a directory, not a config file; pass a run config YAML (see configs/)"
+
+    run = tmp_path / "run"
+    run.mkdir()
+    _write(run, MINIMAL, "config.yaml")
+    line = _cli_error(["train", str(run), "--resume"])
+    assert f"{run} is a directory" in line and f"pass {run / 'config.yaml'}" in line and "--resume" in line
+
+
+@pytest.mark.parametrize("spelling", ["no", "off", "'no'", "false"])
+def test_mixed_precision_no_is_accepted_unquoted(tmp_path, spelling):
+    """YAML 1.1 reads a bare `no` as false; in the file and in --set it still means mixed_precision "no"."""
+    text = yaml.safe_dump(MINIMAL) + f"train:\n  mixed_precision: {spelling}\n"
+    assert load_config(_write(tmp_path, text)).train.mixed_precision == "no"
+    raw = {**MINIMAL, "train": {"mixed_precision": "bf16"}}
+    cfg = load_config(_write(tmp_path, raw, "bf16.yaml"), [f"train.mixed_precision={spelling}"])
+    assert cfg.train.mixed_precision == "no"
+
+
+def test_mixed_precision_yes_is_still_refused(tmp_path):
+    line = _cli_error(["validate", str(_write(tmp_path, MINIMAL)), "--set", "train.mixed_precision=yes"])
+    assert "train.mixed_precision" in line and "'bf16'" in line and "(got True)" in line
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "train.lr",
+        "train.epochs",
+        "train.warmup_ratio",
+        "train.weight_decay",
+        "train.max_grad_norm",
+        "adapter.alpha",
+        "adapter.dropout",
+    ],
+)
+@pytest.mark.parametrize("value", ["nan", ".nan", ".inf", "-.inf", "1e400"])
+def test_non_finite_floats_are_reported_as_such(tmp_path, key, value):
+    line = _cli_error(["validate", str(_write(tmp_path, MINIMAL)), "--set", f"{key}={value}"])
+    assert f"{key}: must be a finite number (got " in line
+    assert "less than" not in line and "greater than" not in line
+
+
+def test_tilde_in_paths_is_the_home_directory(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    raw = {
+        "model": {"name_or_path": "~/models/base"},
+        "data": {"recipe": "~/recipes/mine.yaml", "path": "~/data/train.jsonl"},
+        "output_dir": "~/runs/x",
+    }
+    cfg = load_config(_write(tmp_path, raw))
+    assert cfg.model.name_or_path == f"{home}/models/base"
+    assert cfg.data.recipe == f"{home}/recipes/mine.yaml"
+    assert cfg.data.path == f"{home}/data/train.jsonl"
+    assert cfg.output_dir == f"{home}/runs/x"
+    # --set gets the same treatment; a hub id and a relative path are left as they are
+    cfg = load_config(_write(tmp_path, raw), ["output_dir=~/elsewhere", "model.name_or_path=org/model-~1"])
+    assert cfg.output_dir == f"{home}/elsewhere" and cfg.model.name_or_path == "org/model-~1"
+    cfg = load_config(_write(tmp_path, raw), ["output_dir=runs/~x"])
+    assert cfg.output_dir == "runs/~x"
+
+
+def test_attn_implementation_choices_are_transformers_own():
+    """Every value the schema accepts is one transformers 5 knows (eager, or a registered attention function)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from abba_cli.config import ATTN_IMPLEMENTATIONS
+
+    known = {"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()}
+    assert set(ATTN_IMPLEMENTATIONS) <= known
+    assert {"eager", "sdpa", "flash_attention_2", "flex_attention"} <= set(ATTN_IMPLEMENTATIONS)
+
+
+def test_bogus_attn_implementation_names_its_own_key(tmp_path):
+    line = _cli_error(["train", str(_write(tmp_path, MINIMAL)), "--set", "model.attn_implementation=bogus"])
+    assert "model.attn_implementation" in line and "'sdpa'" in line and "(got 'bogus')" in line
+    assert "name_or_path" not in line

@@ -141,3 +141,143 @@ def test_hf_hub_offline_means_hub_cache_only_even_if_set_after_import(monkeypatc
     with pytest.raises(UserError, match="hub is unreachable"):
         load_base("nobody-here/not-a-model-xyz")
     assert seen.get("local_files_only") is True
+
+
+# ----------------------------------------------------------------------------------- broken model folders
+
+
+def _copy_model(src, dst, **save):
+    """A copy of the tiny model folder; `save` re-saves the weights (e.g. max_shard_size) instead of copying."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    if save:
+        from transformers import AutoModelForCausalLM
+
+        for f in dst.glob("*.safetensors"):
+            f.unlink()
+        AutoModelForCausalLM.from_pretrained(src).save_pretrained(dst, **save)
+    return dst
+
+
+def test_truncated_weights_name_the_broken_shard(tiny_model_dir, tmp_path):
+    d = _copy_model(tiny_model_dir, tmp_path / "sharded", max_shard_size="100KB")
+    shards = sorted(d.glob("model-*.safetensors"))
+    assert len(shards) >= 2
+    data = shards[1].read_bytes()
+    shards[1].write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError) as err:
+        load_base(str(d))
+    msg = str(err.value)
+    assert f"{shards[1]} is truncated or corrupt" in msg and str(shards[0]) not in msg
+    assert "\n" not in msg
+
+
+def test_garbage_weights_file_is_user_error(tiny_model_dir, tmp_path):
+    d = _copy_model(tiny_model_dir, tmp_path / "garbage")
+    (d / "model.safetensors").write_bytes(b"\x00not safetensors" * 8)
+    with pytest.raises(UserError, match=r"model\.safetensors is truncated or corrupt"):
+        load_base(str(d))
+
+
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        (
+            b'{"model_type": "llama",\n  "hidden_size": 64,,\n}',
+            r"config\.json is not valid JSON \(line 2, column 21",
+        ),
+        (b'{"model_type": "ll\xe9ma"}', r"config\.json: line 1: byte 0xe9 is not UTF-8"),
+        (b"[1, 2]", r"config\.json must hold a JSON object"),
+    ],
+    ids=["bad-json", "not-utf8", "not-an-object"],
+)
+def test_broken_config_json_is_named(tiny_model_dir, tmp_path, content, expected):
+    d = _copy_model(tiny_model_dir, tmp_path / "broken")
+    (d / "config.json").write_bytes(content)
+    with pytest.raises(UserError, match=expected):
+        load_base(str(d))
+    with pytest.raises(UserError, match=expected):
+        load_base(str(d), empty_weights=True)  # `abba validate` reads config.json too
+
+
+def test_missing_config_json_is_named(tiny_model_dir, tmp_path):
+    d = _copy_model(tiny_model_dir, tmp_path / "noconfig")
+    (d / "config.json").unlink()
+    with pytest.raises(UserError, match=r"config\.json is missing"):
+        load_base(str(d))
+
+
+# ----------------------------------------------------------------------------------- attention backends
+
+
+def test_attn_implementation_reaches_the_model(tiny_model_dir):
+    """Real loads: the config's attn_implementation is the one the model runs (default sdpa)."""
+    model, _ = load_base(str(tiny_model_dir), attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+    model, _ = load_base(str(tiny_model_dir))
+    assert model.config._attn_implementation == "sdpa"
+
+
+def _flash_attn_2_available() -> bool:
+    from transformers.utils import is_flash_attn_2_available
+
+    return is_flash_attn_2_available()
+
+
+@pytest.mark.skipif(_flash_attn_2_available(), reason="flash-attn is installed and usable here")
+def test_flash_attention_without_the_package_is_one_line_before_loading(tiny_model_dir, monkeypatch):
+    import transformers
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model must not load when its attention backend cannot run")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", must_not_load)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", must_not_load)
+    with pytest.raises(UserError) as err:
+        load_base(str(tiny_model_dir), attn_implementation="flash_attention_2")
+    msg = str(err.value)
+    assert msg.startswith("model.attn_implementation 'flash_attention_2' cannot run here")
+    assert "is_flash_attn_2_available() is False" in msg and "sdpa" in msg
+
+
+def test_revision_and_attn_implementation_reach_from_pretrained(tiny_model_dir, tmp_path, monkeypatch):
+    """`abba train --dry-run` on a hub id: model.revision and model.attn_implementation from the config are
+    what the tokenizer and model loaders get (the hub is replaced by the tiny local folder)."""
+    import transformers
+    import yaml
+    from typer.testing import CliRunner
+
+    from abba_cli.cli import app
+
+    real_tok, real_model = (
+        transformers.AutoTokenizer.from_pretrained,
+        transformers.AutoModelForCausalLM.from_pretrained,
+    )
+    calls: dict[str, tuple] = {}
+
+    def fake_tokenizer(name, **kwargs):
+        calls["tokenizer"] = (name, kwargs)
+        return real_tok(tiny_model_dir)
+
+    def fake_model(name, **kwargs):
+        calls["model"] = (name, kwargs)
+        return real_model(tiny_model_dir, attn_implementation=kwargs["attn_implementation"])
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_tokenizer)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_model)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "1+1?", "answer": "2\n#### 2"}) + "\n")
+    cfg = tmp_path / "cfg.yaml"
+    raw = {
+        "model": {"name_or_path": "some-org/tiny", "revision": "v1.2", "attn_implementation": "eager"},
+        "adapter": {"r1": 2, "r2": 2, "target_modules": ["q_proj"]},
+        "data": {"recipe": "gsm8k", "path": str(data), "max_seq_len": 64},
+        "output_dir": str(tmp_path / "out"),
+    }
+    cfg.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["train", str(cfg), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert calls["tokenizer"][0] == calls["model"][0] == "some-org/tiny"
+    assert calls["tokenizer"][1]["revision"] == calls["model"][1]["revision"] == "v1.2"
+    assert calls["model"][1]["attn_implementation"] == "eager"
