@@ -140,7 +140,7 @@ class DataConfig(_Strict):
     val_samples: int | None = Field(
         None, ge=1, description="Hold this many examples of the source out of training for val_loss."
     )
-    val_path: str | None = Field(
+    val_path: PathStr | None = Field(
         None, description="Local json/jsonl/parquet file of validation examples (the recipe's fields)."
     )
 

@@ -325,13 +325,18 @@ def test_tilde_in_paths_is_the_home_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(home))
     raw = {
         "model": {"name_or_path": "~/models/base"},
-        "data": {"recipe": "~/recipes/mine.yaml", "path": "~/data/train.jsonl"},
+        "data": {
+            "recipe": "~/recipes/mine.yaml",
+            "path": "~/data/train.jsonl",
+            "val_path": "~/data/val.jsonl",
+        },
         "output_dir": "~/runs/x",
     }
     cfg = load_config(_write(tmp_path, raw))
     assert cfg.model.name_or_path == f"{home}/models/base"
     assert cfg.data.recipe == f"{home}/recipes/mine.yaml"
     assert cfg.data.path == f"{home}/data/train.jsonl"
+    assert cfg.data.val_path == f"{home}/data/val.jsonl"
     assert cfg.output_dir == f"{home}/runs/x"
     # --set gets the same treatment; a hub id and a relative path are left as they are
     cfg = load_config(_write(tmp_path, raw), ["output_dir=~/elsewhere", "model.name_or_path=org/model-~1"])
