@@ -123,7 +123,10 @@ def eval_(
         None, "--model", help="Base or merged model to evaluate (path or hub id)."
     ),
     limit: int | None = typer.Option(
-        None, "--limit", min=1, help="Evaluate the first N examples of each task."
+        None,
+        "--limit",
+        min=1,
+        help="Evaluate N examples of each task: the first N (MATH: a fixed shuffle across all subjects).",
     ),
     skip: int | None = typer.Option(
         None,
@@ -136,6 +139,16 @@ def eval_(
         None, "--max-new-tokens", min=1, help="Override per-task limit."
     ),
     out: Path | None = typer.Option(None, "--out", help="Results directory (default: RUN_DIR/eval)."),
+    protocol: str = typer.Option(
+        "ours",
+        "--protocol",
+        help="ours: the training prompt as is; paper: the ABBA reference scripts' GSM8K/MATH settings "
+        '(response prefix "Let\'s think step by step.", 256 new tokens for GSM8K, 512 for MATH).',
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue an interrupted (or extend a finished) eval, skipping finished ids."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace finished or interrupted results."),
 ) -> None:
     """Evaluate a run (or a plain model) on benchmark tasks."""
     from abba_cli.evaluate import run_eval
@@ -150,6 +163,9 @@ def eval_(
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         out=out,
+        protocol=protocol,
+        resume=resume,
+        overwrite=overwrite,
     )
 
 

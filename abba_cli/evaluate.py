@@ -1,31 +1,42 @@
 """`abba eval`: generate answers for benchmark tasks with a run's adapter (or a plain model) and score them.
 
-Protocol (docs/ARCHITECTURE section 4): prompts from `render_prompt` only, greedy decoding, batched with left
-padding and an attention mask, stop strings, per-task max_new_tokens, the adapter merged into the base weights
-in memory first so generation runs at the base model's speed. Every prediction goes to
-`<out>/<task>/predictions.jsonl`, the summary to `<out>/<task>/metrics.json`; each task owns its folder, so
-evaluating one task never touches another's results.
+Protocol (docs/ARCHITECTURE section 4, README "Evaluation"): prompts from `render_prompt` only (the training
+prompt; `--protocol paper` adds the references' response prefix and token budget), greedy decoding with a fully
+specified GenerationConfig (nothing inherited from the checkpoint), batched with left padding and an attention
+mask, stop strings, the adapter merged into the base weights in memory first so generation runs at the base
+model's speed. Predictions are written as they finish (`abba_cli.eval_results`); each task owns its folder
+`<out>/<task>/` (`predictions.jsonl`, `metrics.json`), so evaluating one task never touches another's results.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import random
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from abba_cli import eval_results
 from abba_cli.errors import UserError
-from abba_cli.fsutil import atomic_file, atomic_write_json
 from abba_cli.prompts import render_prompt
 from abba_cli.scoring import score, truncate_at_stop
+from abba_cli.signals import GracefulStop, TrainingStopped, signal_name
 
 COMMONSENSE_TASKS = ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa")
 TASK_GROUPS = {"commonsense": COMMONSENSE_TASKS}
 DEFAULT_BATCH_SIZE = 8
+PROTOCOLS = ("ours", "paper")
+# `--limit` on a recipe with generation.limit_order "shuffled" (MATH) takes the first N of this fixed shuffle,
+# so limited runs are identical across calls and a larger --limit extends a smaller one.
+LIMIT_SHUFFLE_SEED = 1234
+
+
+class EvalStopped(TrainingStopped):
+    """Eval stopped on SIGINT/SIGTERM after its current batch; the CLI exits with 128 + the signal number."""
 
 
 @dataclass(frozen=True)
@@ -180,23 +191,133 @@ def load_model_for_eval(target_model: str, run_dir: Path | None, load_kwargs: di
 # ------------------------------------------------------------------------------------------ generation
 
 
-def _generation_config(model, tokenizer, max_new_tokens: int, stop: Sequence[str]):
-    """Greedy decoding on top of the model's own config (keeps its eos ids), sampling knobs cleared."""
-    import copy
+def _eos_ids(model, tokenizer) -> list[int]:
+    """Every token that ends a response: the checkpoint's eos ids (Llama 3 has several) and the tokenizer's."""
+    ids: list[int] = []
+    for source in (model.generation_config.eos_token_id, model.config.eos_token_id, tokenizer.eos_token_id):
+        for i in source if isinstance(source, (list, tuple)) else [source]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
 
-    gen = copy.deepcopy(model.generation_config)
-    gen.do_sample = False
-    gen.num_beams = 1
-    gen.temperature = None
-    gen.top_p = None
-    gen.top_k = None
-    gen.max_length = None
-    gen.max_new_tokens = max_new_tokens
-    gen.stop_strings = list(stop) or None
-    gen.pad_token_id = tokenizer.pad_token_id
-    if gen.eos_token_id is None:
-        gen.eos_token_id = tokenizer.eos_token_id
-    return gen
+
+def greedy_generation_config(model, tokenizer, max_new_tokens: int, stop: Sequence[str]):
+    """Greedy decoding with every decoding knob set explicitly to its neutral value.
+
+    transformers fills any field left None from the checkpoint's generation_config.json, so a checkpoint's
+    repetition_penalty or no_repeat_ngram_size would silently survive; `generate` also swaps this config in as
+    the model's own while it runs, so nothing of the checkpoint's is left to inherit (issue 13.6).
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        num_beam_groups=1,
+        num_return_sequences=1,
+        temperature=1.0,
+        top_k=50,  # the library default: greedy ignores it (0 would draw a warning per batch)
+        top_p=1.0,
+        min_p=None,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        encoder_no_repeat_ngram_size=0,
+        length_penalty=1.0,
+        min_new_tokens=0,
+        max_new_tokens=max_new_tokens,
+        stop_strings=list(stop) or None,
+        eos_token_id=_eos_ids(model, tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+    )
+
+
+# What metrics.json records under `generation`: every field of the config that changes which tokens come out.
+GENERATION_FIELDS = (
+    "do_sample",
+    "num_beams",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "length_penalty",
+    "min_new_tokens",
+    "max_new_tokens",
+    "eos_token_id",
+    "pad_token_id",
+    "stop_strings",
+)
+
+
+def generation_settings(gen_cfg) -> dict[str, Any]:
+    """The effective decoding settings of a GenerationConfig, for metrics.json."""
+    return {k: getattr(gen_cfg, k) for k in GENERATION_FIELDS} | {
+        "bad_words_ids": gen_cfg.bad_words_ids,
+        "suppress_tokens": gen_cfg.suppress_tokens,
+        "forced_bos_token_id": gen_cfg.forced_bos_token_id,
+        "forced_eos_token_id": gen_cfg.forced_eos_token_id,
+    }
+
+
+@contextlib.contextmanager
+def _as_model_generation_config(model, gen_cfg) -> Iterator[None]:
+    """generate() fills unset fields from `model.generation_config`: make that ours while generating."""
+    saved = model.generation_config
+    model.generation_config = gen_cfg
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+def generate_batches(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+    device=None,
+    desc: str = "generate",
+) -> Iterator[list[tuple[int, str]]]:
+    """Greedy completions, yielded one batch at a time as [(prompt index, text cut at its first stop string)].
+
+    Prompts are sorted by token length (longest first, so memory problems show in the first batch) and batched
+    with left padding and an attention mask.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    device = device or next(model.parameters()).device
+    gen_cfg = greedy_generation_config(model, tokenizer, max_new_tokens, stop)
+    encoded = tokenizer(list(prompts))["input_ids"]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
+    new_tokens = 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(prompts), desc=desc, unit="ex", file=sys.stderr, dynamic_ncols=True)
+    try:
+        with torch.inference_mode(), _as_model_generation_config(model, gen_cfg):
+            for b in range(0, len(order), batch_size):
+                idx = order[b : b + batch_size]
+                batch = tokenizer.pad(
+                    {"input_ids": [encoded[i] for i in idx]}, padding=True, return_tensors="pt"
+                )
+                batch = {k: v.to(device) for k, v in batch.items()}
+                out = model.generate(**batch, generation_config=gen_cfg, tokenizer=tokenizer)
+                gen_ids = out[:, batch["input_ids"].shape[1] :]
+                new_tokens += int((gen_ids != tokenizer.pad_token_id).sum())
+                texts = tokenizer.batch_decode(gen_ids, skip_special_tokens=True)
+                bar.update(len(idx))
+                bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - start, 1e-9):.1f}")
+                yield [(i, truncate_at_stop(text, stop)) for i, text in zip(idx, texts, strict=True)]
+    finally:
+        bar.close()
 
 
 def generate(
@@ -210,35 +331,20 @@ def generate(
     device=None,
     desc: str = "generate",
 ) -> list[str]:
-    """Greedy completions of `prompts`, in order, each cut at its first stop string.
-
-    Prompts are sorted by token length (longest first, so memory problems show in the first batch) and batched
-    with left padding and an attention mask; the outputs are put back in the input order.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    device = device or next(model.parameters()).device
-    gen_cfg = _generation_config(model, tokenizer, max_new_tokens, stop)
-    encoded = tokenizer(list(prompts))["input_ids"]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
+    """Greedy completions of `prompts`, in input order, each cut at its first stop string."""
     outputs: list[str] = [""] * len(prompts)
-    new_tokens = 0
-    start = time.perf_counter()
-    bar = tqdm(total=len(prompts), desc=desc, unit="ex", file=sys.stderr, dynamic_ncols=True)
-    with torch.inference_mode():
-        for b in range(0, len(order), batch_size):
-            idx = order[b : b + batch_size]
-            batch = tokenizer.pad({"input_ids": [encoded[i] for i in idx]}, padding=True, return_tensors="pt")
-            batch = {k: v.to(device) for k, v in batch.items()}
-            out = model.generate(**batch, generation_config=gen_cfg, tokenizer=tokenizer)
-            gen_ids = out[:, batch["input_ids"].shape[1] :]
-            new_tokens += int((gen_ids != tokenizer.pad_token_id).sum())
-            for i, text in zip(idx, tokenizer.batch_decode(gen_ids, skip_special_tokens=True), strict=True):
-                outputs[i] = truncate_at_stop(text, stop)
-            bar.update(len(idx))
-            bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - start, 1e-9):.1f}")
-    bar.close()
+    for batch in generate_batches(
+        model,
+        tokenizer,
+        prompts,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        stop=stop,
+        device=device,
+        desc=desc,
+    ):
+        for i, text in batch:
+            outputs[i] = text
     return outputs
 
 
@@ -250,6 +356,78 @@ def _answer_spec(recipe) -> tuple[str, list[str]]:
     if answer is None:
         raise UserError(f"recipe {recipe.name!r} has no answer section; only eval recipes can be evaluated")
     return answer.type, list(answer.labels or [])
+
+
+@dataclass(frozen=True)
+class TaskProtocol:
+    """How one task is prompted and decoded: ours (train = eval prompt) or the paper's reference scripts'."""
+
+    name: str
+    response_prefix: str
+    max_new_tokens: int
+    stop: list[str]
+
+
+def task_protocol(recipe, protocol: str, max_new_tokens: int | None = None) -> TaskProtocol:
+    """The recipe's own generation settings (`ours`) or its `generation.paper` ones; --max-new-tokens wins."""
+    if protocol not in PROTOCOLS:
+        raise UserError(f"--protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    gen = recipe.generation
+    if protocol == "paper" and gen.paper is not None:
+        p = gen.paper
+        return TaskProtocol("paper", p.response_prefix, max_new_tokens or p.max_new_tokens, list(p.stop))
+    # Tasks without a `paper` entry (commonsense) run as the references do already: no prefix, same budget.
+    return TaskProtocol(protocol, "", max_new_tokens or gen.max_new_tokens, list(gen.stop or []))
+
+
+def build_prompt(instruction: str, input: str | None, protocol: TaskProtocol) -> str:
+    """render_prompt, plus the protocol's response prefix written as the references write it
+    ("### Response: Let's think step by step.", on the header's line)."""
+    prompt = render_prompt(instruction, input)
+    if not protocol.response_prefix:
+        return prompt
+    if prompt.endswith("### Response:\n"):
+        return prompt[:-1] + " " + protocol.response_prefix
+    return prompt + protocol.response_prefix
+
+
+def select_examples(recipe, skip: int = 0, limit: int | None = None):
+    """(examples, SourceInfo with the count and hash of those examples).
+
+    `limit` keeps the first N after `skip` in source order, or, for a recipe whose generation.limit_order is
+    "shuffled" (MATH: subjects one after another), the first N of a fixed seeded shuffle (in source order),
+    so that a limited run covers every subject and is the same on every call.
+    """
+    from abba_cli.recipes import load_examples
+
+    if limit is not None and recipe.generation.limit_order == "shuffled":
+        examples, source = load_examples(recipe, skip=skip, with_source=True)
+        order = list(range(len(examples)))
+        random.Random(LIMIT_SHUFFLE_SEED).shuffle(order)
+        examples = [examples[i] for i in sorted(order[:limit])]
+    else:
+        examples, source = load_examples(recipe, skip=skip, limit=limit, with_source=True)
+    if limit is not None and len(examples) < limit:
+        print(
+            f"{recipe.name}: --limit {limit} but only {len(examples)} examples after --skip {skip} "
+            f"(the copy has {source.rows}); evaluating n={len(examples)}",
+            file=sys.stderr,
+        )
+    return examples, source.with_examples(examples)
+
+
+def _prediction(ex, prompt: str, output: str, answer_type: str, choices: list[str]) -> dict[str, Any]:
+    if ex.gold is None:
+        raise UserError(f"example {ex.id} has no gold answer; check the recipe's field mapping")
+    s = score(answer_type, output, ex.gold, choices)
+    return {
+        "id": ex.id,
+        "prompt": prompt,
+        "output": output,
+        "extracted": s.extracted,
+        "gold": ex.gold,
+        "correct": s.correct,
+    }
 
 
 def evaluate_task(
@@ -264,56 +442,73 @@ def evaluate_task(
     max_new_tokens: int | None = None,
     device=None,
     meta: dict[str, Any] | None = None,
+    protocol: str = "ours",
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_request: GracefulStop | None = None,
 ) -> TaskResult:
-    """Generate, score and write `<out_dir>/<task>/predictions.jsonl` and `metrics.json`."""
-    from abba_cli.recipes import load_examples, load_recipe
+    """Generate, score and write `<out_dir>/<task>/predictions.jsonl` and `metrics.json`, appending each
+    finished batch to a partial file first (see abba_cli.eval_results)."""
+    from abba_cli.recipes import load_recipe
 
     recipe = load_recipe(task)
     answer_type, choices = _answer_spec(recipe)
-    # --limit takes the first N (after --skip) in the source's fixed order, not a random subset.
-    examples = load_examples(recipe, skip=skip, limit=limit)
-    stop = list(recipe.generation.stop or [])
-    new_tokens = max_new_tokens or recipe.generation.max_new_tokens
+    task_dir = Path(out_dir) / task
+    eval_results.refuse_existing(task_dir, resume=resume, overwrite=overwrite)
+    examples, source = select_examples(recipe, skip=skip, limit=limit)
+    proto = task_protocol(recipe, protocol, max_new_tokens)
+    gen = generation_settings(greedy_generation_config(model, tokenizer, proto.max_new_tokens, proto.stop))
+    key = {
+        "model": (meta or {}).get("model"),
+        "adapter_run": (meta or {}).get("adapter_run"),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "batch_size": batch_size,
+        "protocol": proto.name,
+        "response_prefix": proto.response_prefix,
+        "generation": gen,
+        "data_source": {
+            k: source.as_dict()[k] for k in ("kind", "id", "split", "config", "revision", "rows")
+        },
+    }
+    done = eval_results.reusable_predictions(task_dir, key) if resume else {}
+    todo = [ex for ex in examples if ex.id not in done]
+    prompts = [build_prompt(ex.instruction, ex.input, proto) for ex in todo]
 
-    prompts = [render_prompt(ex.instruction, ex.input) for ex in examples]
     start = time.perf_counter()
-    outputs = generate(
-        model,
-        tokenizer,
-        prompts,
-        batch_size=batch_size,
-        max_new_tokens=new_tokens,
-        stop=stop,
-        device=device,
-        desc=task,
-    )
+    with eval_results.PartialPredictions(task_dir, key, fresh=not resume) as partial:
+        new_rows: list[dict] = []
+        try:
+            for batch in generate_batches(
+                model,
+                tokenizer,
+                prompts,
+                batch_size=batch_size,
+                max_new_tokens=proto.max_new_tokens,
+                stop=proto.stop,
+                device=device,
+                desc=task,
+            ):
+                rows = [_prediction(todo[i], prompts[i], text, answer_type, choices) for i, text in batch]
+                partial.append(rows)
+                new_rows.extend(rows)
+                if stop_request is not None and stop_request.requested and len(new_rows) < len(todo):
+                    raise EvalStopped(
+                        f"eval stopped by {signal_name(stop_request.signum)}", stop_request.signum
+                    )
+        except (EvalStopped, KeyboardInterrupt):
+            eval_results.say_kept(task_dir, len(examples) - len(todo) + len(new_rows), len(examples))
+            raise
     seconds = time.perf_counter() - start
 
-    rows = []
-    for ex, prompt, output in zip(examples, prompts, outputs, strict=True):
-        if ex.gold is None:
-            raise UserError(
-                f"task {task}: example {ex.id} has no gold answer; check the recipe's field mapping"
-            )
-        s = score(answer_type, output, ex.gold, choices)
-        rows.append(
-            {
-                "id": ex.id,
-                "prompt": prompt,
-                "output": output,
-                "extracted": s.extracted,
-                "gold": ex.gold,
-                "correct": s.correct,
-            }
-        )
+    # Re-score every kept output against the current gold: a resumed row is scored like a new one.
+    stored = {**done, **{r["id"]: r for r in new_rows}}
+    rows = [
+        _prediction(ex, stored[ex.id]["prompt"], stored[ex.id]["output"], answer_type, choices)
+        for ex in examples
+    ]
     n = len(rows)
     correct = sum(r["correct"] for r in rows)
     invalid = sum(r["extracted"] is None for r in rows)
-
-    task_dir = Path(out_dir) / task
-    with atomic_file(task_dir / "predictions.jsonl") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
     metrics = {
         "task": task,
         "n": n,
@@ -321,21 +516,23 @@ def evaluate_task(
         "accuracy": correct / n,
         "invalid": invalid,
         **(meta or {}),
+        "dtype": key["dtype"],
+        "batch_size": batch_size,
+        "protocol": proto.name,
+        "response_prefix": proto.response_prefix,
         "limit": limit,
         "skip": skip,
+        "generated": len(todo),
+        "resumed": n - len(todo),
         "seconds": round(seconds, 3),
-        "examples_per_s": round(n / seconds, 4) if seconds > 0 else None,
-        "generation": {
-            "do_sample": False,
-            "max_new_tokens": new_tokens,
-            "stop": stop,
-            "batch_size": batch_size,
-            "padding_side": "left",
-        },
+        "examples_per_s": round(len(todo) / seconds, 4) if seconds > 0 and todo else None,
+        "generation": {**gen, "batch_size": batch_size, "padding_side": "left"},
+        "data_source": source.as_dict(),
         "answer_type": answer_type,
+        "resume_key": key,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    atomic_write_json(task_dir / "metrics.json", metrics)
+    eval_results.finalize(task_dir, rows, metrics)
     return TaskResult(task, n, correct, invalid, seconds, task_dir)
 
 
@@ -359,8 +556,14 @@ def run_eval(
     batch_size: int | None = None,
     max_new_tokens: int | None = None,
     out: Path | None = None,
+    protocol: str = "ours",
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> list[TaskResult]:
-    """Evaluate a run's adapter (merged) or a plain model on `tasks`; print a summary table."""
+    """Evaluate a run's adapter (merged) or a plain model on `tasks`; print a summary table.
+
+    Everything that can be refused (unknown task or protocol, an unusable --out, results that would be
+    replaced) is refused before the model loads."""
     import torch
 
     from abba_cli import __version__
@@ -381,6 +584,11 @@ def run_eval(
         max_new_tokens = max_new_tokens or defaults.max_new_tokens
     batch_size = batch_size or DEFAULT_BATCH_SIZE
     skip = skip or 0
+    if protocol not in PROTOCOLS:
+        raise UserError(f"--protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    eval_results.check_out_dir(Path(target.out_dir))
+    for task in task_list:
+        eval_results.refuse_existing(Path(target.out_dir) / task, resume=resume, overwrite=overwrite)
 
     model_obj, tokenizer, device = load_model_for_eval(target.model, target.run_dir, target.load_kwargs)
     meta = {
@@ -392,21 +600,27 @@ def run_eval(
         "abba_cli": __version__,
     }
     results = []
-    for task in task_list:
-        results.append(
-            evaluate_task(
-                model_obj,
-                tokenizer,
-                task,
-                target.out_dir,
-                limit=limit,
-                skip=skip,
-                batch_size=batch_size,
-                max_new_tokens=max_new_tokens,
-                device=device,
-                meta=meta,
+    # SIGINT/SIGTERM: finish the current batch (already on disk), then stop; a second signal stops at once.
+    with GracefulStop() as stop_request:
+        for task in task_list:
+            results.append(
+                evaluate_task(
+                    model_obj,
+                    tokenizer,
+                    task,
+                    target.out_dir,
+                    limit=limit,
+                    skip=skip,
+                    batch_size=batch_size,
+                    max_new_tokens=max_new_tokens,
+                    device=device,
+                    meta=meta,
+                    protocol=protocol,
+                    resume=resume,
+                    overwrite=overwrite,
+                    stop_request=stop_request,
+                )
             )
-        )
     print(format_table(results))
     print(f"results: {target.out_dir}")
     return results

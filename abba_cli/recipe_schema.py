@@ -137,9 +137,25 @@ class Answer(_Strict):
         return self
 
 
+class PaperProtocol(_Strict):
+    """The reference eval scripts' settings (ABBA's instruction_tuning_eval), run by `abba eval --protocol paper`."""
+
+    response_prefix: str = Field(
+        "", description='Text the response starts with, e.g. "Let\'s think step by step."'
+    )
+    max_new_tokens: int = Field(ge=1)
+    stop: list[str] = Field(default_factory=list, description="The references' stop strings.")
+
+
 class Generation(_Strict):
     max_new_tokens: int = Field(512, ge=1)
     stop: list[str] = Field(default_factory=list, description="Generation stops at the first of these.")
+    paper: PaperProtocol | None = Field(None, description="Settings of `--protocol paper` (default: ours).")
+    limit_order: Literal["source", "shuffled"] = Field(
+        "source",
+        description="`--limit N` takes the first N rows (source), or the first N of a fixed seeded shuffle "
+        "(shuffled: for copies sorted by subject, like MATH, so a limited run spans every subject).",
+    )
 
 
 class Recipe(_Strict):

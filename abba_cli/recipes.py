@@ -197,14 +197,18 @@ def load_examples(
     *,
     limit: int | None = None,
     source: Literal["auto", "hub", "bundled"] = "auto",
+    with_source: bool = False,
 ) -> list[Example]:
     """Examples of a recipe: skip the first `skip` rows (source order), keep the first `limit` of the rest,
     then take a seeded random subset of `num_samples` (returned in source order).
 
     `source` forces a copy ('hub' or 'bundled'); 'auto' tries the hub then the bundled copy. `path` (a local
-    json/jsonl/parquet file or directory) overrides both.
+    json/jsonl/parquet file or directory) overrides both. `with_source=True` returns (examples, SourceInfo).
     """
-    return load_split(recipe, path, num_samples, skip, seed, limit=limit, source=source)[0]
+    split = load_split(
+        recipe, path, num_samples, skip, seed, limit=limit, source=source, with_source=with_source
+    )
+    return (split[0], split[2]) if with_source else split[0]
 
 
 def load_split(
@@ -217,6 +221,7 @@ def load_split(
     held_out: int = 0,
     limit: int | None = None,
     source: Literal["auto", "hub", "bundled"] = "auto",
+    with_source: bool = False,
 ) -> tuple[list[Example], list[Example]]:
     """(examples, held-out examples) of a recipe, disjoint by construction.
 
@@ -227,6 +232,8 @@ def load_split(
     if isinstance(recipe, str):
         recipe = load_recipe(recipe)
     if recipe.mix is not None:
+        if with_source:
+            raise ValueError(f"recipe {recipe.name} is a mix of several copies; with_source needs one")
         return _load_mix(recipe, path, num_samples, skip, seed, limit, held_out)
     rows, derive, where = read_rows(recipe, path, source)
     n = len(rows)
@@ -246,7 +253,12 @@ def load_split(
             raise _missing_field_error(recipe, where, e.args[0], row) from None
         except (IndexError, AttributeError, TypeError, ValueError) as e:
             raise UserError(f"recipe {recipe.name}, row {i} of {where}: cannot render: {e}") from None
-    return [rendered[i] for i in indices], [rendered[i] for i in held]
+    examples, held_examples = [rendered[i] for i in indices], [rendered[i] for i in held]
+    if with_source:  # eval records which copy ran as metrics.json data_source (abba_cli.provenance)
+        from abba_cli.provenance import describe_source
+
+        return examples, held_examples, describe_source(recipe, path, where, n)
+    return examples, held_examples
 
 
 def _load_mix(

@@ -65,7 +65,7 @@ PYEOF
         log "$setting: eval base model"
         mnt_arg=(); [ "$mnt" != 0 ] && mnt_arg=(--max-new-tokens "$mnt")
         "$ABBA" eval --model "$BASE" --task "$tasks" --limit "$limit" --skip 0 \
-            --batch-size "$bs" "${mnt_arg[@]}" --out "$base_out" > "$ROOT/$setting/base.eval.log" 2>&1
+            --batch-size "$bs" "${mnt_arg[@]}" --out "$base_out" --resume > "$ROOT/$setting/base.eval.log" 2>&1
     fi
     for method in $METHODS; do
         cfg=configs/repro/${PREFIX}${setting}_${method}.yaml
@@ -79,7 +79,7 @@ PYEOF
         if [ ! -f "$run/eval/${tasks##*,}/metrics.json" ]; then
             log "$setting: eval $method"
             # Tasks, limit, skip, batch size and max_new_tokens come from the run's own config.yaml.
-            "$ABBA" eval --run "$run" > "$run.eval.log" 2>&1 || { echo "eval failed: see $run.eval.log" >&2; exit 1; }
+            "$ABBA" eval --run "$run" --resume > "$run.eval.log" 2>&1 || { echo "eval failed: see $run.eval.log" >&2; exit 1; }
         fi
     done
 done

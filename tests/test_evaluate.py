@@ -228,7 +228,7 @@ def test_run_config_eval_section_gives_default_tasks_and_limit(adapter_run, tiny
     assert result.exit_code == 0, out
     assert json.loads((adapter_run / "eval" / "piqa" / "metrics.json").read_text())["n"] == 1
     # An explicit --skip 0 overrides the run's eval.skip (0 is a value, not "unset").
-    result, out = _invoke("--run", str(adapter_run), "--skip", "0", "--max-new-tokens", "2")
+    result, out = _invoke("--run", str(adapter_run), "--skip", "0", "--max-new-tokens", "2", "--overwrite")
     assert result.exit_code == 0, out
     ids = [p["id"] for p in _read_jsonl(adapter_run / "eval" / "boolq" / "predictions.jsonl")]
     assert ids == ["boolq-0", "boolq-1"]

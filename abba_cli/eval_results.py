@@ -1,0 +1,158 @@
+"""One eval task's results folder, `<out>/<task>/`: written as generations finish, resumable, never half-done.
+
+- While running, each finished batch is appended to `predictions.jsonl.partial` and fsynced, so Ctrl-C, SIGTERM
+  or a crash keeps every finished generation. Its first line holds the settings the predictions depend on.
+- When the task completes, `predictions.jsonl` and then `metrics.json` are written atomically and the partial
+  file is removed. `metrics.json` is what marks a task as finished; a folder without it never looks complete.
+- An existing finished result or interrupted partial is never replaced silently: `--resume` continues it
+  (skipping finished ids, refused if the settings differ), `--overwrite` starts again (the old files stay until
+  the new ones are complete).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from abba_cli.errors import UserError
+from abba_cli.fsutil import atomic_file, atomic_write_json
+
+PREDICTIONS = "predictions.jsonl"
+METRICS = "metrics.json"
+PARTIAL = "predictions.jsonl.partial"
+_KEY = "_resume_key"  # the partial file's first line: {"_resume_key": {...}}
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Before any generation: `--out` must be a directory we can create or write into."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir}: is a file, not a directory; give a directory for the results")
+    existing = out_dir
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"--out {out_dir}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out_dir}: {existing} is not writable; choose another --out")
+
+
+def refuse_existing(task_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """Before any generation: finished or interrupted results need --resume or --overwrite."""
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other: continue the results, or replace them")
+    if resume or overwrite:
+        return
+    if (task_dir / METRICS).is_file():
+        raise UserError(
+            f"{task_dir}: finished results exist; --overwrite replaces them, --resume reuses them "
+            "(e.g. to extend them with a larger --limit), or choose another --out"
+        )
+    if (task_dir / PARTIAL).is_file():
+        raise UserError(
+            f"{task_dir}: an interrupted eval is there ({_count_rows(task_dir / PARTIAL)} predictions); "
+            "--resume continues it, --overwrite starts again"
+        )
+    if task_dir.exists() and not task_dir.is_dir():
+        raise UserError(f"{task_dir}: is a file, not a results directory")
+
+
+def _count_rows(path: Path) -> int:
+    return max(0, sum(1 for line in path.read_text().splitlines() if line.strip()) - 1)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file; a last line cut short by a kill is dropped (it was never fsynced as complete)."""
+    rows = []
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise UserError(f"{path}: line {i + 1} is not JSON; --overwrite starts the task again") from None
+    return rows
+
+
+def _key_mismatch(task_dir: Path, old: dict, new: dict) -> UserError:
+    diffs = [
+        f"{k} {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
+    return UserError(
+        f"--resume {task_dir}: its predictions were made with other settings ({'; '.join(diffs)}); "
+        "rerun with the same settings, or --overwrite"
+    )
+
+
+def reusable_predictions(task_dir: Path, key: dict[str, Any]) -> dict[str, dict]:
+    """For --resume: the finished predictions (partial and completed) made with the same settings, by id."""
+    rows: dict[str, dict] = {}
+    finished = task_dir / PREDICTIONS
+    if (task_dir / METRICS).is_file() and finished.is_file():
+        old_key = json.loads((task_dir / METRICS).read_text()).get("resume_key")
+        if old_key != key:
+            raise _key_mismatch(task_dir, old_key or {}, key)
+        rows.update((r["id"], r) for r in _read_jsonl(finished))
+    partial = task_dir / PARTIAL
+    if partial.is_file():
+        lines = _read_jsonl(partial)
+        if not lines or _KEY not in lines[0]:
+            raise UserError(f"{partial}: no settings line; --overwrite starts the task again")
+        if lines[0][_KEY] != key:
+            raise _key_mismatch(task_dir, lines[0][_KEY], key)
+        rows.update((r["id"], r) for r in lines[1:])
+    return rows
+
+
+class PartialPredictions:
+    """Append-only `predictions.jsonl.partial`: each `append` is flushed and fsynced before it returns."""
+
+    def __init__(self, task_dir: Path, key: dict[str, Any], *, fresh: bool) -> None:
+        task_dir.mkdir(parents=True, exist_ok=True)
+        self.path = task_dir / PARTIAL
+        existing = self.path.is_file() and not fresh
+        self._f = open(self.path, "a" if existing else "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        if not existing:
+            self._write([{_KEY: key}])
+
+    def _write(self, rows: list[dict]) -> None:
+        self._f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def append(self, rows: list[dict]) -> None:
+        self._write(rows)
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> PartialPredictions:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def finalize(task_dir: Path, rows: list[dict], metrics: dict[str, Any]) -> None:
+    """Write predictions.jsonl, then metrics.json (the 'finished' mark), atomically; drop the partial file."""
+    with atomic_file(task_dir / PREDICTIONS) as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    atomic_write_json(task_dir / METRICS, metrics)
+    (task_dir / PARTIAL).unlink(missing_ok=True)
+
+
+def say_kept(task_dir: Path, done: int, total: int) -> None:
+    print(
+        f"{task_dir.name}: stopped after {done} of {total} predictions, kept in {task_dir / PARTIAL}; "
+        "run the same command with --resume to continue",
+        file=sys.stderr,
+        flush=True,
+    )
