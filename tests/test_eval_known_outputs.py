@@ -25,11 +25,19 @@ GSM8K = {
     "Josh decides": ("He made a profit of seventy thousand dollars.", False, True),
     "James decides": ("3 * 3 * 60 = 540\nThe answer is: 540.0", True, False),
 }
+# MATH --limit takes a fixed shuffle across the subjects (issue 13.9): these are its first four, in source order
+# (golds 60, -2, 72^\\circ, 180).
+MATH_IDS = ["math-76", "math-879", "math-2004", "math-4022"]
 MATH = {
-    "vertical asymptotes": ("The denominator is (x+3)(x-2).\nThe answer is: $2$", True, False),
-    "positive difference": ("36 - 26 is $\\boxed{10}$.", True, False),
-    "lceil x": ("The answer is: $\\frac{18}{14}$", True, False),  # equal to 9/7, written another way
-    "Evaluate $i^5": ("The answer is: $-i$", False, False),
+    "sqrt[3]{12}": (
+        "The product is $\\sqrt[3]{12 \\cdot 20 \\cdot 15 \\cdot 60}$.\nThe answer is: $60$",
+        True,
+        False,
+    ),
+    "3x^2 + 14x + 8": ("So $A = 2$ and $B = 4$, and $A - B$ is $\\boxed{-2}$.", True, False),
+    # The gold's 72^\\circ, written another way.
+    "placed on a circle": ("The answer is: $72^{\\circ}$", True, False),
+    "committee of three students": ("The answer is: $36$", False, False),
 }
 
 
@@ -67,7 +75,7 @@ def test_stored_verdicts_are_the_hand_decided_ones(tmp_path, tiny_model_dir, scr
     assert len(scripted_generate) == 4  # every problem went through the (scripted) model once
 
     preds = [json.loads(line) for line in (out_dir / task / "predictions.jsonl").read_text().splitlines()]
-    assert [p["id"] for p in preds] == [f"{task}-{i}" for i in range(4)]
+    assert [p["id"] for p in preds] == (MATH_IDS if task == "math" else [f"{task}-{i}" for i in range(4)])
     expected = list(script.values())  # the keys are in the problems' order
     for p, (output, correct, invalid) in zip(preds, expected, strict=True):
         assert p["output"].strip() == output.split("### Instruction")[0].strip()

@@ -150,6 +150,7 @@ def test_a_truncated_last_line_is_dropped_on_resume(tiny_model_dir, tmp_path, mo
     assert _read_jsonl(out / "gsm8k" / "predictions.jsonl") == reference
 
 
+@pytest.mark.slow  # a subprocess: imports torch and transformers again (bounded by its deadlines)
 def test_sigterm_to_a_background_eval_keeps_its_batches(tiny_model_dir, tmp_path):
     """A real process, started like `abba eval ... &`, sent SIGTERM once its first batch is on disk."""
     out = tmp_path / "o"
