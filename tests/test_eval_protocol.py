@@ -222,3 +222,17 @@ def test_limit_larger_than_what_is_left_says_so(tiny_model_dir, tmp_path):
     assert result.exit_code == 0, text
     assert "--limit 100 but only 4 examples" in text and "n=4" in text
     assert _metrics(tmp_path / "o", "obqa")["n"] == 4
+
+
+def test_hub_unavailable_is_said_once_per_process(tiny_model_dir, tmp_path):
+    result = runner.invoke(
+        app,
+        ["eval", "--task", "boolq,piqa,gsm8k", "--model", str(tiny_model_dir), "--limit", "1"]
+        + ["--max-new-tokens", "1", "--out", str(tmp_path / "o")],
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("hub unavailable") == 1, result.stderr
+    assert "HF_HUB_OFFLINE" in result.stderr
+    assert {_metrics(tmp_path / "o", t)["data_source"]["kind"] for t in ("boolq", "piqa", "gsm8k")} == {
+        "bundled"
+    }
