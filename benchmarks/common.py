@@ -92,6 +92,25 @@ def time_once(fn: Callable[[], Any], device: torch.device | str) -> float:
     return time.perf_counter() - t0
 
 
+def round_robin(
+    fns: dict[str, Callable[[], Any]], repeats: int, progress: Callable[[int, dict], None] | None = None
+) -> dict[str, list[Any]]:
+    """What each fn returns, called round-robin (A B C, B C A, C A B, ...) `repeats` times.
+
+    The order rotates every round so no variant always runs right after the same neighbour. `progress(i, out)`
+    is called after round i.
+    """
+    names = list(fns)
+    out: dict[str, list[Any]] = {name: [] for name in names}
+    for i in range(repeats):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            out[name].append(fns[name]())
+        if progress is not None:
+            progress(i, out)
+    return out
+
+
 def interleaved(
     fns: dict[str, Callable[[], Any]],
     repeats: int,
@@ -99,23 +118,17 @@ def interleaved(
     warmup: int = 1,
     progress: bool = False,
 ) -> dict[str, list[float]]:
-    """Seconds per call of each fn, measured round-robin (A B C A B C ...) after `warmup` rounds.
-
-    The order rotates every round so no variant always runs right after the same neighbour.
-    """
-    names = list(fns)
+    """Seconds per call of each fn, measured round-robin (see `round_robin`) after `warmup` rounds."""
     for _ in range(warmup):
-        for name in names:
-            fns[name]()
-    out: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(repeats):
-        k = i % len(names)
-        for name in names[k:] + names[:k]:
-            out[name].append(time_once(fns[name], device))
-        if progress:
-            done = ", ".join(f"{name} {out[name][-1]:.3f}s" for name in names)
-            print(f"  round {i + 1}/{repeats}: {done}", file=sys.stderr, flush=True)
-    return out
+        for fn in fns.values():
+            fn()
+
+    def show(i: int, out: dict) -> None:
+        done = ", ".join(f"{name} {out[name][-1]:.3f}s" for name in out)
+        print(f"  round {i + 1}/{repeats}: {done}", file=sys.stderr, flush=True)
+
+    timed = {name: (lambda fn=fn: time_once(fn, device)) for name, fn in fns.items()}
+    return round_robin(timed, repeats, show if progress else None)
 
 
 def summary(times: Sequence[float]) -> dict[str, float]:

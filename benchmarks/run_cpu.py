@@ -1,11 +1,12 @@
 """`make bench`: the CPU benchmark set (under 15 minutes on 2 quiet cores), results into benchmarks/RESULTS.md.
 
 Runs, in order, each as its own process: the SmolLM2 training step table (step_bench), the quick layer sweep
-(layer_sweep --quick), generation speed with a merged adapter (eval_speed) and the merge (merge_bench). JSON goes
+(layer_sweep --quick), generation speed with a merged adapter (eval_speed), the merge (merge_bench) and the
+end-to-end `abba train` step, ABBA against our LoRA (e2e_step --quick: 2 rounds at dropout 0). JSON goes
 to benchmarks/results/, tables replace their blocks inside the "## Performance" section of RESULTS.md (other
 sections are left alone). The full layer sweep is not part of this set: `python benchmarks/layer_sweep.py --fit`.
 
-    python benchmarks/run_cpu.py [--skip step sweep eval merge] [--no-results-md]
+    python benchmarks/run_cpu.py [--skip step sweep eval merge e2e] [--no-results-md]
     python benchmarks/run_cpu.py --record step "python benchmarks/step_bench.py ..." results/step_cpu.json
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common, eval_speed, layer_sweep, merge_bench, step_bench  # noqa: E402
+from benchmarks import common, e2e_step, eval_speed, layer_sweep, merge_bench, step_bench  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 JOBS = {
@@ -52,6 +53,8 @@ JOBS = {
     ),
     "eval": ("eval_speed.py", ["--repeats", "3"], "eval_speed_cpu.json"),
     "merge": ("merge_bench.py", [], "merge_cpu.json"),
+    # Real `abba train` subprocesses (6 steps each, the first 2 left out); the full run is 5 rounds with dropout.
+    "e2e": ("e2e_step.py", ["--quick"], "e2e_step_quick_cpu.json"),
 }
 
 
@@ -65,6 +68,8 @@ def render(key: str, res: dict[str, Any]) -> str:
         if "fit" in res:
             text += "; fitted: " + ", ".join(f"{k}={v:.3g}" for k, v in res["fit"].items())
         return text
+    if key.startswith("e2e"):
+        return e2e_step.to_markdown(res)
     if key.startswith("eval"):
         return eval_speed.to_markdown(res)
     return merge_bench.to_markdown(res)

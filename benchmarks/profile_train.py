@@ -1,0 +1,139 @@
+"""Where an `abba train` step spends its time: torch.profiler over real training steps, as shares of the step.
+
+Runs `run_training` in this process with exactly e2e_step.py's setting (configs/quickstart.yaml + its overrides)
+and profiles the optimizer steps after the first `--skip` (a global optimizer-step hook advances the profiler's
+schedule, so train.py is untouched). The loop's own work is labelled by wrapping its helpers here: forward,
+loss, backward, clipping, the finiteness check, collation. Prints the share of the profiled steps that each label
+and each top op takes (self CPU time). Shares, not seconds: the profiler's per-op overhead inflates small ops,
+and on a shared machine absolute times mean little.
+
+    python benchmarks/profile_train.py --method abba --dropout 0 [--steps 6 --skip 2] [--out trace.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import common, e2e_step  # noqa: E402
+
+LABELS = (
+    "model forward",
+    "adapted layers forward",
+    "loss",
+    "backward",
+    "clip_grad_norm",
+    "finiteness check",
+    "collate",
+)
+
+
+def _labelled(fn, label: str):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.profiler.record_function(label):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _instrument() -> None:
+    """Label the loop's parts by wrapping what train.py calls (module globals and library methods)."""
+    from accelerate import Accelerator
+    from transformers import LlamaForCausalLM
+
+    from abba_cli import data, train
+    from abba_cli.adapters.base import AdapterLinear
+
+    LlamaForCausalLM.forward = _labelled(LlamaForCausalLM.forward, "model forward")
+    AdapterLinear.forward = _labelled(
+        AdapterLinear.forward, "adapted layers forward"
+    )  # frozen matmul included
+    train._target_loss_sum = _labelled(train._target_loss_sum, "loss")
+    Accelerator.backward = _labelled(Accelerator.backward, "backward")
+    Accelerator.clip_grad_norm_ = _labelled(Accelerator.clip_grad_norm_, "clip_grad_norm")
+    train._all_finite = _labelled(train._all_finite, "finiteness check")
+    data.DataCollator.__call__ = _labelled(data.DataCollator.__call__, "collate")
+
+
+def profile(
+    method: str, dropout: float, steps: int, skip: int, model: str | None, extra: list[str], out: Path | None
+) -> dict:
+    from abba_cli.config import load_config
+    from abba_cli.train import run_training
+
+    _instrument()
+    model = model or str(common.smollm2_dir())
+    with tempfile.TemporaryDirectory(prefix="abba-prof-") as tmp:
+        overrides = [*e2e_step.run_overrides(method, dropout, steps, model, extra), f"output_dir={tmp}/run"]
+        cfg = load_config(e2e_step.CONFIG, overrides)
+        prof = torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU],
+            schedule=torch.profiler.schedule(wait=skip - 1, warmup=1, active=steps - skip, repeat=1),
+        )
+        hook = register_optimizer_step_post_hook(lambda *_: prof.step())
+        try:
+            with prof:
+                run_training(cfg, e2e_step.CONFIG)
+        finally:
+            hook.remove()
+    if out:
+        prof.export_chrome_trace(str(out))
+    return shares(prof.events())
+
+
+def shares(events: Any, top: int = 25) -> dict:
+    """Inclusive share of each label and self-time share of each op, over the ProfilerStep# windows."""
+    total = sum(e.cpu_time_total for e in events if e.name.startswith("ProfilerStep"))
+    labels = {lab: sum(e.cpu_time_total for e in events if e.name == lab) / total for lab in LABELS}
+    ops: dict[str, list[float]] = {}
+    for e in events:
+        if e.name.startswith("ProfilerStep") or e.name in LABELS:
+            continue
+        acc = ops.setdefault(e.name, [0.0, 0])
+        acc[0] += e.self_cpu_time_total
+        acc[1] += 1
+    ranked = sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "labels": labels,
+        "ops": [{"op": name, "self_share": t / total, "calls": int(n)} for name, (t, n) in ranked],
+    }
+
+
+def to_markdown(res: dict, title: str) -> str:
+    lab = common.md_table(["part of the step", "share"], [[k, f"{v:.1%}"] for k, v in res["labels"].items()])
+    ops = common.md_table(
+        ["op (self time)", "share", "calls"],
+        [[o["op"], f"{o['self_share']:.1%}", o["calls"]] for o in res["ops"]],
+    )
+    return f"{title}\n\n{lab}\n\n{ops}"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", choices=list(e2e_step.METHODS), default="abba")
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--skip", type=int, default=2)
+    p.add_argument("--model", help="model.name_or_path (default: the bundled SmolLM2, converted)")
+    p.add_argument("--set", dest="extra", action="append", default=[], help="one more abba --set override")
+    p.add_argument("--trace", type=Path, help="also write a Chrome trace here")
+    p.add_argument("--out", type=Path, help="write the shares as JSON here")
+    args = p.parse_args(argv)
+    res = profile(args.method, args.dropout, args.steps, args.skip, args.model, args.extra, args.trace)
+    if args.out:
+        common.write_json(args.out, res)
+    print(to_markdown(res, f"{args.method}, dropout {args.dropout:g}: steps {args.skip + 1}-{args.steps}"))
+    return res
+
+
+if __name__ == "__main__":
+    main()
