@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -80,24 +81,29 @@ def finished_run(tiny_model_dir, tmp_path_factory) -> Path:
     return _make_run(tmp_path_factory.mktemp("finished") / "run", tiny_model_dir)
 
 
-@pytest.fixture
-def world(tmp_path, tiny_model_dir, tiny_model_dir_other, finished_run) -> World:
-    data = _write_jsonl(tmp_path / "data.jsonl", _rows(6))
-    cfg = tmp_path / "cfg.yaml"
+def _make_world(root: Path, model: Path, other_model: Path, finished_run: Path) -> World:
+    root.mkdir(parents=True, exist_ok=True)
+    data = _write_jsonl(root / "data.jsonl", _rows(6))
+    cfg = root / "cfg.yaml"
     cfg.write_text(
         yaml.safe_dump(
             {
-                "model": {"name_or_path": str(tiny_model_dir), "dtype": "float32"},
+                "model": {"name_or_path": str(model), "dtype": "float32"},
                 "adapter": {"type": "abba", "r1": 2, "r2": 2, "target_modules": ["q_proj", "v_proj"]},
                 "data": {"recipe": "gsm8k", "path": str(data), "max_seq_len": 128},
                 "train": {"max_steps": 2},
-                "output_dir": str(tmp_path / "out-run"),
+                "output_dir": str(root / "out-run"),
             }
         )
     )
-    run = tmp_path / "run"
+    run = root / "run"
     shutil.copytree(finished_run, run)
-    return World(tmp_path, tiny_model_dir, tiny_model_dir_other, cfg, data, run)
+    return World(root, model, other_model, cfg, data, run)
+
+
+@pytest.fixture
+def world(tmp_path, tiny_model_dir, tiny_model_dir_other, finished_run) -> World:
+    return _make_world(tmp_path, tiny_model_dir, tiny_model_dir_other, finished_run)
 
 
 def _tree(*roots: Path) -> dict[str, str]:
@@ -221,11 +227,126 @@ def _out_not_empty(cmd: list[str]) -> Callable[[World], list[str]]:
     return build
 
 
+def _cfg_bytes(data: bytes, cmd: str = "train") -> Callable[[World], list[str]]:
+    def build(w: World) -> list[str]:
+        p = w.root / "bad.yaml"
+        p.write_bytes(data.replace(b"MODEL", str(w.model).encode()))
+        return [cmd, str(p)]
+
+    return build
+
+
+def _dir_as_config(with_saved_config: bool) -> Callable[[World], list[str]]:
+    def build(w: World) -> list[str]:
+        d = w.root / "a-run"
+        d.mkdir()
+        if with_saved_config:
+            shutil.copy(w.cfg, d / "config.yaml")
+        return ["train", str(d)]
+
+    return build
+
+
+def _broken_base(
+    name: str, content: Callable[[bytes], bytes], cmd: str = "train"
+) -> Callable[[World], list[str]]:
+    """A copy of the tiny base model with one file rewritten (content(old bytes) -> new bytes)."""
+
+    def build(w: World) -> list[str]:
+        base = w.root / "broken-base"
+        shutil.copytree(w.model, base)
+        (base / name).write_bytes(content((base / name).read_bytes()))
+        return [cmd, str(w.cfg), "--set", f"model.name_or_path={base}"]
+
+    return build
+
+
+def _recipe_bytes(data: bytes) -> Callable[[World], list[str]]:
+    def build(w: World) -> list[str]:
+        recipe = w.root / "my-recipe.yaml"
+        recipe.write_bytes(data)
+        return ["train", str(w.cfg), "--set", f"data.recipe={recipe}"]
+
+    return build
+
+
+def _latest_run_bytes(cmd: list[str]) -> Callable[[World], list[str]]:
+    def build(w: World) -> list[str]:
+        marker = Path(os.environ["ABBA_HOME"]) / "latest_run"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_bytes(str(w.run).encode() + b"\xff\n")
+        return [*cmd, *(["--out", str(w.root / "o")] if cmd[0] != "eval" else [])]
+
+    return build
+
+
+def _flash_attn_2_usable() -> bool:
+    from transformers.utils import is_flash_attn_2_available
+
+    return is_flash_attn_2_available()
+
+
+_NEEDS_NO_FLASH = pytest.mark.skipif(_flash_attn_2_usable(), reason="flash-attn is usable on this machine")
+
 CASES: list[tuple[str, Callable[[World], list[str]], list[str]]] = [
     # --- config file and --set (train / validate)
-    ("yaml-syntax", _cfg_file("model: {name_or_path: MODEL\ndata: [\n"), ["YAML syntax error", "line"]),
+    (
+        "yaml-syntax",
+        _cfg_file("model: {name_or_path: MODEL\ndata: [\n"),
+        ["bad.yaml: YAML syntax error (line 2, column 5)"],
+    ),
     ("config-not-mapping", _cfg_file("- model\n- data\n"), ["expected a mapping", "model, adapter"]),
     ("config-missing", lambda w: ["train", str(w.root / "nope.yaml")], ["nope.yaml", "not found"]),
+    (
+        "config-not-utf8",
+        _cfg_bytes(b"model: {name_or_path: MODEL}\n# caf\xe9\n"),
+        ["bad.yaml: line 2: byte 0xe9 is not UTF-8", "save the file as UTF-8"],
+    ),
+    (
+        "config-duplicate-key",
+        _cfg_bytes(b"model: {name_or_path: MODEL}\ntrain:\n  lr: 0.1\n  lr: 0.2\n", cmd="validate"),
+        ["bad.yaml: line 4: key 'lr' is given twice (first on line 3)"],
+    ),
+    ("config-is-a-directory", _dir_as_config(False), ["a-run is a directory, not a config file", "configs/"]),
+    ("run-dir-as-config", _dir_as_config(True), ["a-run is a directory", "a-run/config.yaml", "--resume"]),
+    ("nan-lr", _train_set("train.lr=nan"), ["train.lr: must be a finite number (got 'nan')"]),
+    ("inf-alpha", _train_set("adapter.alpha=.inf"), ["adapter.alpha: must be a finite number (got inf)"]),
+    (
+        "bogus-attention",
+        _train_set("model.attn_implementation=bogus"),
+        ["model.attn_implementation: Input should be 'eager', 'sdpa'", "(got 'bogus')"],
+    ),
+    pytest.param(
+        "flash-attention-not-installed",
+        _train_set("model.attn_implementation=flash_attention_2"),
+        ["model.attn_implementation 'flash_attention_2' cannot run here", "flash-attn", "sdpa"],
+        marks=_NEEDS_NO_FLASH,
+    ),
+    (
+        "base-truncated-weights",
+        _broken_base("model.safetensors", lambda b: b[: len(b) // 2]),
+        ["broken-base/model.safetensors is truncated or corrupt"],
+    ),
+    (
+        "base-config-not-json",
+        _broken_base("config.json", lambda b: b + b"}"),
+        ["broken-base/config.json is not valid JSON (line"],
+    ),
+    (
+        "base-config-not-utf8",
+        _broken_base("config.json", lambda b: b.replace(b'"llama"', b'"ll\xe9ma"'), cmd="validate"),
+        ["broken-base/config.json: line", "byte 0xe9 is not UTF-8"],
+    ),
+    (
+        "recipe-not-utf8",
+        _recipe_bytes(b"name: my-recipe\ndescription: caf\xe9\n"),
+        ["my-recipe.yaml: line 2: byte 0xe9 is not UTF-8"],
+    ),
+    (
+        "recipe-duplicate-key",
+        _recipe_bytes(b"name: my-recipe\nkind: train\nname: other\n"),
+        ["my-recipe.yaml: line 3: key 'name' is given twice (first on line 1)"],
+    ),
     ("unknown-key", _train_set("adapter.rank=8"), ["adapter.rank", "unknown key", "r1"]),
     ("unknown-section", _train_set("optimizer.lr=1"), ["optimizer", "unknown key", "train"]),
     ("wrong-type", _train_set("train.lr=fast"), ["train.lr", "'fast'", "number"]),
@@ -286,6 +407,11 @@ CASES: list[tuple[str, Callable[[World], list[str]], list[str]]] = [
         ["corrupt", "safetensors"],
     ),
     ("eval-other-base", _other_base("eval"), ["another base"]),
+    (
+        "eval-latest-run-not-utf8",
+        _latest_run_bytes(["eval", "-t", "gsm8k"]),
+        ["latest_run: the latest-run record is empty or not UTF-8 text", "--run RUN_DIR"],
+    ),
     # --- merge
     (
         "merge-bad-dtype",
@@ -301,6 +427,11 @@ CASES: list[tuple[str, Callable[[World], list[str]], list[str]]] = [
         ["adapter_model.safetensors"],
     ),
     ("merge-other-base", _other_base("merge"), ["another base"]),
+    (
+        "merge-latest-run-not-utf8",
+        _latest_run_bytes(["merge"]),
+        ["latest_run: the latest-run record is empty or not UTF-8 text", "--run RUN_DIR"],
+    ),
     # --- export
     (
         "export-unknown-format",
@@ -316,6 +447,11 @@ CASES: list[tuple[str, Callable[[World], list[str]], list[str]]] = [
         ["adapter_config.json"],
     ),
     ("export-other-base", _other_base("export"), ["another base"]),
+    (
+        "export-latest-run-not-utf8",
+        _latest_run_bytes(["export"]),
+        ["latest_run: the latest-run record is empty or not UTF-8 text", "--run RUN_DIR"],
+    ),
     # --- errors the option parser catches before any command runs
     (
         "eval-limit-zero",
@@ -327,7 +463,17 @@ CASES: list[tuple[str, Callable[[World], list[str]], list[str]]] = [
 ]
 
 
-@pytest.mark.parametrize("build,expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def _case_fields(case) -> tuple:
+    """(id, builder, expected) of a plain case tuple or of a pytest.param (a case with marks)."""
+    return tuple(case.values) if hasattr(case, "marks") else case
+
+
+def _as_param(case) -> object:
+    name, build, expected = _case_fields(case)
+    return pytest.param(build, expected, id=name, marks=getattr(case, "marks", ()))
+
+
+@pytest.mark.parametrize("build,expected", [_as_param(c) for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(world: World, build, expected: list[str]) -> None:
     args = build(world)
     before = _tree(world.root, world.model, world.other_model)
@@ -345,10 +491,21 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(world: World, build, e
     assert _tree(world.root, world.model, world.other_model) == before
 
 
-def test_cases_cover_every_command() -> None:
-    # The brief: at least 25 cases across train, validate, eval, merge and export.
-    assert len(CASES) >= 25
-    assert {c[0].split("-")[0] for c in CASES} >= {"eval", "merge", "export"}
+def test_every_cli_command_has_a_bad_input_case(
+    tmp_path, tiny_model_dir, tiny_model_dir_other, finished_run
+) -> None:
+    """The commands come from the real CLI (what `abba --help` lists), and each case's command is the one its
+    builder actually invokes, each built in a world of its own: a new command without a case fails here."""
+    from typer.main import get_command
+
+    commands = set(get_command(app).commands)
+    invoked = set()
+    for i, case in enumerate(CASES):
+        _, build, _ = _case_fields(case)
+        w = _make_world(tmp_path / str(i), tiny_model_dir, tiny_model_dir_other, finished_run)
+        invoked.add(next(arg for arg in build(w) if not arg.startswith("-")))
+    assert commands >= {"train", "validate", "eval", "merge", "export"}
+    assert commands <= invoked, commands - invoked
 
 
 def test_debug_shows_the_traceback(world: World) -> None:

@@ -360,3 +360,26 @@ def test_bogus_attn_implementation_names_its_own_key(tmp_path):
     line = _cli_error(["train", str(_write(tmp_path, MINIMAL)), "--set", "model.attn_implementation=bogus"])
     assert "model.attn_implementation" in line and "'sdpa'" in line and "(got 'bogus')" in line
     assert "name_or_path" not in line
+
+
+def test_train_with_tilde_output_dir_writes_under_home(tmp_path, monkeypatch, tiny_model_dir):
+    """End to end: the run lands in $HOME/runs/t, and no literal `~` folder appears in the working directory."""
+    import json
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "1+1?", "answer": "2\n#### 2"}) + "\n")
+    raw = {
+        "model": {"name_or_path": str(tiny_model_dir), "dtype": "float32"},
+        "adapter": {"r1": 2, "r2": 2, "target_modules": ["q_proj"]},
+        "data": {"recipe": "gsm8k", "path": str(data), "max_seq_len": 64},
+        "train": {"max_steps": 1},
+        "output_dir": "~/runs/t",
+    }
+    result = CliRunner().invoke(app, ["train", str(_write(tmp_path, raw))])
+    assert result.exit_code == 0, result.output
+    assert (home / "runs" / "t" / "adapter_model.safetensors").is_file()
+    assert not (cwd / "~").exists()
