@@ -170,11 +170,13 @@ def run_training(
         _load_adapter_tensors(accelerator.unwrap_model(model), tensors, resume_from, full)
         optimizer.load_state_dict(opt_state)
         scheduler.load_state_dict(sched_state)
-        rng = rng_states[rank] if rank < len(rng_states) else None
-        if rng is None:
+        # One RNG state per process, and the data position counts global micro-batches of this many processes.
+        if len(rng_states) != world:
             raise UserError(
-                f"{resume_from}: saved by fewer processes than now ({world}); resume with the same count"
+                f"{resume_from}: saved by {len(rng_states)} process(es), resumed with {world}; "
+                "resume with the same number of processes"
             )
+        rng = rng_states[rank]
         if main:
             print(f"resuming from {resume_from} (step {state.step}/{total_steps})", file=sys.stderr)
     if main:

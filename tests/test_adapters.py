@@ -183,12 +183,30 @@ def test_init_is_deterministic_per_seed_and_name():
         assert torch.equal(getattr(a, k), getattr(b, k))
 
 
-def test_scaling_formulas():
-    assert abba_scaling(4.0, 16, 16, "paper") == pytest.approx(16 / 16)
-    assert abba_scaling(2.0, 2, 8, "paper") == pytest.approx(4 / 4)
-    assert abba_scaling(8.0, 4, 16, "released") == pytest.approx(8.0)
-    assert lora_scaling(64, 32, False) == pytest.approx(2.0)
-    assert lora_scaling(64, 16, True) == pytest.approx(16.0)
+# (adapter config, s worked out by hand): every case a different s, none of them 1.
+SCALING_CASES = [
+    (dict(type="abba", r1=2, r2=8, alpha=3.0), 2.25),  # paper eq. 7: 3^2 / sqrt(16)
+    (dict(type="abba", r1=1, r2=4), 8.0),  # default alpha 4: 16 / sqrt(4)
+    (dict(type="abba", r1=2, r2=8, alpha=3.0, scaling="released"), 3.0),  # s = alpha
+    (dict(type="lora", r=4, alpha=12.0), 3.0),  # 12 / 4
+    (dict(type="lora", r=4, alpha=12.0, use_rslora=True), 6.0),  # 12 / sqrt(4)
+    (dict(type="lora", r=4), 2.0),  # default alpha 2r
+    (dict(type="hira", r=4, alpha=6.0), 1.5),  # 6 / 4
+]
+
+
+@pytest.mark.parametrize(("adapter", "s"), SCALING_CASES, ids=[str(i) for i in range(len(SCALING_CASES))])
+def test_scaling_formulas(adapter, s):
+    """The s each injected layer multiplies its update by, from the config as a user writes it."""
+    model = nn.Module()
+    model.q_proj = nn.Linear(16, 12)
+    inject_adapters(model, AdapterConfig(target_modules=["q_proj"], **adapter))
+    assert model.q_proj.scaling == pytest.approx(s, rel=1e-12)
+    cfg = AdapterConfig(**adapter)
+    if cfg.type == "abba":
+        assert abba_scaling(cfg.alpha, cfg.r1, cfg.r2, cfg.scaling) == pytest.approx(s, rel=1e-12)
+    elif cfg.type == "lora":
+        assert lora_scaling(cfg.alpha, cfg.r, cfg.use_rslora) == pytest.approx(s, rel=1e-12)
 
 
 def test_cost_model_picks_merged_for_narrow_layers_and_factor_paths_for_wide_ones():

@@ -11,17 +11,19 @@ from abba_cli.errors import UserError
 from abba_cli.models import SMOLLM2_ID, bundled_smollm2_dir, load_base
 
 
-def _tokenizer_load_fails(monkeypatch, message: str) -> dict:
-    """Make AutoTokenizer.from_pretrained raise OSError(message); returns the kwargs it was called with."""
+def _spy_tokenizer_load(monkeypatch) -> dict:
+    """Record the kwargs AutoTokenizer.from_pretrained gets, then let the real one run (and raise whatever
+    transformers/huggingface_hub really raise for a model that is neither local nor in the hub cache)."""
     import transformers
 
     seen: dict = {}
+    real = transformers.AutoTokenizer.from_pretrained
 
-    def fake_from_pretrained(name, **kwargs):
+    def spy(name, **kwargs):
         seen.update(kwargs)
-        raise OSError(message)
+        return real(name, **kwargs)
 
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
     return seen
 
 
@@ -120,9 +122,7 @@ def test_unreachable_hub_is_detected_without_retries(monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", no_network)
     assert hub.hub_reachable() is False
-    seen = _tokenizer_load_fails(
-        monkeypatch, "We couldn't connect to 'https://huggingface.co' to load the files"
-    )
+    seen = _spy_tokenizer_load(monkeypatch)
     with pytest.raises(UserError, match="hub is unreachable"):
         load_base("nobody-here/not-a-model-xyz")
     assert seen.get("local_files_only") is True
@@ -137,7 +137,7 @@ def test_hf_hub_offline_means_hub_cache_only_even_if_set_after_import(monkeypatc
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(socket, "create_connection", no_probe)
-    seen = _tokenizer_load_fails(monkeypatch, "couldn't find them in the cached files")
+    seen = _spy_tokenizer_load(monkeypatch)
     with pytest.raises(UserError, match="hub is unreachable"):
         load_base("nobody-here/not-a-model-xyz")
     assert seen.get("local_files_only") is True

@@ -62,7 +62,7 @@ def test_two_steps_write_a_loadable_run_dir(tmp_path, tiny_model_dir):
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
         assert {"loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"} <= set(m)
-        assert m["loss"] > 0 and m["tokens_per_s"] > 0
+        assert m["tokens_per_s"] > 0  # the loss values themselves: tests/test_training_math.py
     assert load_config(run / "config.yaml").output_dir == str(run)  # the resolved config reloads
 
     weights = load_file(run / "adapter_model.safetensors")
