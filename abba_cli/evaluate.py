@@ -39,6 +39,21 @@ class EvalStopped(TrainingStopped):
     """Eval stopped on SIGINT/SIGTERM after its current batch; the CLI exits with 128 + the signal number."""
 
 
+class _EvalGracefulStop(GracefulStop):
+    """GracefulStop with eval's wording: the first signal lets the running batch finish, a second stops at once."""
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            super()._handle(signum, frame)  # second signal: KeyboardInterrupt now
+        self.signum = signum
+        print(
+            f"\nreceived {signal_name(signum)}: finishing the current batch; finished predictions are on disk "
+            "(send it again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 @dataclass(frozen=True)
 class TaskResult:
     task: str
@@ -601,7 +616,7 @@ def run_eval(
     }
     results = []
     # SIGINT/SIGTERM: finish the current batch (already on disk), then stop; a second signal stops at once.
-    with GracefulStop() as stop_request:
+    with _EvalGracefulStop() as stop_request:
         for task in task_list:
             results.append(
                 evaluate_task(

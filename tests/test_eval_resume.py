@@ -69,6 +69,7 @@ def test_interrupted_eval_keeps_finished_batches_and_resumes(
     result, text = _invoke(*_args(tiny_model_dir, out))
     assert result.exit_code == code, text
     assert "--resume" in text
+    assert ("finishing the current batch" in text) == (how == "sigterm")
     task_dir = out / "gsm8k"
     # Nothing that looks finished; the first batch is on disk behind its settings line.
     assert sorted(p.name for p in task_dir.iterdir()) == ["predictions.jsonl.partial"]
