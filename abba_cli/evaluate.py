@@ -309,6 +309,8 @@ def generate_batches(
     import torch
     from tqdm.auto import tqdm
 
+    if not prompts:  # e.g. --resume of a task whose every example is done
+        return
     device = device or next(model.parameters()).device
     gen_cfg = greedy_generation_config(model, tokenizer, max_new_tokens, stop)
     encoded = tokenizer(list(prompts))["input_ids"]
@@ -445,6 +447,22 @@ def _prediction(ex, prompt: str, output: str, answer_type: str, choices: list[st
     }
 
 
+def _resume_key(model, meta: dict, batch_size: int, proto: TaskProtocol, gen: dict, source) -> dict[str, Any]:
+    """Everything a stored prediction depends on besides its example: --resume reuses rows only if it matches."""
+    return {
+        "model": meta.get("model"),
+        "adapter_run": meta.get("adapter_run"),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "batch_size": batch_size,  # bf16 outputs depend on it (see README, batch invariance)
+        "protocol": proto.name,
+        "response_prefix": proto.response_prefix,
+        "generation": gen,
+        "data_source": {
+            k: source.as_dict()[k] for k in ("kind", "id", "split", "config", "revision", "rows")
+        },
+    }
+
+
 def evaluate_task(
     model,
     tokenizer,
@@ -473,18 +491,7 @@ def evaluate_task(
     examples, source = select_examples(recipe, skip=skip, limit=limit)
     proto = task_protocol(recipe, protocol, max_new_tokens)
     gen = generation_settings(greedy_generation_config(model, tokenizer, proto.max_new_tokens, proto.stop))
-    key = {
-        "model": (meta or {}).get("model"),
-        "adapter_run": (meta or {}).get("adapter_run"),
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "batch_size": batch_size,
-        "protocol": proto.name,
-        "response_prefix": proto.response_prefix,
-        "generation": gen,
-        "data_source": {
-            k: source.as_dict()[k] for k in ("kind", "id", "split", "config", "revision", "rows")
-        },
-    }
+    key = _resume_key(model, meta or {}, batch_size, proto, gen, source)
     done = eval_results.reusable_predictions(task_dir, key) if resume else {}
     todo = [ex for ex in examples if ex.id not in done]
     prompts = [build_prompt(ex.instruction, ex.input, proto) for ex in todo]

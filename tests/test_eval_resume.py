@@ -107,6 +107,12 @@ def test_finished_results_need_overwrite(tiny_model_dir, tmp_path, reference):
     metrics = json.loads((out / "gsm8k" / "metrics.json").read_text())
     assert (metrics["resumed"], metrics["generated"]) == (3, N - 3)
     assert _read_jsonl(out / "gsm8k" / "predictions.jsonl") == reference
+    # Resuming a finished task generates nothing and rewrites the same results.
+    result, text = _invoke(*_args(tiny_model_dir, out, "--resume"))
+    assert result.exit_code == 0, text
+    metrics = json.loads((out / "gsm8k" / "metrics.json").read_text())
+    assert (metrics["resumed"], metrics["generated"]) == (N, 0)
+    assert _read_jsonl(out / "gsm8k" / "predictions.jsonl") == reference
 
 
 def test_resume_with_other_settings_is_refused(tiny_model_dir, tmp_path):
