@@ -118,7 +118,9 @@ def eval_(
         help="gsm8k, math, boolq, piqa, siqa, hellaswag, winogrande, arc_e, arc_c, obqa, "
         "commonsense (all eight); repeat or comma-separate for several.",
     ),
-    run: Path | None = typer.Option(None, "--run", help="Run directory (default: the latest finished run)."),
+    run: Path | None = typer.Option(
+        None, "--run", help="Run directory or RUN_DIR/checkpoints/step-N (default: the latest finished run)."
+    ),
     model: str | None = typer.Option(
         None, "--model", help="Base or merged model to evaluate (path or hub id)."
     ),
@@ -173,14 +175,21 @@ def eval_(
 @_user_errors
 def merge(
     out: Path = typer.Option(..., "--out", help="Directory for the merged Hugging Face model."),
-    run: Path | None = typer.Option(None, "--run", help="Run directory (default: the latest finished run)."),
+    run: Path | None = typer.Option(
+        None, "--run", help="Run directory or RUN_DIR/checkpoints/step-N (default: the latest finished run)."
+    ),
     dtype: str | None = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default: the base's dtype)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
+    base: Path | None = typer.Option(
+        None,
+        "--base",
+        help="Another copy of the run's base model (default: the one adapter_config.json names).",
+    ),
 ) -> None:
     """Fold the adapter into the base weights and write a plain Hugging Face model."""
     from abba_cli.merge import merge_run
 
-    merge_run(out=out, run=run, dtype=dtype, overwrite=overwrite)
+    merge_run(out=out, run=run, dtype=dtype, overwrite=overwrite, base=base)
 
 
 @app.command()
@@ -188,10 +197,17 @@ def merge(
 def export(
     format: str = typer.Option("peft-lora", "--format", help="Export format: peft-lora."),
     out: Path = typer.Option(..., "--out", help="Directory for the exported adapter."),
-    run: Path | None = typer.Option(None, "--run", help="Run directory (default: the latest finished run)."),
+    run: Path | None = typer.Option(
+        None, "--run", help="Run directory or RUN_DIR/checkpoints/step-N (default: the latest finished run)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
+    base: Path | None = typer.Option(
+        None,
+        "--base",
+        help="Another copy of the run's base model (default: the one adapter_config.json names).",
+    ),
 ) -> None:
     """Export the adapter for other tools (ABBA is exactly a LoRA of rank r1*r2)."""
     from abba_cli.export import export_run
 
-    export_run(format=format, out=out, run=run, overwrite=overwrite)
+    export_run(format=format, out=out, run=run, overwrite=overwrite, base=base)

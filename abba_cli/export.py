@@ -11,14 +11,13 @@ depends on W0 and is not low-rank in general.
 
 from __future__ import annotations
 
-import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from abba_cli.errors import UserError
-from abba_cli.runs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, resolve_run
+from abba_cli.fsutil import check_not_inside, check_output_dir
+from abba_cli.runs import RunAdapter, check_against_base, read_run_adapter, recorded_base
 
 if TYPE_CHECKING:
     import torch
@@ -28,117 +27,8 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 # PEFT prefixes every module path of a PeftModelForCausalLM with this when it saves an adapter.
 PEFT_PREFIX = "base_model.model."
-FACTORS = {"abba": ("B1", "A1", "B2", "A2"), "lora": ("A", "B"), "hira": ("A", "B")}
-# PiSSA-initialised LoRA runs also store the initial factors: the update to the original W0 is s(BA - B0A0).
-OPTIONAL_FACTORS = {"lora": ("A0", "B0")}
-
-
-@dataclass
-class RunAdapter:
-    """A run's adapter as stored on disk: its config and its fp32 factors grouped by module path."""
-
-    run_dir: Path
-    config: dict
-    type: str
-    scaling: float
-    base_model: str
-    factors: dict[str, dict[str, torch.Tensor]]
-
-    def out_in_features(self, module: str) -> tuple[int, int]:
-        """(m, n) of the adapted layer, from B1/A1 (ABBA) or B/A (LoRA, HiRA)."""
-        f = self.factors[module]
-        b, a = (f["B1"], f["A1"]) if self.type == "abba" else (f["B"], f["A"])
-        return b.shape[0], a.shape[1]
-
-
-def read_run_adapter(run: str | Path | None) -> RunAdapter:
-    """Read RUN_DIR/adapter_config.json and the factors; UserError for anything inconsistent."""
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from abba_cli.adapters import read_adapter_config
-
-    run_dir = resolve_run(run)
-    cfg = read_adapter_config(run_dir)
-    kind = cfg.get("type")
-    if kind not in FACTORS:
-        raise UserError(f"{run_dir / ADAPTER_CONFIG}: type {kind!r} is not one of {', '.join(FACTORS)}")
-    scaling = cfg.get("scaling")
-    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
-        raise UserError(f"{run_dir / ADAPTER_CONFIG}: 'scaling' must be the numeric scale s, got {scaling!r}")
-    try:
-        tensors = load_file(str(run_dir / ADAPTER_WEIGHTS))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(
-            f"{run_dir / ADAPTER_WEIGHTS}: unreadable or corrupt safetensors file ({e})"
-        ) from None
-    factors: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in tensors.items():
-        module, _, name = key.rpartition(".")
-        allowed = FACTORS[kind] + OPTIONAL_FACTORS.get(kind, ())
-        if name not in allowed or not module:
-            raise UserError(
-                f"{run_dir / ADAPTER_WEIGHTS}: unexpected tensor {key!r}; a {kind} adapter stores "
-                f"'<module>.{{{','.join(allowed)}}}'"
-            )
-        if not torch.isfinite(t).all():
-            raise UserError(
-                f"{run_dir / ADAPTER_WEIGHTS}: {key} holds NaN or infinite values (the run diverged?); "
-                "nothing was written; use an earlier checkpoint (--run RUN_DIR/checkpoints/step-N)"
-            )
-        factors.setdefault(module, {})[name] = t.float()
-    if not factors:
-        raise UserError(f"{run_dir / ADAPTER_WEIGHTS}: holds no adapter tensors")
-    for module, f in factors.items():
-        missing = [n for n in FACTORS[kind] if n not in f]
-        if ("A0" in f) != ("B0" in f):
-            missing.append("B0" if "A0" in f else "A0")
-        if missing:
-            raise UserError(f"{run_dir / ADAPTER_WEIGHTS}: {module} lacks {', '.join(missing)}")
-        _check_factor_shapes(run_dir, kind, module, f)
-    return RunAdapter(run_dir, cfg, kind, float(scaling), str(cfg.get("base_model") or ""), factors)
-
-
-def _check_factor_shapes(run_dir: Path, kind: str, module: str, f: dict[str, torch.Tensor]) -> None:
-    where = f"{run_dir / ADAPTER_WEIGHTS}: {module}"
-    shapes = {k: tuple(v.shape) for k, v in f.items()}
-    if any(len(s) != 2 for s in shapes.values()):
-        raise UserError(f"{where}: factors must be matrices, got {shapes}")
-    if kind == "abba":
-        (m1, r1), (r1b, n1), (m2, r2), (r2b, n2) = (shapes[k] for k in ("B1", "A1", "B2", "A2"))
-        ok = m1 == m2 and n1 == n2 and r1 == r1b and r2 == r2b
-    else:
-        ok = shapes["A"][0] == shapes["B"][1]
-    if not ok:
-        raise UserError(f"{where}: inconsistent factor shapes {shapes}")
-
-
-def check_against_base(adapter: RunAdapter, model, base: str) -> None:
-    """Refuse an adapter trained on another base: every adapted module must exist with the same (m, n).
-
-    Works on a real model or one built on the meta device (only shapes are read).
-    """
-    import torch
-
-    for module in adapter.factors:
-        try:
-            layer = model.get_submodule(module)
-        except AttributeError:
-            raise UserError(
-                f"the adapter in {adapter.run_dir} adapts {module}, which base model {base} does not have: "
-                "was it trained on another base?"
-            ) from None
-        weight = getattr(layer, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise UserError(f"base model {base}: {module} is not a linear layer, but the adapter adapts it")
-        m, n = adapter.out_in_features(module)
-        if tuple(weight.shape) != (m, n):
-            raise UserError(
-                f"the adapter in {adapter.run_dir} does not fit base model {base}: {module} is "
-                f"{tuple(weight.shape)} (out, in) in the base but {(m, n)} in the adapter; "
-                "was it trained on another base?"
-            )
+# The LoRA ranks vLLM's --max-lora-rank accepts (vllm/config/lora.py); its default is 16.
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
 def peft_alpha(scaling: float, r: int) -> tuple[float, float]:
@@ -207,44 +97,29 @@ def _human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def export_run(format: str, out: str | Path, run: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Export RUN_DIR's adapter to OUT in `format`; returns OUT. UserError for bad input."""
+def export_run(
+    format: str,
+    out: str | Path,
+    run: str | Path | None = None,
+    overwrite: bool = False,
+    base: str | Path | None = None,
+) -> Path:
+    """Export RUN_DIR's adapter to OUT in `format`; returns OUT. UserError for bad input.
+
+    `base` points at another copy of the base model (for the shape check and the exported config)."""
     if format not in FORMATS:
         raise UserError(f"--format {format!r}: unknown export format; valid formats: {', '.join(FORMATS)}")
-    out = Path(out)
-    check_output_dir(out, overwrite)
+    out = check_output_dir(Path(out), overwrite)
     adapter = read_run_adapter(run)
+    if base is not None:
+        adapter.base_model = recorded_base(adapter.run_dir, adapter.base_model, base)
     if adapter.type == "hira":
         raise UserError(
             f"{adapter.run_dir}: a HiRA adapter cannot be exported as LoRA: its update s * W0 * (B@A) "
             "depends on the base weight W0 and is not low-rank; use `abba merge` to ship a merged model"
         )
-    check_not_inside(out, [adapter.run_dir])
+    check_not_inside(out, [], runs=[adapter.root])
     return _export_peft_lora(adapter, out, overwrite)
-
-
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty OUT (or a file) unless asked to overwrite; cheap, so it runs before any work."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out {out}: directory exists and is not empty; pass --overwrite to replace it")
-    # The output is created next to OUT, so its nearest existing ancestor must be a writable directory;
-    # finding out here, not halfway through the write, keeps the error one line and the disk untouched.
-    parent = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
-    if not parent.is_dir():
-        raise UserError(f"--out {out}: {parent} is not a directory; choose an --out under a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: {parent} is not writable; choose a writable --out directory")
-
-
-def check_not_inside(out: Path, protected: list[Path]) -> None:
-    """Replacing OUT must never delete the run or the base model: refuse OUT equal to or containing them."""
-    o = out.resolve()
-    for p in protected:
-        p = Path(p).resolve()
-        if o == p or o in p.parents:
-            raise UserError(f"--out {out}: would replace {p}; choose another output directory")
 
 
 def _export_peft_lora(adapter: RunAdapter, out: Path, overwrite: bool) -> Path:
@@ -338,4 +213,20 @@ def _export_peft_lora(adapter: RunAdapter, out: Path, overwrite: bool) -> Path:
             f"r1*r2*(m+n), {n_params / max(abba_params, 1):.1f}x as many)"
         )
     print(line)
+    print(vllm_hint(r), file=sys.stderr if vllm_max_lora_rank(r) is None else sys.stdout)
     return out
+
+
+def vllm_max_lora_rank(r: int) -> int | None:
+    """The smallest `--max-lora-rank` vLLM accepts that serves rank r (None: vLLM cannot serve it)."""
+    return next((v for v in VLLM_LORA_RANKS if v >= r), None)
+
+
+def vllm_hint(r: int) -> str:
+    need = vllm_max_lora_rank(r)
+    if need is None:
+        return (
+            f"warning: LoRA rank {r} is above vLLM's largest --max-lora-rank ({VLLM_LORA_RANKS[-1]}): vLLM cannot "
+            "serve this adapter; ship a merged model instead (abba merge)"
+        )
+    return f"to serve with vLLM: vllm serve BASE --enable-lora --max-lora-rank {need} (vLLM's default is 16)"

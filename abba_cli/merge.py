@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from abba_cli.errors import UserError
-from abba_cli.export import check_against_base, check_not_inside, check_output_dir, read_run_adapter
+from abba_cli.fsutil import check_not_inside, check_output_dir
+from abba_cli.runs import check_against_base, read_run_adapter, recorded_base
 
 if TYPE_CHECKING:
     import torch
@@ -169,20 +170,21 @@ def _fold_layers(model, target: torch.dtype) -> int:
 
 
 def merge_run(
-    out: str | Path, run: str | Path | None = None, dtype: str | None = None, overwrite: bool = False
+    out: str | Path,
+    run: str | Path | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    base: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Merge RUN_DIR's adapter into its base and write a Hugging Face model to OUT; returns the metadata."""
+    """Merge RUN_DIR's adapter into its base (or `base`, another copy of it) and write a Hugging Face model to
+    OUT; returns the metadata."""
     target_name = parse_dtype(dtype)
-    out = Path(out)
-    check_output_dir(out, overwrite)
+    shown_out = Path(out)
+    out = check_output_dir(shown_out, overwrite)
     adapter = read_run_adapter(run)
-    base = adapter.base_model
-    if not base:
-        raise UserError(f"{adapter.run_dir}/adapter_config.json: no base_model recorded; cannot merge")
-    protected = [adapter.run_dir]
-    if Path(base).expanduser().is_dir():
-        protected.append(Path(base).expanduser())
-    check_not_inside(out, protected)
+    base = recorded_base(adapter.run_dir, adapter.base_model, base)
+    protected = [Path(base).expanduser()] if Path(base).expanduser().is_dir() else []
+    check_not_inside(out, protected, runs=[adapter.root])
 
     import torch
 
@@ -196,7 +198,7 @@ def merge_run(
     def lap(phase: str) -> None:
         timings[phase] = round(time.perf_counter() - started - sum(timings.values()), 2)
 
-    settings = _run_model_settings(adapter.run_dir)
+    settings = _run_model_settings(adapter.root)
     model, tokenizer = load_base(base, "auto", **settings)
     model.eval()
     base_name = _short_dtype(model.dtype)
@@ -268,11 +270,12 @@ def merge_run(
             raise UserError(
                 "merge self-check failed: merged logits differ from base + adapter by "
                 f"{c['max_rel_diff']:.3g} (relative), above the {target_name} tolerance {tol:g}; "
-                f"nothing was written to {out}" + ("; try --dtype fp32" if target_name != "fp32" else "")
+                f"nothing was written to {shown_out}"
+                + ("; try --dtype fp32" if target_name != "fp32" else "")
             )
         atomic_write_json(tmp / METADATA, meta)
     print(
-        f"merged {n_layers} layers of {adapter.run_dir} into {base} -> {out} "
+        f"merged {n_layers} layers of {adapter.run_dir} into {base} -> {shown_out} "
         f"({target_name}, {meta['seconds']} s)"
     )
     return meta

@@ -134,20 +134,19 @@ def test_dropout_is_applied_to_the_adapter_input_in_training_only():
     torch.testing.assert_close(layer(x), x @ (layer.weight + layer.delta_weight()).T + layer.bias)
 
 
-def test_khatri_rao_identity():
-    gen = torch.Generator().manual_seed(3)
-    B1, A1 = (
-        torch.randn(M, 3, generator=gen, dtype=torch.float64),
-        torch.randn(3, N, generator=gen, dtype=torch.float64),
-    )
-    B2, A2 = (
-        torch.randn(M, 4, generator=gen, dtype=torch.float64),
-        torch.randn(4, N, generator=gen, dtype=torch.float64),
-    )
-    b_kr = torch.stack([torch.kron(B1[i], B2[i]) for i in range(M)])  # row-wise Khatri-Rao, (M, 12)
-    a_kr = torch.stack([torch.kron(A1[:, j], A2[:, j]) for j in range(N)], dim=1)  # (12, N)
-    torch.testing.assert_close((B1 @ A1) * (B2 @ A2), b_kr @ a_kr)
-    assert torch.linalg.matrix_rank((B1 @ A1) * (B2 @ A2)) == min(M, N, 12)  # rank beyond r1 + r2
+def test_khatri_rao_factors_hand_computed():
+    """B*[i, j*r2 + k] = B1[i, j] B2[i, k] and A*[j*r2 + k, c] = A1[j, c] A2[k, c], worked out by hand."""
+    from abba_cli.adapters.abba import khatri_rao_factors
+
+    B1 = torch.tensor([[1.0, 2.0], [3.0, 4.0]])  # (m=2, r1=2)
+    B2 = torch.tensor([[5.0], [6.0]])  # (m=2, r2=1)
+    A1 = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 3.0]])  # (r1=2, n=3)
+    A2 = torch.tensor([[2.0, 3.0, 4.0]])  # (r2=1, n=3)
+    b_kr, a_kr = khatri_rao_factors(B1, A1, B2, A2)
+    assert torch.equal(b_kr, torch.tensor([[5.0, 10.0], [18.0, 24.0]]))
+    assert torch.equal(a_kr, torch.tensor([[2.0, 0.0, 8.0], [0.0, 3.0, 12.0]]))
+    # (B1 A1) ⊙ (B2 A2) by hand: [[1,2,8],[3,4,18]] ⊙ [[10,15,20],[12,18,24]]
+    assert torch.equal(b_kr @ a_kr, torch.tensor([[10.0, 30.0, 160.0], [36.0, 72.0, 432.0]]))
 
 
 def test_init_gives_zero_update_and_gradients_reach_every_factor():

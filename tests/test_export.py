@@ -47,10 +47,10 @@ def test_khatri_rao_identity_float64():
     torch.testing.assert_close(B @ A, (B1 @ A1) * (B2 @ A2), rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("s, r", [(4.0, 16), (16 / 15**0.5, 15), (0.1, 3), (1 / 3, 7)])
-def test_peft_scaling_reproduces_s_exactly(s, r):
-    alpha, fold = peft_alpha(s, r)
-    assert alpha / r * fold == s
+def test_peft_alpha_hand_computed_cases():
+    assert peft_alpha(4.0, 16) == (64.0, 1.0)  # 64 / 16 is exactly 4
+    assert peft_alpha(0.5, 8) == (4.0, 1.0)
+    assert peft_alpha(0.1, 3) == (3.0, 0.1)  # 0.1 * 3 / 3 != 0.1 in binary: PEFT scale 1, s folded into B
 
 
 @pytest.mark.parametrize("r1, r2", [(2, 2), (3, 5)])
@@ -70,8 +70,7 @@ def test_abba_export_loads_in_peft_and_matches(tiny_model_dir, tmp_path, r1, r2)
     assert cfg["peft_type"] == "LORA" and cfg["r"] == r1 * r2
     assert cfg["base_model_name_or_path"] == str(tiny_model_dir)
     assert cfg["target_modules"] == ["down_proj", "q_proj", "v_proj"]
-    s = json.loads((run / "adapter_config.json").read_text())["scaling"]
-    assert cfg["lora_alpha"] / cfg["r"] == s
+    _export_scale_check(run, out)
     tensors = load_file(out / "adapter_model.safetensors")
     a = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
     b = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
@@ -179,3 +178,118 @@ def test_non_finite_adapter_is_refused(tiny_model_dir, tmp_path, bad):
     assert "NaN or infinite" in result.output and ".B2" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def _export_scale_check(run: Path, out: Path) -> None:
+    """PEFT's effective update lora_alpha/r · B A equals s (B1@A1)*(B2@A2), both computed here in float64."""
+    meta = json.loads((run / "adapter_config.json").read_text())
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    ours = load_file(run / "adapter_model.safetensors")
+    theirs = load_file(out / "adapter_model.safetensors")
+    module = "model.layers.0.self_attn.q_proj"
+    f = {k: ours[f"{module}.{k}"].double() for k in ("B1", "A1", "B2", "A2")}
+    ref = meta["scaling"] * (f["B1"] @ f["A1"]) * (f["B2"] @ f["A2"])
+    b = theirs[f"{PEFT_KEY.format(module)}.lora_B.weight"].double()
+    a = theirs[f"{PEFT_KEY.format(module)}.lora_A.weight"].double()
+    got = cfg["lora_alpha"] / cfg["r"] * (b @ a)
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-6
+
+
+PEFT_KEY = "base_model.model.{}"
+
+
+@pytest.mark.parametrize(
+    ("r1", "r2", "alpha", "hint"),
+    [(2, 3, 0.7, "--max-lora-rank 8"), (9, 9, 0.1, "--max-lora-rank 128")],
+    ids=["r1-ne-r2", "rank-81"],
+)
+def test_export_with_a_folded_scale_loads_in_peft(tiny_model_dir, tmp_path, capsys, r1, r2, alpha, hint):
+    """Released scaling s = alpha is not representable as lora_alpha/r here, so it is folded into B (fold != 1);
+    rank 81 is above 64 (vLLM then needs --max-lora-rank 128)."""
+    run = make_run(
+        tmp_path / "run", tiny_model_dir, type="abba", r1=r1, r2=r2, alpha=alpha, scaling="released"
+    )
+    s = json.loads((run / "adapter_config.json").read_text())["scaling"]
+    assert s == alpha and (s * r1 * r2) / (r1 * r2) != s  # the case that needs the fold
+    out = tmp_path / "peft"
+    export_run(format="peft-lora", out=out, run=run)
+    assert hint in capsys.readouterr().out
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == r1 * r2 and cfg["lora_alpha"] == r1 * r2  # PEFT scale 1, s lives in B
+    _export_scale_check(run, out)
+    diff, effect = ours_vs_peft(tiny_model_dir, run, out)
+    assert effect > 1e-2 and diff < 1e-5
+
+
+def test_vllm_rank_hint_uses_the_served_ranks():
+    from abba_cli.export import vllm_hint, vllm_max_lora_rank
+
+    assert [vllm_max_lora_rank(r) for r in (4, 9, 81, 256, 300, 512, 1024)] == [
+        8,
+        16,
+        128,
+        256,
+        320,
+        512,
+        None,
+    ]
+    assert "merge" in vllm_hint(1024) and "warning" in vllm_hint(1024)
+
+
+def test_export_through_a_symlink_writes_into_its_target(tiny_model_dir, tmp_path):
+    run = make_run(tmp_path / "run", tiny_model_dir, type="abba", r1=2, r2=2)
+    target = tmp_path / "served"
+    target.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    result = CliRunner().invoke(app, ["export", "--out", str(link), "--run", str(run)])
+    assert result.exit_code == 0, result.output
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert (target / "adapter_config.json").is_file() and (link / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "run", "served"]
+
+
+def test_export_inside_the_run_is_refused(tiny_model_dir, tmp_path):
+    run = make_run(tmp_path / "run", tiny_model_dir, type="abba", r1=2, r2=2)
+    result = CliRunner().invoke(app, ["export", "--out", str(run / "peft"), "--run", str(run)])
+    assert result.exit_code == 2 and "inside the run directory" in result.output
+    assert not (run / "peft").exists()
+
+
+def _checkpoint(run: Path, step: int, factor: float) -> Path:
+    """A planted RUN_DIR/checkpoints/step-N holding the run's factors times `factor`."""
+    from safetensors.torch import save_file
+
+    ckpt = run / "checkpoints" / f"step-{step}"
+    ckpt.mkdir(parents=True)
+    tensors = load_file(run / "adapter_model.safetensors")
+    save_file({k: v * factor for k, v in tensors.items()}, ckpt / "adapter_model.safetensors")
+    (ckpt / "state.json").write_text(json.dumps({"step": step}))
+    return ckpt
+
+
+def test_export_a_checkpoint(tiny_model_dir, tmp_path):
+    run = make_run(tmp_path / "run", tiny_model_dir, type="lora", r=4)
+    ckpt = _checkpoint(run, 3, 0.5)
+    export_run(format="peft-lora", out=tmp_path / "final", run=run)
+    export_run(format="peft-lora", out=tmp_path / "step3", run=ckpt)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    final, step3 = (load_file(tmp_path / d / "adapter_model.safetensors")[key] for d in ("final", "step3"))
+    torch.testing.assert_close(step3, final * 0.5, rtol=0, atol=0)
+    # An unfinished run has no adapter_config.json yet: its config.yaml says which adapter the checkpoint holds.
+    from abba_cli.config import RunConfig, dump_config
+
+    cfg = RunConfig(
+        model={"name_or_path": str(tiny_model_dir)},
+        adapter={"type": "lora", "r": 4},
+        data={"recipe": "gsm8k_bundled_train"},
+        output_dir=str(run),
+    )
+    (run / "config.yaml").write_text(dump_config(cfg))
+    (run / "adapter_config.json").unlink()
+    (run / "adapter_model.safetensors").unlink()
+    export_run(format="peft-lora", out=tmp_path / "unfinished", run=ckpt)
+    got = load_file(tmp_path / "unfinished" / "adapter_model.safetensors")[key]
+    torch.testing.assert_close(got, step3, rtol=0, atol=0)
+    diff, effect = ours_vs_peft(tiny_model_dir, ckpt, tmp_path / "unfinished")
+    assert effect > 1e-2 and diff < 1e-5

@@ -195,10 +195,7 @@ def test_fold_releases_each_layer_and_writes_w0_plus_dw(tiny_model_dir, abba_run
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16)
     load_adapter(model, abba_run)
-    expected = {
-        n: (layer.weight.float() + layer.delta_weight()).to(torch.bfloat16)
-        for n, layer in adapter_layers(model)
-    }
+    expected = _expected_merged_weights(tiny_model_dir, abba_run, torch.bfloat16)
     refs = [weakref.ref(layer) for _, layer in adapter_layers(model)]
     assert merge_mod._fold_layers(model, torch.bfloat16) == len(expected)
     gc.collect()
@@ -207,6 +204,108 @@ def test_fold_releases_each_layer_and_writes_w0_plus_dw(tiny_model_dir, abba_run
         lin = model.get_submodule(name)
         assert type(lin) is torch.nn.Linear and lin.weight.dtype == torch.bfloat16
         assert torch.equal(lin.weight, w)
+
+
+def _expected_merged_weights(base_dir: Path, run_dir: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """round_dtype(W0 + s (B1@A1)*(B2@A2)) from the files alone, the sum in fp32 (W0 as stored, upcast)."""
+    from safetensors.torch import load_file
+
+    w0 = load_file(base_dir / "model.safetensors")
+    factors = load_file(run_dir / "adapter_model.safetensors")
+    s = json.loads((run_dir / "adapter_config.json").read_text())["scaling"]
+    out = {}
+    for key in factors:
+        if key.endswith(".B1"):
+            m = key[: -len(".B1")]
+            B1, A1, B2, A2 = (factors[f"{m}.{k}"].float() for k in ("B1", "A1", "B2", "A2"))
+            out[m] = (w0[f"{m}.weight"].to(dtype).float() + s * (B1 @ A1) * (B2 @ A2)).to(dtype)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bf16_base(tiny_model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-bf16")
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir).to(torch.bfloat16).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+def test_bf16_base_merged_to_fp32_passes_the_fp32_check(bf16_base, tmp_path):
+    """Without the upcast before the fold, W0 + dW is rounded to bf16 on the way (1.8% off on SmolLM2)."""
+    run = make_run(tmp_path / "run", bf16_base, type="abba", r1=3, r2=3)
+    meta = merge_run(out=tmp_path / "merged", run=run, dtype="fp32")
+    assert meta["base_dtype"] == "bf16" and meta["dtype"] == "fp32" and meta["check"]["passed"]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype="auto")
+    for name, w in _expected_merged_weights(bf16_base, run, torch.float32).items():
+        torch.testing.assert_close(merged.get_submodule(name).weight, w, rtol=1e-6, atol=1e-7)
+
+
+def test_eval_in_memory_merge_on_a_bf16_base_rounds_once(bf16_base, tmp_path):
+    """eval folds dW into a bf16 W0 in fp32 and rounds once: round_bf16(W0 + dW), not bf16 arithmetic."""
+    from abba_cli.evaluate import load_model_for_eval
+
+    run = make_run(tmp_path / "run", bf16_base, type="abba", r1=3, r2=3)
+    model, _, _ = load_model_for_eval(str(bf16_base), run)
+    assert model.dtype == torch.bfloat16
+    expected = _expected_merged_weights(bf16_base, run, torch.bfloat16)
+    for name, w in expected.items():
+        assert torch.equal(model.get_submodule(name).weight, w), name
+
+
+def test_merge_out_inside_the_run_or_through_a_link(abba_run, tmp_path):
+    result = CliRunner().invoke(app, ["merge", "--out", str(abba_run / "model"), "--run", str(abba_run)])
+    assert result.exit_code == 2 and "inside the run directory" in result.output
+    assert not (abba_run / "model").exists()
+    target = tmp_path / "served"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    result = CliRunner().invoke(app, ["merge", "--out", str(tmp_path / "link"), "--run", str(abba_run)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "link").is_symlink() and (target / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "served"]
+
+
+def test_missing_base_says_where_it_came_from_and_base_points_elsewhere(tiny_model_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "base-copy"
+    shutil.copytree(tiny_model_dir, copy)
+    run = make_run(tmp_path / "run", copy, type="abba", r1=2, r2=2)
+    moved = tmp_path / "base-moved"
+    copy.rename(moved)
+    result = CliRunner().invoke(app, ["merge", "--out", str(tmp_path / "m"), "--run", str(run)])
+    assert result.exit_code == 2
+    assert f"recorded in {run / 'adapter_config.json'}" in result.output and "--base" in result.output
+    result = CliRunner().invoke(
+        app, ["merge", "--out", str(tmp_path / "m"), "--run", str(run), "--base", str(moved)]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "m" / METADATA).read_text())["base_model"] == str(moved.resolve())
+
+
+def test_merge_a_checkpoint(tiny_model_dir, abba_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in abba_run.iterdir():
+        (run / f.name).write_bytes(f.read_bytes())
+    ckpt = run / "checkpoints" / "step-2"
+    ckpt.mkdir(parents=True)
+    save_file(
+        {k: v * 0.5 for k, v in load_file(run / "adapter_model.safetensors").items()},
+        ckpt / "adapter_model.safetensors",
+    )
+    (ckpt / "state.json").write_text("{}")
+    meta = merge_run(out=tmp_path / "m", run=ckpt)
+    assert meta["check"]["passed"]
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    planted = tmp_path / "planted"  # the same factors as a finished run, for the reference
+    planted.mkdir()
+    (planted / "adapter_config.json").write_bytes((run / "adapter_config.json").read_bytes())
+    (planted / "adapter_model.safetensors").write_bytes((ckpt / "adapter_model.safetensors").read_bytes())
+    for name, w in _expected_merged_weights(tiny_model_dir, planted, torch.float32).items():
+        torch.testing.assert_close(merged.get_submodule(name).weight, w, rtol=1e-6, atol=1e-7)
 
 
 def test_fp32_compute_matches_an_fp32_copy_and_restores_dtypes(tiny_model_dir):

@@ -24,13 +24,15 @@ from abba_cli.adapters.inject import (
 from abba_cli.config import AdapterConfig
 from abba_cli.errors import UserError
 from abba_cli.fsutil import atomic_save_safetensors, atomic_write_json
+from abba_cli.runs import CONFIG_FILE, run_files
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FORMAT = "abba-cli-adapter"
 
 
-def adapter_config_dict(model: nn.Module, cfg: AdapterConfig, base_model: str) -> dict:
+def adapter_config_dict(model: nn.Module | None, cfg: AdapterConfig, base_model: str) -> dict:
+    """adapter_config.json's content (`model` None: without the list of adapted modules)."""
     ranks = {"r1": cfg.r1, "r2": cfg.r2} if cfg.type == "abba" else {"r": cfg.r}
     return {
         "format": FORMAT,
@@ -48,7 +50,7 @@ def adapter_config_dict(model: nn.Module, cfg: AdapterConfig, base_model: str) -
         "use_rslora": cfg.use_rslora,
         "path": cfg.path,
         "base_model": base_model,
-        "adapted_modules": [name for name, _ in adapter_layers(model)],
+        "adapted_modules": [name for name, _ in adapter_layers(model)] if model is not None else None,
     }
 
 
@@ -73,7 +75,12 @@ def save_adapter(
 
 
 def read_adapter_config(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / ADAPTER_CONFIG
+    """RUN_DIR/adapter_config.json, validated; for a checkpoint, its run's (derived from config.yaml when the
+    run never finished)."""
+    files = run_files(run_dir)
+    path = files.adapter_config
+    if not path.is_file() and files.checkpoint is not None:
+        return _checkpoint_adapter_config(files.root)
     if not path.is_file():
         raise UserError(f"{path}: missing; an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
     try:
@@ -86,6 +93,21 @@ def read_adapter_config(run_dir: str | Path) -> dict:
         if key not in data:
             raise UserError(f"{path}: missing key {key!r}")
     return data
+
+
+def _checkpoint_adapter_config(root: Path) -> dict:
+    """An unfinished run has no adapter_config.json yet: its config.yaml says what train would have written."""
+    from abba_cli.config import load_config
+
+    cfg = load_config(root / CONFIG_FILE)
+    if cfg.adapter.type not in ("abba", "lora", "hira"):
+        raise UserError(
+            f"{root / CONFIG_FILE}: adapter.type {cfg.adapter.type}: its checkpoints hold no adapter"
+        )
+    name = Path(cfg.model.name_or_path).expanduser()
+    # As train records it (train.base_model_reference): an absolute path for a local directory.
+    base = str(name.resolve()) if name.is_dir() else cfg.model.name_or_path
+    return adapter_config_dict(None, cfg.adapter, base)
 
 
 def adapter_config_from_dict(data: dict, source: str = ADAPTER_CONFIG) -> AdapterConfig:
@@ -118,8 +140,9 @@ def load_adapter(model: nn.Module, run_dir: str | Path) -> AdapterConfig:
     """
     run_dir = Path(run_dir)
     data = read_adapter_config(run_dir)
-    cfg = adapter_config_from_dict(data, str(run_dir / ADAPTER_CONFIG))
-    tensors = _read_tensors(run_dir / ADAPTER_WEIGHTS)
+    files = run_files(run_dir)
+    cfg = adapter_config_from_dict(data, str(files.adapter_config))
+    tensors = _read_tensors(files.weights)
     originals = dict(model.named_modules())
     requires_grad = {id(p): p.requires_grad for p in model.parameters()}
     try:
@@ -127,7 +150,7 @@ def load_adapter(model: nn.Module, run_dir: str | Path) -> AdapterConfig:
     except UserError as e:
         raise UserError(f"{run_dir}: adapter does not fit this model: {e}") from None
     try:
-        _fill_adapter(model, tensors, run_dir, data)
+        _fill_adapter(model, tensors, files.weights, data)
     except BaseException:
         # Leave the model as it came: a caller that catches the error must not find half an adapter in it.
         remove_adapters(model, originals)
@@ -137,14 +160,14 @@ def load_adapter(model: nn.Module, run_dir: str | Path) -> AdapterConfig:
     return cfg
 
 
-def _fill_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], run_dir: Path, data: dict) -> None:
+def _fill_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], weights: Path, data: dict) -> None:
     """Copy the stored factors into the injected layers; UserError naming any key or shape that does not fit."""
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise UserError(
-            f"{run_dir / ADAPTER_WEIGHTS}: keys do not match this model (trained on another base model?): "
+            f"{weights}: keys do not match this model (trained on another base model?): "
             f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''}, "
             f"unexpected {unexpected[:3]}{' ...' if len(unexpected) > 3 else ''}"
         )
@@ -152,7 +175,7 @@ def _fill_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], run_dir: P
         if tuple(tensors[key].shape) != tuple(target.shape):
             base = data.get("base_model", "?")
             raise UserError(
-                f"{run_dir / ADAPTER_WEIGHTS}: {key} has shape {tuple(tensors[key].shape)} but this model needs "
+                f"{weights}: {key} has shape {tuple(tensors[key].shape)} but this model needs "
                 f"{tuple(target.shape)}: the adapter was trained on another base model ({base})"
             )
     with torch.no_grad():
