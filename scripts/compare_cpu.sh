@@ -70,9 +70,23 @@ final)
             done
         done
     } | xargs -P "$JOBS" -L 1 bash -c 'job "$@"' _
+    # The untuned base on the same questions, in fp32 like the trained runs (the bundled copy is stored in bf16).
+    if [ ! -f "$ROOT/base/eval/obqa/metrics.json" ]; then
+        [ -f "$ROOT/base-fp32/config.json" ] || "$PY" - "$ROOT/base-fp32" <<'PYEOF'
+import sys
+from abba_cli.fsutil import atomic_directory
+from abba_cli.models import load_base
+model, tok = load_base("HuggingFaceTB/SmolLM2-135M-Instruct", "float32")
+with atomic_directory(sys.argv[1]) as tmp:
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+PYEOF
+        "$ABBA" eval --model "$ROOT/base-fp32" --task boolq,piqa,siqa,hellaswag,winogrande,arc_e,arc_c,obqa \
+            --skip 0 --limit 50 --max-new-tokens 16 --batch-size 16 --out "$ROOT/base/eval" > "$ROOT/base.eval.log" 2>&1
+    fi
     ;;
 table)
-    "$PY" benchmarks/compare_table.py --root "$ROOT"
+    "$PY" benchmarks/compare_table.py --root "$ROOT" --out benchmarks/results/compare_cpu.md
     ;;
 *)
     echo "usage: scripts/compare_cpu.sh sweep|final|table" >&2
