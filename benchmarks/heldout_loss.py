@@ -41,11 +41,9 @@ def response_loss(model, tokenizer, examples, max_seq_len: int, batch_size: int 
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         targets = batch["labels"][:, 1:]
-        losses = F.cross_entropy(
-            logits[:, :-1].double().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none"
-        )
-        keep = targets.reshape(-1) != -100
-        total += float(losses[keep].sum())
+        keep = targets != -100  # only response positions: the prompt's logits are never needed in float64
+        picked = logits[:, :-1][keep].double()  # (response tokens, vocab)
+        total += float(F.cross_entropy(picked, targets[keep], reduction="sum"))
         count += int(keep.sum())
     return total / count, count
 
