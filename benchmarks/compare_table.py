@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lm_repro_table import majority_share, read_eval, read_train  # noqa: E402
 
-METHODS = {"abba": "ABBA", "lora": "LoRA", "hira": "HiRA"}
+METHODS = {"abba": "ABBA (sweep's s)", "abba_default": "ABBA (default s)", "lora": "LoRA", "hira": "HiRA"}
 TASKS = ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa")
 
 
@@ -142,7 +142,9 @@ def plot(root: Path, path: Path) -> None:
 
     runs = final_runs(root)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for (method, label), color in zip(METHODS.items(), ("tab:red", "tab:blue", "tab:green"), strict=True):
+    for (method, label), color in zip(
+        METHODS.items(), ("tab:red", "tab:orange", "tab:blue", "tab:green"), strict=True
+    ):
         for i, run in enumerate(runs.get(method, [])):
             curve = val_curve(run)
             if curve:

@@ -5,7 +5,7 @@
 #   scripts/compare_cpu.sh sweep     # ABBA scale s in {2, 8, 32, 64, 128} and LoRA lr in {3e-4, 1e-3, 3e-3},
 #                                    # SWEEP_STEPS steps each, judged on held-out loss only
 #                                    # (benchmarks/heldout_loss.py: rows [150, 158) of each set)
-#   ABBA_ALPHA=16 LORA_LR=1e-3 scripts/compare_cpu.sh final
+#   ABBA_ALPHA=8 LORA_LR=1e-3 scripts/compare_cpu.sh final
 #                                    # the chosen settings, seeds SEEDS, 150 steps, validation loss every 25
 #                                    # steps, then `abba eval` on 400 held-out questions
 #   scripts/compare_cpu.sh table     # benchmarks/compare_table.py: curves, means, spreads, accuracy CIs
@@ -61,12 +61,15 @@ sweep)
 final)
     : "${ABBA_ALPHA:?set ABBA_ALPHA (chosen by the sweep)}" "${LORA_LR:?set LORA_LR (chosen by the sweep)}"
     {
+        # abba: the sweep's choice (ABBA_ALPHA); abba_default: the product's default scale (compare_abba.yaml's
+        # alpha), so the table shows both; lora: the sweep's lr; hira: its own paper's settings.
         for seed in $SEEDS; do
-            for m in abba lora hira; do
+            for m in abba abba_default lora hira; do
                 extra="train.seed=$seed data.seed=$seed"
+                cfg=configs/repro/compare_${m%_default}.yaml
                 [ $m = abba ] && extra="$extra adapter.alpha=$ABBA_ALPHA"
                 [ $m = lora ] && extra="$extra train.lr=$LORA_LR"
-                echo "final/${m}_seed$seed configs/repro/compare_$m.yaml $extra ${FINAL_EXTRA:-}"
+                echo "final/${m}_seed$seed $cfg $extra ${FINAL_EXTRA:-}"
             done
         done
     } | xargs -P "$JOBS" -L 1 bash -c 'job "$@"' _
