@@ -69,7 +69,7 @@ final)
                 cfg=configs/repro/compare_${m%_default}.yaml
                 [ $m = abba ] && extra="$extra adapter.alpha=$ABBA_ALPHA"
                 [ $m = lora ] && extra="$extra train.lr=$LORA_LR"
-                echo "final/${m}_seed$seed $cfg $extra ${FINAL_EXTRA:-}"
+                echo "final/${m}_seed$seed $cfg $extra${FINAL_EXTRA:+ $FINAL_EXTRA}"  # no trailing blank: xargs -L joins such lines
             done
         done
     } | xargs -P "$JOBS" -L 1 bash -c 'job "$@"' _
