@@ -23,6 +23,7 @@ from pydantic import (
 
 from abba_cli.errors import UserError
 
+DEFAULT_ABBA_ALPHA = 16.0
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # transformers 5's attention backends ("eager" plus ALL_ATTENTION_FUNCTIONS' keys, less the deprecated paged|
@@ -69,7 +70,7 @@ class AdapterConfig(_Strict):
     alpha: float | None = Field(
         None,
         gt=0,
-        description="Scale. ABBA paper: s = alpha^2/sqrt(r1 r2) (default alpha 4); "
+        description="Scale. ABBA paper: s = alpha^2/sqrt(r1 r2) (default alpha 16); "
         "ABBA released: s = alpha; LoRA: s = alpha/r (alpha/sqrt(r) with use_rslora), default 2r; HiRA: s = alpha/r.",
     )
     scaling: Literal["paper", "released"] = Field(
@@ -112,7 +113,9 @@ class AdapterConfig(_Strict):
             if self.r2 is None:
                 self.r2 = 16
             if self.alpha is None:
-                self.alpha = 4.0
+                # s = 16 at r1 = r2 = 16 (32 at 8 + 8): the low end of the authors' s = 16-64, the best of that
+                # range in our sweep (benchmarks/RESULTS.md "ABBA vs LoRA"). alpha 4 (s = 1) learned ~10x slower.
+                self.alpha = DEFAULT_ABBA_ALPHA
         else:
             if self.r1 is not None or self.r2 is not None:
                 raise ValueError(f"adapter.r1/adapter.r2 are ABBA ranks; {self.type} takes adapter.r")

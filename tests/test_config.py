@@ -117,7 +117,8 @@ def test_validate_prints_resolved_config_and_trainable_summary(tmp_path, tiny_mo
     assert result.exit_code == 0, result.output
     resolved = yaml.safe_load(result.stdout.split("# abba adapters")[0])
     assert resolved["train"]["lr"] == pytest.approx(2e-4)
-    assert resolved["adapter"]["alpha"] == 4.0  # defaults are filled in
+    # defaults are filled in: ABBA alpha 16, i.e. s = 16^2 / sqrt(2 * 2) = 128 at these tiny ranks
+    assert resolved["adapter"]["alpha"] == 16.0
     assert "trainable" in result.stdout and "14 linear layers" in result.stdout
     # which exact path each layer runs, at the full micro-batch (MINIMAL: no dropout)
     plan = result.stdout.split("ABBA execution at")[1]
