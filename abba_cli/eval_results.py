@@ -92,23 +92,25 @@ def _key_mismatch(task_dir: Path, old: dict, new: dict) -> UserError:
 
 
 def reusable_predictions(task_dir: Path, key: dict[str, Any]) -> dict[str, dict]:
-    """For --resume: the finished predictions (partial and completed) made with the same settings, by id."""
-    rows: dict[str, dict] = {}
-    finished = task_dir / PREDICTIONS
-    if (task_dir / METRICS).is_file() and finished.is_file():
-        old_key = json.loads((task_dir / METRICS).read_text()).get("resume_key")
-        if old_key != key:
-            raise _key_mismatch(task_dir, old_key or {}, key)
-        rows.update((r["id"], r) for r in _read_jsonl(finished))
+    """For --resume: by id, the predictions (finished and partial) made with the same settings as `key`.
+
+    The partial file is the latest work: it must match, else --resume is refused. An --overwrite that was
+    interrupted leaves the old finished results beside it; those are reused only if their settings match too.
+    """
+    stored: list[tuple[dict, list[dict]]] = []  # (settings, rows), oldest first
+    if (task_dir / METRICS).is_file() and (task_dir / PREDICTIONS).is_file():
+        old_key = json.loads((task_dir / METRICS).read_text()).get("resume_key") or {}
+        stored.append((old_key, _read_jsonl(task_dir / PREDICTIONS)))
     partial = task_dir / PARTIAL
     if partial.is_file():
         lines = _read_jsonl(partial)
         if not lines or _KEY not in lines[0]:
             raise UserError(f"{partial}: no settings line; --overwrite starts the task again")
-        if lines[0][_KEY] != key:
-            raise _key_mismatch(task_dir, lines[0][_KEY], key)
-        rows.update((r["id"], r) for r in lines[1:])
-    return rows
+        stored.append((lines[0][_KEY], lines[1:]))
+    if stored and stored[-1][0] != key:  # the partial file if there is one, else the finished results
+        raise _key_mismatch(task_dir, stored[-1][0], key)
+    matching = [rows for settings, rows in stored if settings == key]
+    return {r["id"]: r for rows in matching for r in rows}
 
 
 class PartialPredictions:

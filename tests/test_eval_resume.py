@@ -187,3 +187,27 @@ def test_sigterm_to_a_background_eval_keeps_its_batches(tiny_model_dir, tmp_path
     assert (
         not (out / "gsm8k" / "metrics.json").exists() and not (out / "gsm8k" / "predictions.jsonl").exists()
     )
+
+
+def test_resume_after_an_interrupted_overwrite(tiny_model_dir, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    assert _invoke(*_args(tiny_model_dir, out))[0].exit_code == 0  # finished with --max-new-tokens 6
+    old = (out / "gsm8k" / "predictions.jsonl").read_bytes()
+    _interrupt_after_first_batch(monkeypatch, "keyboard")
+    result, _ = _invoke(*_args(tiny_model_dir, out, "--overwrite", "--max-new-tokens", "7"))
+    assert result.exit_code == 130
+    monkeypatch.undo()
+    assert (
+        out / "gsm8k" / "predictions.jsonl"
+    ).read_bytes() == old  # kept until the new results are complete
+    # The interrupted run is the latest work: resuming with the old settings would drop it, so it is refused.
+    result, text = _invoke(*_args(tiny_model_dir, out, "--resume"))
+    assert result.exit_code == 2 and "max_new_tokens" in text
+    result, text = _invoke(*_args(tiny_model_dir, out, "--resume", "--max-new-tokens", "7"))
+    assert result.exit_code == 0, text
+    metrics = json.loads((out / "gsm8k" / "metrics.json").read_text())
+    assert (metrics["resumed"], metrics["generated"], metrics["generation"]["max_new_tokens"]) == (
+        2,
+        N - 2,
+        7,
+    )
