@@ -151,6 +151,11 @@ def eval_(
         False, "--resume", help="Continue an interrupted (or extend a finished) eval, skipping finished ids."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace finished or interrupted results."),
+    base: Path | None = typer.Option(
+        None,
+        "--base",
+        help="Another copy of the run's base model (default: the one adapter_config.json names).",
+    ),
 ) -> None:
     """Evaluate a run (or a plain model) on benchmark tasks."""
     from abba_cli.evaluate import run_eval
@@ -168,6 +173,7 @@ def eval_(
         protocol=protocol,
         resume=resume,
         overwrite=overwrite,
+        base=base,
     )
 
 

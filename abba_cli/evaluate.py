@@ -121,8 +121,10 @@ def _run_config(run_dir: Path) -> Any | None:
     return load_config(path) if path.is_file() else None
 
 
-def _resolve_target(run: Path | None, model: str | None, out: Path | None) -> _Target:
-    from abba_cli.runs import resolve_run
+def _resolve_target(
+    run: Path | None, model: str | None, out: Path | None, base_override: Path | None = None
+) -> _Target:
+    from abba_cli.runs import recorded_base, resolve_run, run_files
 
     if model is not None and run is None:
         # A base or merged model on its own: there is no run directory to hold the results.
@@ -132,8 +134,8 @@ def _resolve_target(run: Path | None, model: str | None, out: Path | None) -> _T
     from abba_cli.adapters import read_adapter_config
     from abba_cli.runs import full_model_dir
 
-    run_dir = resolve_run(run, allow_full=True)
-    cfg = _run_config(run_dir)
+    run_dir = resolve_run(run, allow_full=True)  # a run, or one of its checkpoints
+    cfg = _run_config(run_files(run_dir).root)
     trained = full_model_dir(run_dir)
     if trained is not None:
         # Full fine-tuning: the run holds the trained model itself; there is no adapter to put on another base.
@@ -151,6 +153,8 @@ def _resolve_target(run: Path | None, model: str | None, out: Path | None) -> _T
         out_dir = out if out is not None else run_dir / "eval"
         return _Target(str(trained), None, out_dir, load_kwargs, cfg.eval if cfg else None)
     base = read_adapter_config(run_dir)["base_model"]
+    if model is None:  # the run's own base, or --base: another copy of it (UserError if it has gone)
+        base = recorded_base(run_dir, base, base_override)
     load_kwargs: dict[str, Any] = {}
     if cfg is not None and (model is None or model == cfg.model.name_or_path):
         m = cfg.model
@@ -581,6 +585,7 @@ def run_eval(
     protocol: str = "ours",
     resume: bool = False,
     overwrite: bool = False,
+    base: Path | None = None,
 ) -> list[TaskResult]:
     """Evaluate a run's adapter (merged) or a plain model on `tasks`; print a summary table.
 
@@ -590,7 +595,7 @@ def run_eval(
 
     from abba_cli import __version__
 
-    target = _resolve_target(run, model, out)
+    target = _resolve_target(run, model, out, base)
     defaults = target.eval_defaults
     if not tasks and defaults is not None and defaults.tasks:
         tasks = defaults.tasks
