@@ -69,22 +69,32 @@ def sweep_table(root: Path) -> list[str]:
     if not path.is_file():
         return []
     out = [
-        "| run | adapter | s or lr | held-out loss | train loss (mean of last 5) |",
-        "|---|---|---|---:|---:|",
+        "| run | s (ABBA) or lr (LoRA) | held-out loss | train loss, steps 1-10 | train loss, last 20 | "
+        "first grad norm |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for r in sorted(json.loads(path.read_text()), key=lambda r: r["run"]):
-        a = r["adapter"]
-        run = Path(r["run"])
-        knob = (
-            f"alpha {a['alpha']:g} ({a.get('scaling', 'paper')})"
-            if a["type"] == "abba"
-            else f"lr {r['lr']:g}"
+    rows = []
+    for r in json.loads(path.read_text()):
+        a, run = r["adapter"], root / "sweep" / Path(r["run"]).name
+        if a["type"] == "abba":
+            scale = (
+                a["alpha"]
+                if a.get("scaling") == "released"
+                else a["alpha"] ** 2 / math.sqrt(a["r1"] * a["r2"])
+            )
+            key, knob = (0, scale), f"s = {scale:g}"
+        else:
+            key, knob = (1, r["lr"]), f"lr {r['lr']:g}"
+        log = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        loss = [x["loss"] for x in log if "loss" in x]
+        rows.append(
+            (
+                key,
+                f"| {run.name} | {knob} | {r['heldout_loss']:.4f} | {statistics.mean(loss[:10]):.3f} | "
+                f"{statistics.mean(loss[-20:]):.3f} | {log[0]['grad_norm']:.2f} |",
+            )
         )
-        train = read_train(run)
-        out.append(
-            f"| {run.name} | {a['type']} | {knob} | {r['heldout_loss']:.4f} | {train.get('final_loss', float('nan')):.4f} |"
-        )
-    return out
+    return out + [line for _, line in sorted(rows)]
 
 
 def final_tables(root: Path) -> list[str]:

@@ -4,7 +4,7 @@
 #
 #   scripts/compare_cpu.sh sweep     # ABBA scale s in {2, 8, 32, 64, 128} and LoRA lr in {3e-4, 1e-3, 3e-3},
 #                                    # SWEEP_STEPS steps each, judged on held-out loss only
-#                                    # (benchmarks/heldout_loss.py: rows [150, 158) of each set)
+#                                    # (benchmarks/heldout_loss.py: rows [150, 182) of each set, 256 examples)
 #   ABBA_ALPHA=8 LORA_LR=1e-3 scripts/compare_cpu.sh final
 #                                    # the chosen settings, seeds SEEDS, 150 steps, validation loss every 25
 #                                    # steps, then `abba eval` on 400 held-out questions
@@ -56,7 +56,7 @@ sweep)
         done
     } | NO_EVAL=1 xargs -P "$JOBS" -L 1 bash -c 'job "$@"' _
     mkdir -p "$ROOT/sweep"
-    OMP_NUM_THREADS=2 "$PY" benchmarks/heldout_loss.py "$ROOT"/sweep/*/ --out "$ROOT/sweep/heldout.json"
+    OMP_NUM_THREADS=2 "$PY" benchmarks/heldout_loss.py "$ROOT"/sweep/*/ --limit 32 --out "$ROOT/sweep/heldout.json"
     ;;
 final)
     : "${ABBA_ALPHA:?set ABBA_ALPHA (chosen by the sweep)}" "${LORA_LR:?set LORA_LR (chosen by the sweep)}"
