@@ -35,7 +35,8 @@ def val_curve(run: Path) -> list[tuple[int, float]]:
 def final_runs(root: Path) -> dict[str, list[Path]]:
     runs: dict[str, list[Path]] = {}
     for run in sorted((root / "final").glob("*_seed*")):
-        if run.is_dir() and (run / "metrics.jsonl").is_file():
+        # only finished runs: a run still training (no final adapter yet) would mix a partial curve in
+        if (run / "adapter_model.safetensors").is_file() and (run / "metrics.jsonl").is_file():
             runs.setdefault(run.name.split("_seed")[0], []).append(run)
     return runs
 

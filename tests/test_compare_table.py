@@ -19,6 +19,7 @@ def _run(
     for step, v in val:
         rows[step - 1]["val_loss"] = v
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / "adapter_model.safetensors").write_bytes(b"")  # finished; the table does not read the weights
     if correct is None:
         return
     for task in TASKS:  # every task: 10 questions, `correct` right, 1 invalid; golds 7x "a", 3x "b"
@@ -34,6 +35,8 @@ def test_final_table_means_spreads_and_pooled_accuracy(tmp_path):
     _run(tmp_path, "abba_seed1", [(2, 0.5), (4, 0.3)], [1.0, 0.8, 0.6, 0.4, 0.2], correct=6)
     _run(tmp_path, "abba_seed2", [(2, 0.6), (4, 0.5)], [1.0, 0.8, 0.6, 0.4, 0.4], correct=8)
     _run(tmp_path, "lora_seed1", [(2, 0.9), (4, 0.7)], [2.0, 2.0, 2.0, 2.0, 2.0], correct=None)
+    _run(tmp_path, "lora_seed2", [(2, 0.1)], [0.1] * 5, correct=None)
+    (tmp_path / "final" / "lora_seed2" / "adapter_model.safetensors").unlink()  # still training: left out
     lines = mod.final_tables(tmp_path)
     abba = next(line for line in lines if line.startswith("| ABBA (sweep's s)"))
     cells = [c.strip() for c in abba.strip("|").split("|")]
@@ -46,7 +49,7 @@ def test_final_table_means_spreads_and_pooled_accuracy(tmp_path):
         cells[5] == "70.0% (n=160)" and cells[6] == "± 7.1" and cells[7] == "60.0, 80.0" and cells[8] == "16"
     )
     lora = next(line for line in lines if line.startswith("| LoRA"))
-    assert "0.7000" in lora and "| - |" in lora  # val loss from one seed, no eval: accuracy is '-'
+    assert "| 1 | 0.7000 |" in lora and "| - |" in lora  # one finished seed, no eval: accuracy is '-'
     boolq = next(line for line in lines if line.startswith("| boolq"))
     # per task: n 10, majority label 70%, base '-', ABBA mean of 60 and 80
     assert [c.strip() for c in boolq.strip("|").split("|")][:5] == ["boolq", "10", "70.0", "-", "70.0"]
