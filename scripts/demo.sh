@@ -16,7 +16,7 @@ PY=${PY:-.venv/bin/python}
 DEMO=${DEMO_DIR:-runs/demo}
 CONFIG=${DEMO_CONFIG:-configs/quickstart.yaml}
 BASE=${DEMO_BASE:-HuggingFaceTB/SmolLM2-135M-Instruct}
-TASKS=${DEMO_TASKS:-boolq,piqa,siqa,arc_e}
+TASKS=${DEMO_TASKS:-piqa,siqa,winogrande,obqa}
 LIMIT=${DEMO_LIMIT:-15}
 MAX_NEW=${DEMO_MAX_NEW_TOKENS:-16}
 read -r -a SETS <<< "${DEMO_SET:-}"
