@@ -54,6 +54,9 @@ SETTING = [
     "train.report_to=[]",
     "train.seed=42",
     "eval.tasks=[]",
+    "data.val_samples=null",  # no validation pass inside the timed steps
+    "data.val_path=null",
+    "train.eval_every=null",
     f"adapter.target_modules={TARGETS}",
     "adapter.alpha=null",  # each method's default scale (the value does not change the cost)
 ]
@@ -70,23 +73,10 @@ METHODS = {
 LABELS = {"abba": "ABBA r1=r2=16 (auto)", "lora": "our LoRA r=32"}
 
 
-def eval_off() -> list[str]:
-    """Overrides that switch off validation during training, for the keys this tree's config has."""
-    from abba_cli.config import DataConfig, TrainConfig
-
-    out = []
-    if "eval_every" in TrainConfig.model_fields:
-        out.append("train.eval_every=null")
-    if "val_samples" in DataConfig.model_fields:
-        out.append("data.val_samples=null")
-    return out
-
-
 def run_overrides(method: str, dropout: float, steps: int, model: str, extra: list[str]) -> list[str]:
     return [
         f"model.name_or_path={model}",
         *SETTING,
-        *eval_off(),
         f"train.max_steps={steps}",
         *METHODS[method],
         f"adapter.dropout={dropout}",

@@ -102,7 +102,10 @@ def shares(events: Any, top: int = 25) -> dict:
         acc[0] += e.self_cpu_time_total
         acc[1] += 1
     ranked = sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]
+    steps = sum(1 for e in events if e.name.startswith("ProfilerStep"))
     return {
+        # op calls per step: a count, not a time, so it compares across runs and machines
+        "ops_per_step": sum(n for _, n in ops.values()) / max(steps, 1),
         "labels": labels,
         "ops": [{"op": name, "self_share": t / total, "calls": int(n)} for name, (t, n) in ranked],
     }
@@ -114,7 +117,7 @@ def to_markdown(res: dict, title: str) -> str:
         ["op (self time)", "share", "calls"],
         [[o["op"], f"{o['self_share']:.1%}", o["calls"]] for o in res["ops"]],
     )
-    return f"{title}\n\n{lab}\n\n{ops}"
+    return f"{title} ({res['ops_per_step']:.0f} op calls per step)\n\n{lab}\n\n{ops}"
 
 
 def main(argv: list[str] | None = None) -> dict:
