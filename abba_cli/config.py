@@ -140,6 +140,20 @@ class DataConfig(_Strict):
     max_seq_len: int = Field(512, ge=8, description="Truncate prompt+response to this many tokens.")
     train_on_inputs: bool = Field(False, description="Also compute the loss on prompt tokens.")
     seed: int = Field(42, description="Seed of the subset selection and shuffling.")
+    # Data formats and tokenisation (issue 15, the `data` engineer's keys).
+    drop_long: bool = Field(
+        False, description="Drop examples longer than max_seq_len (with a count) instead of cutting them."
+    )
+    chat_template: str | None = Field(
+        None,
+        description="data.recipe chat: a Jinja chat template (file path or inline) replacing the tokenizer's.",
+    )
+    group_by_length: bool = Field(
+        False, description="Batch examples of similar length (less padding); seeded, exact on resume."
+    )
+    cache: bool = Field(
+        True, description="Reuse the tokenized dataset from $ABBA_HOME/cache (keyed by content)."
+    )
     val_samples: int | None = Field(
         None, ge=1, description="Hold this many examples of the source out of training for val_loss."
     )

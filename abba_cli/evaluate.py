@@ -14,7 +14,7 @@ import contextlib
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -77,6 +77,9 @@ class _Target:
     out_dir: Path
     load_kwargs: dict[str, Any]
     eval_defaults: Any | None  # the run config's `eval` section, when the run has one
+    train_data: Any | None = (
+        None  # the run config's `data` section: a chat-trained run prompts through its template
+    )
 
 
 # ------------------------------------------------------------------------------------------ tasks
@@ -151,7 +154,7 @@ def _resolve_target(
                 attn_implementation=cfg.model.attn_implementation,
             )
         out_dir = out if out is not None else run_dir / "eval"
-        return _Target(str(trained), None, out_dir, load_kwargs, cfg.eval if cfg else None)
+        return _Target(str(trained), None, out_dir, load_kwargs, cfg.eval if cfg else None, cfg and cfg.data)
     base = read_adapter_config(run_dir)["base_model"]
     if model is None:  # the run's own base, or --base: another copy of it (UserError if it has gone)
         base = recorded_base(run_dir, base, base_override)
@@ -166,10 +169,10 @@ def _resolve_target(
         )
     if model is None or model == base:
         out_dir = out if out is not None else run_dir / "eval"
-        return _Target(base, run_dir, out_dir, load_kwargs, cfg.eval if cfg else None)
+        return _Target(base, run_dir, out_dir, load_kwargs, cfg.eval if cfg else None, cfg and cfg.data)
     # The adapter on another base: keep those results apart from the run's own evaluation.
     out_dir = out if out is not None else run_dir / f"eval-on-{_model_dir_name(model)}"
-    return _Target(model, run_dir, out_dir, load_kwargs, cfg.eval if cfg else None)
+    return _Target(model, run_dir, out_dir, load_kwargs, cfg.eval if cfg else None, cfg and cfg.data)
 
 
 def load_model_for_eval(target_model: str, run_dir: Path | None, load_kwargs: dict[str, Any] | None = None):
@@ -401,10 +404,12 @@ def task_protocol(recipe, protocol: str, max_new_tokens: int | None = None) -> T
     return TaskProtocol(protocol, "", max_new_tokens or gen.max_new_tokens, list(gen.stop or []))
 
 
-def build_prompt(instruction: str, input: str | None, protocol: TaskProtocol) -> str:
-    """render_prompt, plus the protocol's response prefix written as the references write it
-    ("### Response: Let's think step by step.", on the header's line)."""
-    prompt = render_prompt(instruction, input)
+def build_prompt(
+    instruction: str, input: str | None, protocol: TaskProtocol, render: Callable = render_prompt
+) -> str:
+    """render_prompt (or a chat-trained run's renderer), plus the protocol's response prefix written as the
+    references write it ("### Response: Let's think step by step.", on the header's line)."""
+    prompt = render(instruction, input)
     if not protocol.response_prefix:
         return prompt
     if prompt.endswith("### Response:\n"):
@@ -483,6 +488,7 @@ def evaluate_task(
     resume: bool = False,
     overwrite: bool = False,
     stop_request: GracefulStop | None = None,
+    render: Callable[[str, str | None], str] = render_prompt,
 ) -> TaskResult:
     """Generate, score and write `<out_dir>/<task>/predictions.jsonl` and `metrics.json`, appending each
     finished batch to a partial file first (see abba_cli.eval_results)."""
@@ -498,7 +504,7 @@ def evaluate_task(
     key = _resume_key(model, meta or {}, batch_size, proto, gen, source)
     done = eval_results.reusable_predictions(task_dir, key) if resume else {}
     todo = [ex for ex in examples if ex.id not in done]
-    prompts = [build_prompt(ex.instruction, ex.input, proto) for ex in todo]
+    prompts = [build_prompt(ex.instruction, ex.input, proto, render) for ex in todo]
 
     start = time.perf_counter()
     with eval_results.PartialPredictions(task_dir, key, fresh=not resume) as partial:
@@ -618,6 +624,8 @@ def run_eval(
         eval_results.refuse_existing(Path(target.out_dir) / task, resume=resume, overwrite=overwrite)
 
     model_obj, tokenizer, device = load_model_for_eval(target.model, target.run_dir, target.load_kwargs)
+    # Train = eval for chat-trained runs too: their prompts go through the chat template they trained with.
+    render = _train_prompt_renderer(target, tokenizer)
     meta = {
         "model": target.model,
         "adapter_run": str(target.run_dir.resolve()) if target.run_dir else None,
@@ -646,8 +654,20 @@ def run_eval(
                     resume=resume,
                     overwrite=overwrite,
                     stop_request=stop_request,
+                    render=render,
                 )
             )
     print(format_table(results))
     print(f"results: {target.out_dir}")
     return results
+
+
+def _train_prompt_renderer(target: _Target, tokenizer) -> Callable[[str, str | None], str]:
+    """The prompt builder the evaluated run trained with (the data engineer's hook, issue 15)."""
+    from abba_cli.data import run_chat_template
+    from abba_cli.prompts import prompt_renderer
+
+    template = (
+        None if target.train_data is None else run_chat_template(target.train_data, tokenizer, target.model)
+    )
+    return prompt_renderer(tokenizer, template)

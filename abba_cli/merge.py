@@ -200,6 +200,11 @@ def merge_run(
 
     settings = _run_model_settings(adapter.root)
     model, tokenizer = load_base(base, "auto", **settings)
+    # A chat-trained run: the merged model's tokenizer carries the chat template it trained with (data, #15).
+    from abba_cli.data import run_dir_chat_template
+
+    if (template := run_dir_chat_template(adapter.run_dir, tokenizer, base)) is not None:
+        tokenizer.chat_template = template
     model.eval()
     base_name = _short_dtype(model.dtype)
     target_name = target_name or base_name

@@ -162,6 +162,12 @@ class Recipe(_Strict):
     name: str
     description: str
     kind: Literal["train", "eval"]
+    format: Literal["instruction", "chat", "text", "tokenized"] = Field(
+        "instruction",
+        description="instruction: rows rendered through `render` and the Alpaca prompt; chat: `messages` "
+        "rendered with the tokenizer's chat template; text: `text` rows, loss on every token; tokenized: "
+        "`input_ids` (+ optional `labels`) rows used as they are. The last three read data.path.",
+    )
     source: Sources | None = None
     derive: dict[str, Derive] = Field(default_factory=dict)
     render: Render | None = None
@@ -171,11 +177,20 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Recipe:
+        if self.format != "instruction":
+            if self.kind != "train" or self.mix or self.render or self.derive:
+                raise ValueError(
+                    f"format {self.format!r} is for training on data.path: kind train, no mix/render/derive"
+                )
+            return self
         if self.mix is not None:
             if self.source is not None or self.render is not None or self.derive:
                 raise ValueError("a mix recipe takes no source/derive/render of its own")
-        elif self.source is None or self.render is None:
-            raise ValueError("a recipe needs 'source' and 'render' (or 'mix')")
+        elif self.render is None or (self.source is None and self.kind == "eval"):
+            # A train recipe without a source reads the user's own file (data.path).
+            raise ValueError(
+                "a recipe needs 'source' and 'render' (or 'mix'); a train recipe may omit 'source'"
+            )
         if self.kind == "eval":
             if self.mix is not None:
                 raise ValueError("an eval recipe cannot be a mix")

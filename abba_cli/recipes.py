@@ -12,6 +12,7 @@ bundled), `abba_cli.derive` (the derive ops); this one finds recipes and turns r
 from __future__ import annotations
 
 import random
+import string
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from pydantic import ValidationError
 
 from abba_cli.derive import DeriveMissing, derive_value, last_boxed
 from abba_cli.errors import UserError
+from abba_cli.formats import ChatExample, TextExample, TokenizedExample, parse_row
 from abba_cli.recipe_schema import (
     Answer,
     BundledSource,
@@ -39,6 +41,7 @@ __all__ = [
     "RECIPES_DIR",
     "Answer",
     "BundledSource",
+    "ChatExample",
     "Derive",
     "Example",
     "Generation",
@@ -47,10 +50,13 @@ __all__ = [
     "Recipe",
     "Render",
     "Sources",
+    "TextExample",
+    "TokenizedExample",
     "available_recipes",
     "last_boxed",
     "load_examples",
     "load_recipe",
+    "load_split",
     "parse_recipe",
 ]
 
@@ -124,27 +130,48 @@ def load_recipe(name_or_path: str) -> Recipe:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _render_row(recipe: Recipe, derive: dict[str, Derive], row: dict, index: int) -> Example:
+def _render_row(recipe: Recipe, derive: dict[str, Derive], row: dict, index: int, where: str) -> Example:
+    at = f"recipe {recipe.name}, row {index} of {where}"
     values = dict(row)
     for key, spec in derive.items():
         try:
             values[key] = derive_value(spec, values)
         except DeriveMissing as e:
-            raise UserError(f"recipe {recipe.name}, row {index}: cannot derive {key!r}: {e}") from None
+            raise UserError(f"{at}: cannot derive {key!r}: {e}") from None
         except ValueError as e:
-            raise UserError(f"recipe {recipe.name}, row {index}: {key}: {e}") from None
+            raise UserError(f"{at}: {key}: {e}") from None
     r = recipe.render
 
-    def fmt(template: str | None) -> str | None:
-        return None if template is None else template.format_map(values)
+    def fmt(template: str | None, part: str, required: bool) -> str | None:
+        """The rendered part; a null field makes an optional part absent and a required one an error
+        (str.format would otherwise render it as the text "None")."""
+        if template is None:
+            return None
+        nulls = [f for f in _template_fields(template) if f in values and values[f] is None]
+        if nulls:
+            if required:
+                raise UserError(
+                    f"{at}: field {nulls[0]!r} is null (it fills render.{part}); fix or drop the row"
+                )
+            return None
+        text = template.format_map(values)
+        if required and part == "output" and not text.strip():
+            raise UserError(f"{at}: render.output is empty: nothing to train on; fix or drop the row")
+        return text
 
+    train, evaluation = recipe.kind == "train", recipe.kind == "eval"
     return Example(
-        id=fmt(r.id) if r.id else f"{recipe.name}-{index}",
-        instruction=fmt(r.instruction),
-        input=fmt(r.input) or None,
-        output=fmt(r.output),
-        gold=None if r.gold is None else str(fmt(r.gold)),
+        id=(r.id and fmt(r.id, "id", False)) or f"{recipe.name}-{index}",
+        instruction=fmt(r.instruction, "instruction", True),
+        input=fmt(r.input, "input", False) or None,
+        output=fmt(r.output, "output", train),
+        gold=None if r.gold is None else str(fmt(r.gold, "gold", evaluation)),
     )
+
+
+def _template_fields(template: str) -> list[str]:
+    """Top-level names a str.format template reads ("{choices[0]}" and "{a.b}" read choices and a)."""
+    return [f.split(".")[0].split("[")[0] for _, f, _, _ in string.Formatter().parse(template) if f]
 
 
 def _missing_field_error(recipe: Recipe, where: str, field: str, row: dict) -> UserError:
@@ -198,7 +225,7 @@ def load_examples(
     limit: int | None = None,
     source: Literal["auto", "hub", "bundled"] = "auto",
     with_source: bool = False,
-) -> list[Example]:
+) -> list[Example] | list[ChatExample] | list[TextExample] | list[TokenizedExample]:
     """Examples of a recipe: skip the first `skip` rows (source order), keep the first `limit` of the rest,
     then take a seeded random subset of `num_samples` (returned in source order).
 
@@ -245,10 +272,13 @@ def load_split(
         picked = rows.select(wanted).to_list()
     else:
         picked = [rows[i] for i in wanted]
-    rendered = {}
+    rendered: dict[int, Any] = {}
     for i, row in zip(wanted, picked, strict=True):
+        if recipe.format != "instruction":  # chat / text / tokenized rows: checked, not rendered
+            rendered[i] = parse_row(recipe.format, row, i, recipe.name, where)
+            continue
         try:
-            rendered[i] = _render_row(recipe, derive, row, i)
+            rendered[i] = _render_row(recipe, derive, row, i, where)
         except KeyError as e:
             raise _missing_field_error(recipe, where, e.args[0], row) from None
         except (IndexError, AttributeError, TypeError, ValueError) as e:

@@ -37,30 +37,85 @@ def read_local(path: str, recipe: Recipe) -> list[dict]:
             )
         return [row for f in files for row in read_local(str(f), recipe)]
     if p.suffix == ".parquet":
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        return pq.read_table(p).to_pylist()
-    if p.suffix in (".json", ".jsonl"):
-        text = p.read_text()
         try:
-            if p.suffix == ".json" and text.lstrip().startswith(("[", "{")):
-                data = json.loads(text)
-                if isinstance(data, dict):  # {"data": [...]} or a dict of columns
-                    lists = [v for v in data.values() if isinstance(v, list)]
-                    if len(lists) == 1 and all(isinstance(r, dict) for r in lists[0]):
-                        data = lists[0]
-                    elif lists and len(lists) == len(data):
-                        data = [
-                            dict(zip(data, vals, strict=True)) for vals in zip(*data.values(), strict=True)
-                        ]
-                    else:
-                        raise UserError(f"{path}: expected a JSON list of objects")
-                return data
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}: invalid JSON ({e})") from None
+            return pq.read_table(p).to_pylist()
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+    if p.suffix in (".json", ".jsonl"):
+        text = _read_utf8(p, path)
+        if p.suffix == ".json" and text.lstrip().startswith(("[", "{")):
+            return _json_rows(text, path)
+        return _jsonl_rows(text, path)
     raise UserError(
         f"recipe {recipe.name}: data.path {path}: unsupported file type; use {', '.join(LOCAL_SUFFIXES)}"
+    )
+
+
+def _read_utf8(p: Path, shown: str) -> str:
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise UserError(
+            f"{shown}: line {line}, column {column}: not UTF-8 (byte 0x{data[e.start]:02x}); "
+            "re-save the file as UTF-8"
+        ) from None
+
+
+def _json_rows(text: str, path: str) -> list[dict]:
+    """A JSON list of objects, {"key": [objects]}, or a dict of equal-length columns."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})") from None
+    if isinstance(data, dict):
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) == 1 and all(isinstance(r, dict) for r in lists[0]):
+            data = lists[0]
+        elif lists and len(lists) == len(data) and len({len(v) for v in lists}) == 1:
+            data = [dict(zip(data, vals, strict=True)) for vals in zip(*data.values(), strict=True)]
+        else:
+            raise UserError(
+                f'{path}: expected a JSON list of objects (one per row), a {{"data": [objects]}} mapping or '
+                "a mapping of equal-length columns"
+            )
+    if not isinstance(data, list):
+        raise UserError(f"{path}: expected a JSON list of objects (one per row), got a {_json_type(data)}")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: row {i}: expected a JSON object (one per row), got a {_json_type(row)}")
+    return data
+
+
+def _jsonl_rows(text: str, path: str) -> list[dict]:
+    """One JSON object per line; blank lines are skipped; errors name the file's own line number."""
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {lineno}, column {e.colno}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(
+                f"{path}: line {lineno}: expected a JSON object per line, got a {_json_type(row)}"
+            )
+        rows.append(row)
+    return rows
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, list):
+        inner = {_json_type(v) for v in value}
+        return f"list of {inner.pop()}s" if len(inner) == 1 else "list"
+    return {dict: "object", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+        type(value), "null"
     )
 
 
@@ -105,6 +160,11 @@ def read_rows(recipe: Recipe, path: str | None, source: str) -> tuple[Any, dict[
     src = recipe.source
     if path is not None:
         return read_local(path, recipe), dict(recipe.derive), f"local file {path}"
+    if src is None:
+        raise UserError(
+            f"recipe {recipe.name} reads your own file: set data.path (e.g. --set data.path=data.jsonl), "
+            "a json, jsonl or parquet file or a folder of them"
+        )
     if source not in ("auto", "hub", "bundled"):
         raise UserError(f"source {source!r}: expected auto, hub or bundled")
     if source in ("auto", "hub") and src.hub is not None:

@@ -55,12 +55,16 @@ def validate_run(cfg: RunConfig, config_path: str | Path) -> None:
     The model is built from its config on the meta device: no weights are read, so validating a 9B config is
     instant and needs no GPU (shapes, target matching and rank limits are all checked the same way).
     """
+    from abba_cli import data
     from abba_cli.adapters import inject_adapters, trainable_summary
     from abba_cli.adapters.abba import describe_paths
 
     print(f"# resolved config from {config_path}")
     print(dump_config(cfg), end="")
-    model, _ = _load_model(cfg, empty_weights=True)
+    _, examples, _ = data.load_train_examples(
+        cfg.data
+    )  # every row read and checked before the model is built
+    model, tokenizer = _load_model(cfg, empty_weights=True)
     if cfg.adapter.type == "full":
         model.requires_grad_(True)
         print(f"# full fine-tuning of every parameter of {cfg.model.name_or_path}")
@@ -71,6 +75,7 @@ def validate_run(cfg: RunConfig, config_path: str | Path) -> None:
     plan = describe_paths(model, cfg.train.micro_batch_size * cfg.data.max_seq_len)
     if plan:
         print(f"{plan} (full-length micro-batch; `auto` re-decides per batch)")
+    print(data.check_examples(cfg.data, examples, tokenizer, cfg.model.name_or_path))
 
 
 # ----------------------------------------------------------------------------------------------- train
@@ -121,7 +126,7 @@ def run_training(
             f"adapter.target_modules {cfg.adapter.target_modules}: no trainable parameters were created"
         )
 
-    dataset, val_dataset, collate = _build_dataset(cfg, tokenizer)
+    dataset, val_dataset, collate = _build_dataset(cfg, tokenizer, accelerator.main_process_first)
     world, rank = accelerator.num_processes, accelerator.process_index
     per_epoch = _micro_batches_per_epoch(len(dataset), t.micro_batch_size, world)
     total_steps = _total_steps(t.max_steps, t.epochs, per_epoch, t.grad_accum_steps)
@@ -290,6 +295,7 @@ def _fit(
         accelerator.process_index,
         state.micro_batches_seen,
         per_epoch,
+        list(dataset["length"]) if cfg.data.group_by_length else None,
     )
     bar = tqdm(
         total=total_steps, initial=state.step, disable=not main, unit="step", dynamic_ncols=True, desc="train"
@@ -535,31 +541,21 @@ def _load_model(cfg: RunConfig, empty_weights: bool = False) -> tuple[Any, Any]:
     )
 
 
-def _build_dataset(cfg: RunConfig, tokenizer: Any) -> tuple[Any, Any, Callable]:
+def _build_dataset(
+    cfg: RunConfig, tokenizer: Any, main_process_first: Any = None
+) -> tuple[Any, Any, Callable]:
     """(training dataset, validation dataset or None, collator). data.val_samples examples are held out of the
     training source before the training subset is drawn (recipes.load_split), so the two never overlap."""
-    from abba_cli import data, recipes
+    from abba_cli import data
 
     d = cfg.data
-    recipe = recipes.load_recipe(d.recipe)
-    examples, held_out = recipes.load_split(
-        recipe,
-        path=d.path,
-        num_samples=d.num_samples,
-        skip=d.skip_samples,
-        seed=d.seed,
-        held_out=d.val_samples or 0,
+    dataset, val_dataset = data.prepare_train_dataset(
+        d, tokenizer, cfg.model.name_or_path, main_process_first
     )
-    dataset = data.build_train_dataset(examples, tokenizer, d.max_seq_len, d.train_on_inputs)
     if len(dataset) == 0:
         raise UserError(
             f"data.recipe {d.recipe!r}: no training examples left (check data.num_samples/skip_samples)"
         )
-    if d.val_path is not None:
-        held_out = recipes.load_examples(recipe, path=d.val_path)
-    val_dataset = None
-    if held_out:
-        val_dataset = data.build_train_dataset(held_out, tokenizer, d.max_seq_len, d.train_on_inputs)
     return dataset, val_dataset, data.make_collator(tokenizer)
 
 
@@ -584,7 +580,14 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def _batch_stream(
-    n: int, micro_batch_size: int, seed: int, world: int, rank: int, skip: int, per_epoch: int
+    n: int,
+    micro_batch_size: int,
+    seed: int,
+    world: int,
+    rank: int,
+    skip: int,
+    per_epoch: int,
+    lengths: list[int] | None = None,
 ) -> Iterator[tuple[int, int, list[int]]]:
     """(epoch, batch index, example indices of this process) from micro-batch number `skip` onward, forever.
 
@@ -594,7 +597,12 @@ def _batch_stream(
     epoch, batch = divmod(skip, per_epoch)
     size = micro_batch_size * world
     while True:
-        order = epoch_order(n, seed, epoch)
+        if lengths is None:
+            order = epoch_order(n, seed, epoch)
+        else:  # data.group_by_length
+            from abba_cli.data import length_grouped_order
+
+            order = length_grouped_order(lengths, seed, epoch, size)
         if world > 1:
             order = (order * math.ceil(per_epoch * size / n + 1))[: per_epoch * size]
         for b in range(batch, per_epoch):

@@ -59,12 +59,12 @@ def test_prompt_that_fills_max_seq_len_is_an_error_naming_the_example(tok):
     assert "data.max_seq_len" in msg
 
 
-def test_drop_long_prompts_drops_with_a_count(tok, capsys):
+def test_drop_long_drops_over_long_examples_with_a_count(tok, capsys):
     long_ex = _ex(7, instruction="Natalia sold clips to 48 of her friends in April. " * 20)
     n_prompt = len(tok(render_prompt(long_ex.instruction))["input_ids"])
-    ds = build_train_dataset([_ex(0), long_ex], tok, max_seq_len=n_prompt, drop_long_prompts=True)
+    ds = build_train_dataset([_ex(0), long_ex], tok, max_seq_len=n_prompt, drop_long=True)
     assert ds["id"] == ["ex-0"]
-    assert "dropped 1 of 2" in capsys.readouterr().err
+    assert "dropped 1 of 2 examples longer than data.max_seq_len" in capsys.readouterr().err
 
 
 def test_bos_adding_tokenizer_keeps_prompt_a_prefix():
