@@ -1,8 +1,10 @@
-"""The one prompt template, shared by training and evaluation.
+"""The one place prompts are rendered, shared by training and evaluation.
 
 The references drift here (the released ABBA training prompt is indented by 12 spaces, its eval prompt is
-not), so both `data` and `evaluate` call `render_prompt` and nothing else builds prompts.
-Template: the Alpaca format used by LLM-Adapters and the ABBA paper.
+not), so both `data` and `evaluate` call these functions and nothing else builds prompts.
+Instruction recipes: the Alpaca format used by LLM-Adapters and the ABBA paper (`render_prompt`). Runs trained
+on chat data: the tokenizer's (or data.chat_template's) chat template (`render_chat`, `chat_prompt`);
+`prompt_renderer` picks the one a run trained with.
 """
 
 from __future__ import annotations

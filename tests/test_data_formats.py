@@ -365,3 +365,42 @@ def test_held_out_validation_rows_of_a_chat_file_are_tokenized_apart(tok, tmp_pa
     train, val = prepare_train_dataset(d, tok, "tiny")
     assert len(train) == 3 and len(val) == 2 and not set(train["id"]) & set(val["id"])
     assert all(_targets(val, i) for i in range(2))
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_chat_run_trains_grouped_reuses_the_cache_and_evaluates_through_its_template(
+    tmp_path, tiny_model_dir
+):
+    from transformers import AutoTokenizer
+
+    from abba_cli.evaluate import _resolve_target, _train_prompt_renderer
+
+    def config(out: str) -> Path:
+        raw = {
+            "model": {"name_or_path": str(tiny_model_dir)},
+            "adapter": {"type": "abba", "r1": 2, "r2": 2},
+            "data": {
+                "recipe": "chat",
+                "path": str(REPO / "examples" / "data" / "chat.jsonl"),
+                "chat_template": CHATML,
+                "group_by_length": True,
+                "max_seq_len": 512,
+            },
+            "train": {"micro_batch_size": 1, "max_steps": 2, "lr": 1e-2, "warmup_ratio": 0.0},
+            "output_dir": str(tmp_path / out),
+        }
+        path = tmp_path / f"{out}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    first = CliRunner().invoke(app, ["train", str(config("a"))])
+    assert first.exit_code == 0, first.output
+    assert "cached in" in first.stderr
+    second = CliRunner().invoke(app, ["train", str(config("b"))])
+    assert second.exit_code == 0, second.output
+    assert "reusing the cache" in second.stderr
+    target = _resolve_target(tmp_path / "b", None, None)
+    prompt = _train_prompt_renderer(target, AutoTokenizer.from_pretrained(tiny_model_dir))("What is 6 * 7?")
+    assert prompt == "<|im_start|>user\nWhat is 6 * 7?<|im_end|>\n<|im_start|>assistant\n"
