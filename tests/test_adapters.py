@@ -185,7 +185,7 @@ def test_init_is_deterministic_per_seed_and_name():
 # (adapter config, s worked out by hand): every case a different s, none of them 1.
 SCALING_CASES = [
     (dict(type="abba", r1=2, r2=8, alpha=3.0), 2.25),  # paper eq. 7: 3^2 / sqrt(16)
-    (dict(type="abba", r1=1, r2=4), 8.0),  # default alpha 4: 16 / sqrt(4)
+    (dict(type="abba", r1=1, r2=4), 128.0),  # default alpha 16: 256 / sqrt(4)
     (dict(type="abba", r1=2, r2=8, alpha=3.0, scaling="released"), 3.0),  # s = alpha
     (dict(type="lora", r=4, alpha=12.0), 3.0),  # 12 / 4
     (dict(type="lora", r=4, alpha=12.0, use_rslora=True), 6.0),  # 12 / sqrt(4)
