@@ -1,7 +1,8 @@
 """`abba train` and `abba validate`: one Accelerate training loop, written out in one place.
 
-Order of work in `run_training`: run directory (refuse to overwrite) -> accelerator -> seed -> base model ->
-adapters -> data -> optimizer + schedule -> resume state -> `_fit` -> final adapter + latest-run marker.
+`run_training` is a short sequence of named setup steps (run directory -> accelerator + seed -> base model and
+adapters -> data -> optimizer + schedule -> run directory files -> resume state), one loop (`_fit`, whose body is
+named steps too) and `_finish` (final adapter + latest-run marker).
 
 Exact resume (bitwise on CPU) rests on three choices:
 - the data order of epoch e is a permutation drawn from its own generator seeded by (train.seed, e), so it
@@ -21,6 +22,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +57,12 @@ def validate_run(cfg: RunConfig, config_path: str | Path) -> None:
     The model is built from its config on the meta device: no weights are read, so validating a 9B config is
     instant and needs no GPU (shapes, target matching and rank limits are all checked the same way).
     """
-    from abba_cli import data
     from abba_cli.adapters import inject_adapters, trainable_summary
     from abba_cli.adapters.abba import describe_paths
 
     print(f"# resolved config from {config_path}")
     print(dump_config(cfg), end="")
-    _, examples, _ = data.load_train_examples(
-        cfg.data
-    )  # every row read and checked before the model is built
-    model, tokenizer = _load_model(cfg, empty_weights=True)
+    model, _ = _load_model(cfg, empty_weights=True)
     if cfg.adapter.type == "full":
         model.requires_grad_(True)
         print(f"# full fine-tuning of every parameter of {cfg.model.name_or_path}")
@@ -75,47 +73,103 @@ def validate_run(cfg: RunConfig, config_path: str | Path) -> None:
     plan = describe_paths(model, cfg.train.micro_batch_size * cfg.data.max_seq_len)
     if plan:
         print(f"{plan} (full-length micro-batch; `auto` re-decides per batch)")
-    print(data.check_examples(cfg.data, examples, tokenizer, cfg.model.name_or_path))
 
 
 # ----------------------------------------------------------------------------------------------- train
+
+
+@dataclass
+class _Data:
+    """The tokenized training and validation sets and the step counts derived from them."""
+
+    train: Any
+    val: Any  # None without data.val_samples / data.val_path
+    collate: Callable
+    per_epoch: int  # micro-batches per epoch (global: each holds micro_batch_size examples per process)
+    total_steps: int
+    warmup: int
+
+
+@dataclass
+class _Run:
+    """Everything the loop works on, built by the setup steps of `run_training`."""
+
+    cfg: RunConfig
+    run_dir: Path
+    accelerator: Any
+    model: Any
+    tokenizer: Any
+    params: list
+    data: _Data
+    optimizer: Any
+    scheduler: Any
+    state: Any = None  # checkpoint.TrainState, set by _restore
+    best_val: dict | None = None  # {"best_val_loss", "best_val_step"} so far
+
+    @property
+    def full(self) -> bool:
+        return self.cfg.adapter.type == "full"
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
 
 
 def run_training(
     cfg: RunConfig, config_path: str | Path, resume: bool = False, dry_run: bool = False
 ) -> Path | None:
     """Train per `cfg`; returns the run directory (None for a dry run)."""
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import get_scheduler
-
     from abba_cli import checkpoint as ckpt
-    from abba_cli.adapters import inject_adapters, save_adapter, trainable_summary
-    from abba_cli.adapters.abba import describe_paths
 
-    t = cfg.train
-    full = cfg.adapter.type == "full"
     run_dir = Path(cfg.output_dir)
     resume_from = None if dry_run else _check_run_dir(cfg, run_dir, resume)
+    accelerator = _setup_accelerator(cfg, run_dir)
+    model, tokenizer, params = _setup_model(cfg)
+    data = _setup_data(cfg, tokenizer, accelerator.num_processes)
+    if accelerator.is_main_process:
+        _print_plan(cfg, model, data, accelerator.num_processes)
+    if dry_run:
+        print("dry run: nothing trained, nothing written")
+        return None
+    optimizer, scheduler = _setup_optimizer(cfg, params, data)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    run = _Run(cfg, run_dir, accelerator, model, tokenizer, params, data, optimizer, scheduler)
+    _start_run_dir(run, fresh=resume_from is None)
+    rng = _restore(run, resume_from)
+    if rng is not None:
+        ckpt.set_rng_state(rng)  # last, so nothing between here and the first batch draws from it
+    # SIGINT/SIGTERM no longer kill the loop mid-step: it finishes the step, checkpoints and says how to resume.
+    with GracefulStop() as stop:
+        _fit(run, stop)
+    _finish(run)
+    return run_dir
 
+
+def _setup_accelerator(cfg: RunConfig, run_dir: Path) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    t = cfg.train
     accelerator = Accelerator(
-        mixed_precision=t.mixed_precision,
-        log_with=_trackers(t.report_to),
-        project_dir=str(run_dir),
+        mixed_precision=t.mixed_precision, log_with=_trackers(t.report_to), project_dir=str(run_dir)
     )
-    main = accelerator.is_main_process
     # Adapter init (SVD, Kaiming) and dropout draw from these generators: one seed makes the run repeatable.
     set_seed(t.seed)
+    return accelerator
+
+
+def _setup_model(cfg: RunConfig) -> tuple[Any, Any, list]:
+    """(model with its adapters, tokenizer, trainable parameters)."""
+    from abba_cli.adapters import inject_adapters
 
     model, tokenizer = _load_model(cfg)
     tokenizer.padding_side = "right"  # training pads on the right; evaluation sets its own side
-    if full:
+    if cfg.adapter.type == "full":
         # No adapter: every weight of the base trains (keep model.dtype float32 for fp32 master weights).
         model.requires_grad_(True)
     else:
-        inject_adapters(model, cfg.adapter, seed=t.seed)
-    if t.gradient_checkpointing:
+        inject_adapters(model, cfg.adapter, seed=cfg.train.seed)
+    if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs; input grads keep the graph connected anyway.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -125,56 +179,77 @@ def run_training(
         raise UserError(
             f"adapter.target_modules {cfg.adapter.target_modules}: no trainable parameters were created"
         )
+    return model, tokenizer, params
 
-    dataset, val_dataset, collate = _build_dataset(cfg, tokenizer, accelerator.main_process_first)
-    world, rank = accelerator.num_processes, accelerator.process_index
+
+def _setup_data(cfg: RunConfig, tokenizer: Any, world: int) -> _Data:
+    t = cfg.train
+    dataset, val_dataset, collate = _build_dataset(cfg, tokenizer)
     per_epoch = _micro_batches_per_epoch(len(dataset), t.micro_batch_size, world)
     total_steps = _total_steps(t.max_steps, t.epochs, per_epoch, t.grad_accum_steps)
     warmup = math.ceil(t.warmup_ratio * total_steps)
-    summary = trainable_summary(model)
-    plan = describe_paths(model, t.micro_batch_size * cfg.data.max_seq_len)
-    if main:
-        print(summary, file=sys.stderr)
-        if plan:
-            print(f"{plan} (full-length micro-batch; `auto` re-decides per batch)", file=sys.stderr)
-        print(
-            f"{len(dataset)} training examples, {per_epoch} micro-batches of {t.micro_batch_size} per epoch "
-            f"x {world} process(es); {total_steps} optimizer steps of {t.grad_accum_steps} micro-batches "
-            f"({total_steps * t.grad_accum_steps / per_epoch:.2f} epochs), {warmup} warmup steps",
-            file=sys.stderr,
-        )
-        if val_dataset is not None:
-            print(_describe_validation(cfg, len(val_dataset)), file=sys.stderr)
-    if dry_run:
-        print("dry run: nothing trained, nothing written")
-        return None
+    return _Data(dataset, val_dataset, collate, per_epoch, total_steps, warmup)
 
+
+def _print_plan(cfg: RunConfig, model: Any, data: _Data, world: int) -> None:
+    from abba_cli.adapters import trainable_summary
+    from abba_cli.adapters.abba import describe_paths
+
+    t = cfg.train
+    print(trainable_summary(model), file=sys.stderr)
+    plan = describe_paths(model, t.micro_batch_size * cfg.data.max_seq_len)
+    if plan:
+        print(f"{plan} (full-length micro-batch; `auto` re-decides per batch)", file=sys.stderr)
+    print(
+        f"{len(data.train)} training examples, {data.per_epoch} micro-batches of {t.micro_batch_size} per epoch "
+        f"x {world} process(es); {data.total_steps} optimizer steps of {t.grad_accum_steps} micro-batches "
+        f"({data.total_steps * t.grad_accum_steps / data.per_epoch:.2f} epochs), {data.warmup} warmup steps",
+        file=sys.stderr,
+    )
+    if data.val is not None:
+        print(_describe_validation(cfg, len(data.val)), file=sys.stderr)
+
+
+def _setup_optimizer(cfg: RunConfig, params: list, data: _Data) -> tuple[Any, Any]:
+    import torch
+    from transformers import get_scheduler
+
+    t = cfg.train
     optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    # The scheduler stays unprepared: AcceleratedScheduler would step once per process, and total_steps is
+    # already counted per process here.
     scheduler = get_scheduler(
         "constant_with_warmup" if t.scheduler == "constant" else t.scheduler,
         optimizer,
-        num_warmup_steps=warmup,
-        num_training_steps=total_steps,
+        num_warmup_steps=data.warmup,
+        num_training_steps=data.total_steps,
     )
-    # The scheduler stays unprepared: AcceleratedScheduler would step once per process, and total_steps is
-    # already counted per process here.
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume_from is None:
-            atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
-    if t.report_to:
-        accelerator.init_trackers("abba", config=_flatten(cfg.model_dump(mode="json")))
+    return optimizer, scheduler
 
-    state = ckpt.TrainState(
+
+def _start_run_dir(run: _Run, fresh: bool) -> None:
+    if run.main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            atomic_write_text(run.run_dir / CONFIG_FILE, dump_config(run.cfg))
+    if run.cfg.train.report_to:
+        run.accelerator.init_trackers("abba", config=_flatten(run.cfg.model_dump(mode="json")))
+
+
+def _restore(run: _Run, resume_from: Path | None) -> dict | None:
+    """Set run.state (from the checkpoint when resuming) and return this process's RNG state to restore."""
+    from abba_cli import checkpoint as ckpt
+
+    run.state = ckpt.TrainState(
         step=0, epoch=0, batch_in_epoch=0, micro_batches_seen=0, elapsed_s=0.0, tokens_seen=0
     )
     rng = None
     if resume_from is not None:
-        state, tensors, opt_state, sched_state, rng_states = ckpt.load_checkpoint(resume_from)
-        _load_adapter_tensors(accelerator.unwrap_model(model), tensors, resume_from, full)
-        optimizer.load_state_dict(opt_state)
-        scheduler.load_state_dict(sched_state)
+        run.state, tensors, opt_state, sched_state, rng_states = ckpt.load_checkpoint(resume_from)
+        _load_adapter_tensors(run.accelerator.unwrap_model(run.model), tensors, resume_from, run.full)
+        run.optimizer.load_state_dict(opt_state)
+        run.scheduler.load_state_dict(sched_state)
+        world, rank = run.accelerator.num_processes, run.accelerator.process_index
         # One RNG state per process, and the data position counts global micro-batches of this many processes.
         if len(rng_states) != world:
             raise UserError(
@@ -182,230 +257,258 @@ def run_training(
                 "resume with the same number of processes"
             )
         rng = rng_states[rank]
-        if main:
-            print(f"resuming from {resume_from} (step {state.step}/{total_steps})", file=sys.stderr)
-    if main:
-        _truncate_metrics(run_dir / METRICS_FILE, state.step)
-
-    def save(state: ckpt.TrainState) -> Path | None:
-        from accelerate.utils import gather_object
-
-        rngs = gather_object([ckpt.rng_state()]) if world > 1 else [ckpt.rng_state()]
-        tensors = gathered_trainable_state(accelerator, model, full)  # collective: every process calls it
-        path = None
-        if main:
-            path = ckpt.save_checkpoint(
-                run_dir,
-                state,
-                tensors,
-                optimizer.state_dict(),
-                scheduler.state_dict(),
-                rngs,
-                t.save_total_limit,
+        if run.main:
+            print(
+                f"resuming from {resume_from} (step {run.state.step}/{run.data.total_steps})", file=sys.stderr
             )
-        accelerator.wait_for_everyone()
-        return path
-
-    if rng is not None:
-        ckpt.set_rng_state(rng)  # last, so nothing between here and the first batch draws from it
-    # SIGINT/SIGTERM no longer kill the loop mid-step: it finishes the step, checkpoints and says how to resume.
-    with GracefulStop() as stop:
-        _fit(
-            cfg,
-            accelerator,
-            model,
-            optimizer,
-            scheduler,
-            params,
-            dataset,
-            val_dataset,
-            collate,
-            state,
-            total_steps,
-            per_epoch,
-            run_dir,
-            save,
-            stop,
-        )
-
-    accelerator.wait_for_everyone()
-    final_tensors = None if full else gathered_trainable_state(accelerator, model, full)
-    if main:
-        if full:
-            _save_full_model(accelerator.unwrap_model(model), tokenizer, run_dir / FULL_MODEL_DIR)
-        else:
-            save_adapter(
-                accelerator.unwrap_model(model),
-                cfg.adapter,
-                run_dir,
-                base_model=base_model_reference(cfg.model.name_or_path),
-                tensors=final_tensors,
-            )
-        from abba_cli.runs import record_latest
-
-        record_latest(run_dir)
-        print(f"run directory: {run_dir}")
-        if full:
-            print(f"  model:    {run_dir / FULL_MODEL_DIR} (plain Hugging Face folder, already 'merged')")
-        else:
-            print(f"  adapter:  {run_dir / ADAPTER_WEIGHTS} (+ {ADAPTER_CONFIG})")
-        print(f"  config:   {run_dir / CONFIG_FILE}")
-        print(f"  metrics:  {run_dir / METRICS_FILE}")
-        if t.save_every:
-            print(f"  checkpoints: {run_dir / ckpt.CHECKPOINTS}")
-        if full:
-            print("next: abba eval --task <task>   (defaults to this run)")
-        else:
-            print("next: abba eval --task <task>   |   abba merge --out <dir>   (both default to this run)")
-    accelerator.end_training()
-    return run_dir
+    if run.main:  # only the main process writes the metrics and the validation summary
+        metrics = run.run_dir / METRICS_FILE
+        _truncate_metrics(metrics, run.state.step)
+        run.best_val = _best_val(metrics) if run.data.val is not None else None
+    return rng
 
 
-def _fit(
-    cfg: RunConfig,
-    accelerator: Any,
-    model: Any,
-    optimizer: Any,
-    scheduler: Any,
-    params: list,
-    dataset: Any,
-    val_dataset: Any,
-    collate: Callable,
-    state: Any,
-    total_steps: int,
-    per_epoch: int,
-    run_dir: Path,
-    save: Callable,
-    stop: GracefulStop | None = None,
-) -> None:
-    """The optimisation loop: accumulate micro-batches, clip, step, log, checkpoint; stop on a non-finite loss,
-    or after the current step (with a checkpoint) when `stop` caught SIGINT/SIGTERM."""
-    import torch
+def _fit(run: _Run, stop: GracefulStop | None = None) -> None:
+    """The optimisation loop: accumulate micro-batches, clip, step, validate, log, checkpoint; stop on a
+    non-finite loss, or after the current step (with a checkpoint) when `stop` caught SIGINT/SIGTERM."""
     from tqdm.auto import tqdm
 
-    from abba_cli.checkpoint import latest_checkpoint
-
-    t = cfg.train
-    main = accelerator.is_main_process
+    t, state, accelerator = run.cfg.train, run.state, run.accelerator
     batches = _batch_stream(
-        len(dataset),
+        len(run.data.train),
         t.micro_batch_size,
         t.seed,
         accelerator.num_processes,
         accelerator.process_index,
         state.micro_batches_seen,
-        per_epoch,
-        list(dataset["length"]) if cfg.data.group_by_length else None,
+        run.data.per_epoch,
     )
     bar = tqdm(
-        total=total_steps, initial=state.step, disable=not main, unit="step", dynamic_ncols=True, desc="train"
+        total=run.data.total_steps,
+        initial=state.step,
+        disable=not run.main,
+        unit="step",
+        dynamic_ncols=True,
+        desc="train",
     )
-    start, elapsed0, tokens0 = time.perf_counter(), state.elapsed_s, state.tokens_seen
-    best = _best_val(run_dir / METRICS_FILE) if val_dataset is not None else None
-    model.train()
-    while state.step < total_steps:
-        host = [
-            collate([dataset[i] for i in idx])
-            for _, _, idx in (next(batches) for _ in range(t.grad_accum_steps))
-        ]
-        # Counted on the host copies, before they move: int() of a device tensor is a host sync (on a GPU, two
-        # per micro-batch, each waiting for the queue to drain).
-        n_tokens = sum(int(b["attention_mask"].sum()) for b in host)
-        micro = [_to_device(b, accelerator.device) for b in host]
-        # Normalise by the target tokens of the whole optimizer step, so accumulation equals one big batch.
-        # Across processes too: DDP averages gradients over processes, so each process scales its token sum by
-        # world / (targets of all processes); a global batch then trains exactly as one process would.
-        all_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in host)
-        world = accelerator.num_processes
-        if world > 1:
-            all_targets = int(
-                accelerator.reduce(torch.tensor(all_targets, device=accelerator.device), "sum").item()
-            )
-        n_targets = max(all_targets, 1) / world
-        step_loss = torch.zeros((), device=accelerator.device)
-        for i, batch in enumerate(micro):
-            sync = i == len(micro) - 1
-            with nullcontext() if sync else accelerator.no_sync(model):
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss = _target_loss_sum(logits, batch["labels"]) / n_targets
-                accelerator.backward(loss)
-            step_loss += loss.detach()
-        loss_value = accelerator.reduce(step_loss, "mean").item()
-        if not math.isfinite(loss_value):
-            bar.close()
-            _diverged(run_dir, state.step + 1, f"loss {loss_value}")
-        # Clipping at +inf leaves gradients untouched and still returns the norm for the log.
-        grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm or float("inf"))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        # A huge update can overflow the weights while this step's loss was still finite; catch it here so
-        # no checkpoint and no final adapter ever holds inf/nan.
-        if not _all_finite(params, accelerator):
-            bar.close()
-            _diverged(run_dir, state.step + 1, f"loss {loss_value}, adapter weights inf/nan after the update")
+    clock = (time.perf_counter(), state.elapsed_s, state.tokens_seen)
+    run.model.train()
+    try:
+        while state.step < run.data.total_steps:
+            host = [
+                run.data.collate([run.data.train[i] for i in idx])
+                for _, _, idx in (next(batches) for _ in range(t.grad_accum_steps))
+            ]
+            micro = [_to_device(b, accelerator.device) for b in host]
+            loss_value = _accumulate_gradients(run, host, micro)
+            grad_norm, lr = _apply_update(run, loss_value)
+            tok_s = _advance(run, host, clock)
+            bar.update(1)
+            val = _validate_if_due(run, bar)
+            postfix = dict(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+            if run.best_val is not None:
+                postfix["best_val"] = f"{run.best_val['best_val_loss']:.4f}"
+            bar.set_postfix(postfix)
+            _log_step(run, loss_value, lr, float(grad_norm), tok_s, val)
+            _checkpoint_or_stop(run, stop)
+    finally:
+        bar.close()
 
-        if world > 1:
-            n_tokens = int(
-                accelerator.reduce(torch.tensor(n_tokens, device=accelerator.device), "sum").item()
+
+def _accumulate_gradients(run: _Run, host: list[dict], micro: list[dict]) -> float:
+    """Forward and backward over one optimizer step's micro-batches; returns the step's loss (all processes).
+
+    Normalised by the target tokens of the whole optimizer step, so accumulation equals one big batch. Across
+    processes too: DDP averages gradients over processes, so each process scales its token sum by
+    world / (targets of all processes); a global batch then trains exactly as one process would.
+    """
+    import torch
+
+    accelerator, world = run.accelerator, run.accelerator.num_processes
+    # Counted on the host copies (`micro` is them on the device): int() of a device tensor is a host sync (on a
+    # GPU, one per micro-batch, each waiting for the queue to drain).
+    all_targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in host)
+    if world > 1:
+        all_targets = int(
+            accelerator.reduce(torch.tensor(all_targets, device=accelerator.device), "sum").item()
+        )
+    n_targets = max(all_targets, 1) / world
+    step_loss = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(micro):
+        sync = i == len(micro) - 1
+        with nullcontext() if sync else accelerator.no_sync(run.model):
+            logits = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = _target_loss_sum(logits, batch["labels"]) / n_targets
+            accelerator.backward(loss)
+        step_loss += loss.detach()
+    return accelerator.reduce(step_loss, "mean").item()
+
+
+def _apply_update(run: _Run, loss_value: float) -> tuple[Any, float]:
+    """Clip, step the optimizer and schedule; (grad norm, the lr used). Stops on a non-finite loss or weights."""
+    step = run.state.step + 1
+    if not math.isfinite(loss_value):
+        _diverged(run.run_dir, step, f"loss {loss_value}")
+    # Clipping at +inf leaves gradients untouched and still returns the norm for the log.
+    grad_norm = run.accelerator.clip_grad_norm_(run.params, run.cfg.train.max_grad_norm or float("inf"))
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    # A huge update can overflow the weights while this step's loss was still finite; catch it here so
+    # no checkpoint and no final adapter ever holds inf/nan.
+    if not _all_finite(run.params, run.accelerator):
+        _diverged(run.run_dir, step, f"loss {loss_value}, adapter weights inf/nan after the update")
+    return grad_norm, lr
+
+
+def _advance(run: _Run, host: list[dict], clock: tuple[float, float, int]) -> float:
+    """Count the finished step in run.state (step, data position, tokens, time); returns tokens per second."""
+    import torch
+
+    state, accelerator, accum = run.state, run.accelerator, run.cfg.train.grad_accum_steps
+    start, elapsed0, tokens0 = clock
+    n_tokens = sum(int(b["attention_mask"].sum()) for b in host)  # host copies: no device sync
+    if accelerator.num_processes > 1:
+        n_tokens = int(accelerator.reduce(torch.tensor(n_tokens, device=accelerator.device), "sum").item())
+    state.tokens_seen += n_tokens
+    state.step += 1
+    state.micro_batches_seen += accum
+    state.epoch, state.batch_in_epoch = divmod(state.micro_batches_seen, run.data.per_epoch)
+    now = time.perf_counter() - start
+    state.elapsed_s = elapsed0 + now
+    return (state.tokens_seen - tokens0) / max(now, 1e-9)
+
+
+def _validate_if_due(run: _Run, bar: Any) -> dict | None:
+    """Every train.eval_every steps and at the last: val_loss, the best so far, RUN_DIR/val_summary.json."""
+    every, step = run.cfg.train.eval_every, run.state.step
+    if run.data.val is None or not (step == run.data.total_steps or (every and step % every == 0)):
+        return None
+    val = _validation_loss(
+        run.accelerator, run.model, run.data.val, run.data.collate, run.cfg.train.micro_batch_size
+    )
+    if run.best_val is None or val["val_loss"] < run.best_val["best_val_loss"]:
+        run.best_val = {"best_val_loss": val["val_loss"], "best_val_step": step}
+    if run.main:
+        _write_val_summary(run.run_dir, step, val, run.best_val)
+        bar.write(
+            f"step {step}: val_loss {val['val_loss']:.4f} "
+            f"(best {run.best_val['best_val_loss']:.4f} at step {run.best_val['best_val_step']})",
+            file=sys.stderr,
+        )
+    return val
+
+
+def _log_step(run: _Run, loss: float, lr: float, grad_norm: float, tok_s: float, val: dict | None) -> None:
+    """One metrics.jsonl record per logged or validated step (validated ones carry val_loss), and trackers."""
+    t, state = run.cfg.train, run.state
+    if not (state.step % t.log_every == 0 or state.step == run.data.total_steps or val is not None):
+        return
+    record = {
+        "step": state.step,
+        "epoch": round(state.micro_batches_seen / run.data.per_epoch, 4),
+        "loss": loss,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_s": round(tok_s, 1),
+        "tokens": state.tokens_seen,
+        "elapsed_s": round(state.elapsed_s, 2),
+        **(val or {}),
+    }
+    if run.main:
+        with open(run.run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    if t.report_to:
+        run.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
+
+
+def _checkpoint_or_stop(run: _Run, stop: GracefulStop | None) -> None:
+    """Checkpoint when due; after a SIGINT/SIGTERM, checkpoint (if not just done) and raise TrainingStopped."""
+    from abba_cli.checkpoint import latest_checkpoint
+
+    t, step, total = run.cfg.train, run.state.step, run.data.total_steps
+    saved = bool(t.save_every) and (step % t.save_every == 0 or step == total)
+    if saved:
+        _save_checkpoint(run)
+    if step < total and _stop_requested(stop, run.accelerator):
+        path = _save_checkpoint(run) if not saved else latest_checkpoint(run.run_dir)
+        signum = stop.signum if stop is not None and stop.signum is not None else signal.SIGTERM
+        raise TrainingStopped(
+            f"stopped by {signal_name(signum)} after step {step}/{total}; checkpoint {path}; "
+            f"resume with: abba train {run.run_dir / CONFIG_FILE} --resume",
+            signum,
+        )
+
+
+def _save_checkpoint(run: _Run) -> Path | None:
+    """Write checkpoints/step-N (main process); a collective, so every process calls it."""
+    from accelerate.utils import gather_object
+
+    from abba_cli import checkpoint as ckpt
+
+    world = run.accelerator.num_processes
+    rngs = gather_object([ckpt.rng_state()]) if world > 1 else [ckpt.rng_state()]
+    tensors = gathered_trainable_state(run.accelerator, run.model, run.full)
+    path = None
+    if run.main:
+        path = ckpt.save_checkpoint(
+            run.run_dir,
+            run.state,
+            tensors,
+            run.optimizer.state_dict(),
+            run.scheduler.state_dict(),
+            rngs,
+            run.cfg.train.save_total_limit,
+        )
+    run.accelerator.wait_for_everyone()
+    return path
+
+
+def _finish(run: _Run) -> None:
+    """Save the final adapter (or full model), record the latest run, say where everything is."""
+    from abba_cli.adapters import save_adapter
+    from abba_cli.runs import record_latest
+
+    accelerator = run.accelerator
+    accelerator.wait_for_everyone()
+    final_tensors = None if run.full else gathered_trainable_state(accelerator, run.model, run.full)
+    if run.main:
+        unwrapped = accelerator.unwrap_model(run.model)
+        if run.full:
+            _save_full_model(unwrapped, run.tokenizer, run.run_dir / FULL_MODEL_DIR)
+        else:
+            save_adapter(
+                unwrapped,
+                run.cfg.adapter,
+                run.run_dir,
+                base_model=base_model_reference(run.cfg.model.name_or_path),
+                tensors=final_tensors,
             )
-        state.tokens_seen += n_tokens
-        state.step += 1
-        state.micro_batches_seen += t.grad_accum_steps
-        state.epoch, state.batch_in_epoch = divmod(state.micro_batches_seen, per_epoch)
-        now = time.perf_counter() - start
-        state.elapsed_s = elapsed0 + now
-        tok_s = (state.tokens_seen - tokens0) / max(now, 1e-9)
-        bar.update(1)
-        val = None
-        if val_dataset is not None and (
-            state.step == total_steps or (t.eval_every and state.step % t.eval_every == 0)
-        ):
-            val = _validation_loss(accelerator, model, val_dataset, collate, t.micro_batch_size)
-            if best is None or val["val_loss"] < best["best_val_loss"]:
-                best = {"best_val_loss": val["val_loss"], "best_val_step": state.step}
-            if main:
-                _write_val_summary(run_dir, state.step, val, best)
-                bar.write(
-                    f"step {state.step}: val_loss {val['val_loss']:.4f} "
-                    f"(best {best['best_val_loss']:.4f} at step {best['best_val_step']})",
-                    file=sys.stderr,
-                )
-        postfix = dict(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-        if best is not None:
-            postfix["best_val"] = f"{best['best_val_loss']:.4f}"
-        bar.set_postfix(postfix)
-        if state.step % t.log_every == 0 or state.step == total_steps or val is not None:
-            record = {
-                "step": state.step,
-                "epoch": round(state.micro_batches_seen / per_epoch, 4),
-                "loss": loss_value,
-                "lr": lr,
-                "grad_norm": float(grad_norm),
-                "tokens_per_s": round(tok_s, 1),
-                "tokens": state.tokens_seen,
-                "elapsed_s": round(state.elapsed_s, 2),
-                **(val or {}),
-            }
-            if main:
-                with open(run_dir / METRICS_FILE, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-            if t.report_to:
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
-        saved = bool(t.save_every) and (state.step % t.save_every == 0 or state.step == total_steps)
-        if saved:
-            save(state)
-        if state.step < total_steps and _stop_requested(stop, accelerator):
-            path = save(state) if not saved else latest_checkpoint(run_dir)
-            bar.close()
-            signum = stop.signum if stop is not None and stop.signum is not None else signal.SIGTERM
-            raise TrainingStopped(
-                f"stopped by {signal_name(signum)} after step {state.step}/{total_steps}; checkpoint {path}; "
-                f"resume with: abba train {run_dir / CONFIG_FILE} --resume",
-                signum,
-            )
-    bar.close()
+        record_latest(run.run_dir)
+        _print_outputs(run)
+    accelerator.end_training()
+
+
+def _print_outputs(run: _Run) -> None:
+    from abba_cli.checkpoint import CHECKPOINTS
+
+    run_dir = run.run_dir
+    print(f"run directory: {run_dir}")
+    if run.full:
+        print(f"  model:    {run_dir / FULL_MODEL_DIR} (plain Hugging Face folder, already 'merged')")
+    else:
+        print(f"  adapter:  {run_dir / ADAPTER_WEIGHTS} (+ {ADAPTER_CONFIG})")
+    print(f"  config:   {run_dir / CONFIG_FILE}")
+    print(f"  metrics:  {run_dir / METRICS_FILE}")
+    if run.data.val is not None:
+        print(f"  validation: {run_dir / VAL_SUMMARY_FILE}")
+    if run.cfg.train.save_every:
+        print(f"  checkpoints: {run_dir / CHECKPOINTS}")
+    if run.full:
+        print("next: abba eval --task <task>   (defaults to this run)")
+    else:
+        print("next: abba eval --task <task>   |   abba merge --out <dir>   (both default to this run)")
 
 
 def _validation_loss(
@@ -541,21 +644,31 @@ def _load_model(cfg: RunConfig, empty_weights: bool = False) -> tuple[Any, Any]:
     )
 
 
-def _build_dataset(
-    cfg: RunConfig, tokenizer: Any, main_process_first: Any = None
-) -> tuple[Any, Any, Callable]:
+def _build_dataset(cfg: RunConfig, tokenizer: Any) -> tuple[Any, Any, Callable]:
     """(training dataset, validation dataset or None, collator). data.val_samples examples are held out of the
     training source before the training subset is drawn (recipes.load_split), so the two never overlap."""
-    from abba_cli import data
+    from abba_cli import data, recipes
 
     d = cfg.data
-    dataset, val_dataset = data.prepare_train_dataset(
-        d, tokenizer, cfg.model.name_or_path, main_process_first
+    recipe = recipes.load_recipe(d.recipe)
+    examples, held_out = recipes.load_split(
+        recipe,
+        path=d.path,
+        num_samples=d.num_samples,
+        skip=d.skip_samples,
+        seed=d.seed,
+        held_out=d.val_samples or 0,
     )
+    dataset = data.build_train_dataset(examples, tokenizer, d.max_seq_len, d.train_on_inputs)
     if len(dataset) == 0:
         raise UserError(
             f"data.recipe {d.recipe!r}: no training examples left (check data.num_samples/skip_samples)"
         )
+    if d.val_path is not None:
+        held_out = recipes.load_examples(recipe, path=d.val_path)
+    val_dataset = None
+    if held_out:
+        val_dataset = data.build_train_dataset(held_out, tokenizer, d.max_seq_len, d.train_on_inputs)
     return dataset, val_dataset, data.make_collator(tokenizer)
 
 
@@ -580,14 +693,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def _batch_stream(
-    n: int,
-    micro_batch_size: int,
-    seed: int,
-    world: int,
-    rank: int,
-    skip: int,
-    per_epoch: int,
-    lengths: list[int] | None = None,
+    n: int, micro_batch_size: int, seed: int, world: int, rank: int, skip: int, per_epoch: int
 ) -> Iterator[tuple[int, int, list[int]]]:
     """(epoch, batch index, example indices of this process) from micro-batch number `skip` onward, forever.
 
@@ -597,12 +703,7 @@ def _batch_stream(
     epoch, batch = divmod(skip, per_epoch)
     size = micro_batch_size * world
     while True:
-        if lengths is None:
-            order = epoch_order(n, seed, epoch)
-        else:  # data.group_by_length
-            from abba_cli.data import length_grouped_order
-
-            order = length_grouped_order(lengths, seed, epoch, size)
+        order = epoch_order(n, seed, epoch)
         if world > 1:
             order = (order * math.ceil(per_epoch * size / n + 1))[: per_epoch * size]
         for b in range(batch, per_epoch):

@@ -31,13 +31,13 @@ def _config(tmp_path: Path, model_dir: Path, out: str, accum: int) -> Path:
             "question": "Natalia sold clips" + " to friends" * (i % 4) + f" {i}?",
             "answer": f"{'so ' * (i % 3)}#### {i}",
         }
-        for i in range(8)
+        for i in range(11)  # 3 held out for validation (data.val_samples), 8 trained on
     ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     raw = {
         "model": {"name_or_path": str(model_dir), "dtype": "float32"},
         "adapter": {"type": "abba", "r1": 2, "r2": 2, "target_modules": ["q_proj", "v_proj", "down_proj"]},
-        "data": {"recipe": "gsm8k", "path": str(data), "max_seq_len": 256},
+        "data": {"recipe": "gsm8k", "path": str(data), "max_seq_len": 256, "val_samples": 3},
         "train": {
             "max_steps": 3,
             "micro_batch_size": 1,
@@ -45,6 +45,7 @@ def _config(tmp_path: Path, model_dir: Path, out: str, accum: int) -> Path:
             "lr": 1e-2,
             "warmup_ratio": 0.0,
             "save_every": 3,
+            "eval_every": 1,
         },
         "output_dir": str(tmp_path / out),
     }
@@ -104,6 +105,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(runs):
     la = [json.loads(x)["loss"] for x in (one / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x)["loss"] for x in (two / "metrics.jsonl").read_text().splitlines()]
     assert lb == pytest.approx(la, rel=1e-5)
+    # 3 validation examples over 2 processes (2 + 1): the token sums are reduced, so val_loss is the same.
+    va = [json.loads(x)["val_loss"] for x in (one / "metrics.jsonl").read_text().splitlines()]
+    vb = [json.loads(x)["val_loss"] for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert len(va) == 3 and vb == pytest.approx(va, rel=1e-5)
 
 
 @pytest.mark.slow
