@@ -39,6 +39,7 @@ class TrainState:
     micro_batches_seen: int
     elapsed_s: float
     tokens_seen: int
+    data_sha256: str | None = None  # the training examples' content hash (older checkpoints have none)
 
 
 def rng_state() -> dict[str, Any]:
@@ -84,6 +85,25 @@ def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1][1] if ckpts else None
+
+
+def last_finite_checkpoint(run_dir: str | Path, before_step: int) -> Path | None:
+    """The newest complete checkpoint written before `before_step` whose weights and optimizer state are all
+    finite: the one to resume from after a divergence (a newer one may hold the overflow that caused it)."""
+    from safetensors.torch import load_file
+
+    for step, path in reversed(list_checkpoints(run_dir)):
+        if step >= before_step:
+            continue
+        try:
+            tensors = list(load_file(path / "adapter_model.safetensors").values())
+            optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError):
+            continue  # unreadable: not a checkpoint to recommend
+        tensors += [t for s in optimizer.get("state", {}).values() for t in s.values() if torch.is_tensor(t)]
+        if all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
+            return path
+    return None
 
 
 def save_checkpoint(

@@ -15,37 +15,36 @@ Exact resume (bitwise on CPU) rests on three choices:
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import math
+import shlex
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from abba_cli.config import RunConfig, dump_config
 from abba_cli.errors import UserError
 from abba_cli.fsutil import atomic_write_text
-from abba_cli.runs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FULL_MODEL_DIR
+from abba_cli.rundir import (
+    METRICS_FILE,
+    Resume,
+    RunLock,
+    check_output_dir,
+    check_run_dir,
+    resume_hint,
+    truncate_metrics,
+)
+from abba_cli.runs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG_FILE, FULL_MODEL_DIR
 from abba_cli.signals import GracefulStop, TrainingStopped, signal_name
 
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
 VAL_SUMMARY_FILE = "val_summary.json"
-# Keys that may change between a run and its --resume without breaking exactness.
-_RESUME_MAY_CHANGE = (
-    "train.save_every",
-    "train.save_total_limit",
-    "train.log_every",
-    "train.eval_every",  # validation draws no randomness, so its cadence never changes training
-    "train.report_to",
-    "eval.",
-)
 
 
 # ----------------------------------------------------------------------------------------------- validate
@@ -88,6 +87,7 @@ class _Data:
     per_epoch: int  # micro-batches per epoch (global: each holds micro_batch_size examples per process)
     total_steps: int
     warmup: int
+    sha256: str  # of the training examples' fields, in order: --resume refuses changed data
 
 
 @dataclass
@@ -104,6 +104,7 @@ class _Run:
     optimizer: Any
     scheduler: Any
     state: Any = None  # checkpoint.TrainState, set by _restore
+    extends_from: int | None = None  # the old total of steps when --resume extends a run
     best_val: dict | None = None  # {"best_val_loss", "best_val_step"} so far
 
     @property
@@ -122,26 +123,30 @@ def run_training(
     from abba_cli import checkpoint as ckpt
 
     run_dir = Path(cfg.output_dir)
-    resume_from = None if dry_run else _check_run_dir(cfg, run_dir, resume)
+    check_output_dir(run_dir)
     accelerator = _setup_accelerator(cfg, run_dir)
-    model, tokenizer, params = _setup_model(cfg)
-    data = _setup_data(cfg, tokenizer, accelerator.num_processes)
-    if accelerator.is_main_process:
-        _print_plan(cfg, model, data, accelerator.num_processes)
-    if dry_run:
-        print("dry run: nothing trained, nothing written")
-        return None
-    optimizer, scheduler = _setup_optimizer(cfg, params, data)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    run = _Run(cfg, run_dir, accelerator, model, tokenizer, params, data, optimizer, scheduler)
-    _start_run_dir(run, fresh=resume_from is None)
-    rng = _restore(run, resume_from)
-    if rng is not None:
-        ckpt.set_rng_state(rng)  # last, so nothing between here and the first batch draws from it
-    # SIGINT/SIGTERM no longer kill the loop mid-step: it finishes the step, checkpoints and says how to resume.
-    with GracefulStop() as stop:
-        _fit(run, stop)
-    _finish(run)
+    # The main process locks the run directory for the whole run: a second `abba train` on it fails at once.
+    with RunLock(run_dir) if accelerator.is_main_process and not dry_run else nullcontext():
+        resume_plan = None if dry_run else check_run_dir(cfg.model_dump(mode="json"), run_dir, resume)
+        model, tokenizer, params = _setup_model(cfg)
+        data = _setup_data(cfg, tokenizer, accelerator.num_processes)
+        if accelerator.is_main_process:
+            _print_plan(cfg, model, data, accelerator.num_processes)
+        if dry_run:
+            print("dry run: nothing trained, nothing written")
+            return None
+        optimizer, scheduler = _setup_optimizer(cfg, params, data)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        run = _Run(cfg, run_dir, accelerator, model, tokenizer, params, data, optimizer, scheduler)
+        run.extends_from = _extension(cfg, resume_plan, data)
+        _start_run_dir(run, fresh=resume_plan is None)
+        rng = _restore(run, resume_plan.checkpoint if resume_plan else None)
+        if rng is not None:
+            ckpt.set_rng_state(rng)  # last, so nothing between here and the first batch draws from it
+        # SIGINT/SIGTERM do not kill the loop mid-step: it finishes the step, checkpoints, says how to resume.
+        with GracefulStop() as stop:
+            _fit(run, stop)
+        _finish(run)
     return run_dir
 
 
@@ -184,11 +189,25 @@ def _setup_model(cfg: RunConfig) -> tuple[Any, Any, list]:
 
 def _setup_data(cfg: RunConfig, tokenizer: Any, world: int) -> _Data:
     t = cfg.train
-    dataset, val_dataset, collate = _build_dataset(cfg, tokenizer)
+    dataset, val_dataset, collate, sha256 = _build_dataset(cfg, tokenizer)
     per_epoch = _micro_batches_per_epoch(len(dataset), t.micro_batch_size, world)
     total_steps = _total_steps(t.max_steps, t.epochs, per_epoch, t.grad_accum_steps)
     warmup = math.ceil(t.warmup_ratio * total_steps)
-    return _Data(dataset, val_dataset, collate, per_epoch, total_steps, warmup)
+    return _Data(dataset, val_dataset, collate, per_epoch, total_steps, warmup, sha256)
+
+
+def _extension(cfg: RunConfig, resume: Resume | None, data: _Data) -> int | None:
+    """The run's old total of steps when this --resume extends it (a larger train.max_steps / epochs)."""
+    if resume is None or resume.extends is None:
+        return None
+    saved, t = resume.extends, cfg.train
+    old = _total_steps(saved.get("max_steps"), saved.get("epochs", 1.0), data.per_epoch, t.grad_accum_steps)
+    if data.total_steps < old:
+        raise UserError(
+            f"--resume: train.max_steps/train.epochs give {data.total_steps} steps, fewer than the run's {old}; "
+            "a run can be extended to a larger total, not shortened (its checkpoints are kept: evaluate one)"
+        )
+    return old if data.total_steps > old else None
 
 
 def _print_plan(cfg: RunConfig, model: Any, data: _Data, world: int) -> None:
@@ -230,7 +249,7 @@ def _setup_optimizer(cfg: RunConfig, params: list, data: _Data) -> tuple[Any, An
 def _start_run_dir(run: _Run, fresh: bool) -> None:
     if run.main:
         run.run_dir.mkdir(parents=True, exist_ok=True)
-        if fresh:
+        if fresh or run.extends_from is not None:  # an extended run's config states its new total
             atomic_write_text(run.run_dir / CONFIG_FILE, dump_config(run.cfg))
     if run.cfg.train.report_to:
         run.accelerator.init_trackers("abba", config=_flatten(run.cfg.model_dump(mode="json")))
@@ -246,9 +265,12 @@ def _restore(run: _Run, resume_from: Path | None) -> dict | None:
     rng = None
     if resume_from is not None:
         run.state, tensors, opt_state, sched_state, rng_states = ckpt.load_checkpoint(resume_from)
+        _check_same_data(run, resume_from)
         _load_adapter_tensors(run.accelerator.unwrap_model(run.model), tensors, resume_from, run.full)
         run.optimizer.load_state_dict(opt_state)
         run.scheduler.load_state_dict(sched_state)
+        if run.extends_from is not None:
+            _extend_schedule(run)
         world, rank = run.accelerator.num_processes, run.accelerator.process_index
         # One RNG state per process, and the data position counts global micro-batches of this many processes.
         if len(rng_states) != world:
@@ -261,11 +283,39 @@ def _restore(run: _Run, resume_from: Path | None) -> dict | None:
             print(
                 f"resuming from {resume_from} (step {run.state.step}/{run.data.total_steps})", file=sys.stderr
             )
+    run.state.data_sha256 = run.data.sha256
     if run.main:  # only the main process writes the metrics and the validation summary
         metrics = run.run_dir / METRICS_FILE
-        _truncate_metrics(metrics, run.state.step)
+        truncate_metrics(metrics, run.state.step)
         run.best_val = _best_val(metrics) if run.data.val is not None else None
     return rng
+
+
+def _check_same_data(run: _Run, checkpoint: Path) -> None:
+    saved = run.state.data_sha256
+    if saved is not None and saved != run.data.sha256:
+        d = run.cfg.data
+        source = f"data.path {d.path}" if d.path else f"data.recipe {d.recipe}"
+        raise UserError(
+            f"--resume: the training examples of {source} changed since {checkpoint} was written (sha256 "
+            f"{run.data.sha256[:12]}, was {saved[:12]}); an exact resume needs the same data: restore it, or "
+            "start a new run"
+        )
+
+
+def _extend_schedule(run: _Run) -> None:
+    """Continue an extended run on the schedule recomputed for its new total (warmup and decay over M steps):
+    from the checkpoint's step on, the learning rate is what an M-step run would use there."""
+    sched, step = run.scheduler, run.scheduler.last_epoch
+    for group, base, fn in zip(run.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+        group["lr"] = base * fn(step)
+    sched._last_lr = [group["lr"] for group in run.optimizer.param_groups]
+    if run.main:
+        print(
+            f"extending the run from {run.extends_from} to {run.data.total_steps} steps (from step "
+            f"{run.state.step}); the learning-rate schedule is recomputed for {run.data.total_steps} steps",
+            file=sys.stderr,
+        )
 
 
 def _fit(run: _Run, stop: GracefulStop | None = None) -> None:
@@ -436,7 +486,7 @@ def _checkpoint_or_stop(run: _Run, stop: GracefulStop | None) -> None:
         signum = stop.signum if stop is not None and stop.signum is not None else signal.SIGTERM
         raise TrainingStopped(
             f"stopped by {signal_name(signum)} after step {step}/{total}; checkpoint {path}; "
-            f"resume with: abba train {run.run_dir / CONFIG_FILE} --resume",
+            f"resume with: {resume_hint(run.run_dir)}",
             signum,
         )
 
@@ -452,17 +502,37 @@ def _save_checkpoint(run: _Run) -> Path | None:
     tensors = gathered_trainable_state(run.accelerator, run.model, run.full)
     path = None
     if run.main:
-        path = ckpt.save_checkpoint(
-            run.run_dir,
-            run.state,
-            tensors,
-            run.optimizer.state_dict(),
-            run.scheduler.state_dict(),
-            rngs,
-            run.cfg.train.save_total_limit,
-        )
+        target = run.run_dir / ckpt.CHECKPOINTS / f"step-{run.state.step}"
+        with _disk_full_is_a_user_error(f"checkpoint {target}", run.run_dir):
+            path = ckpt.save_checkpoint(
+                run.run_dir,
+                run.state,
+                tensors,
+                run.optimizer.state_dict(),
+                run.scheduler.state_dict(),
+                rngs,
+                run.cfg.train.save_total_limit,
+            )
     run.accelerator.wait_for_everyone()
     return path
+
+
+@contextmanager
+def _disk_full_is_a_user_error(what: str, run_dir: Path) -> Iterator[None]:
+    """A full disk while writing `what`: one line naming it; the writes are atomic, so what was there stays."""
+    from abba_cli.checkpoint import latest_checkpoint
+
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        last = latest_checkpoint(run_dir)
+        kept = f"the last checkpoint {last} is intact; " if last else ""
+        raise UserError(
+            f"no space left on device writing {what} ({err.strerror}); {kept}free space, then resume: "
+            f"{resume_hint(run_dir)}"
+        ) from None
 
 
 def _finish(run: _Run) -> None:
@@ -475,17 +545,25 @@ def _finish(run: _Run) -> None:
     final_tensors = None if run.full else gathered_trainable_state(accelerator, run.model, run.full)
     if run.main:
         unwrapped = accelerator.unwrap_model(run.model)
-        if run.full:
-            _save_full_model(unwrapped, run.tokenizer, run.run_dir / FULL_MODEL_DIR)
-        else:
-            save_adapter(
-                unwrapped,
-                run.cfg.adapter,
-                run.run_dir,
-                base_model=base_model_reference(run.cfg.model.name_or_path),
-                tensors=final_tensors,
+        with _disk_full_is_a_user_error(f"the final {'model' if run.full else 'adapter'}", run.run_dir):
+            if run.full:
+                _save_full_model(unwrapped, run.tokenizer, run.run_dir / FULL_MODEL_DIR)
+            else:
+                save_adapter(
+                    unwrapped,
+                    run.cfg.adapter,
+                    run.run_dir,
+                    base_model=base_model_reference(run.cfg.model.name_or_path),
+                    tensors=final_tensors,
+                )
+        try:
+            record_latest(run.run_dir)
+        except OSError as err:  # the run is complete; only the "latest run" shortcut is lost
+            print(
+                f"warning: could not record the latest run in $ABBA_HOME ({err.strerror}: {err.filename}); "
+                f"pass --run {shlex.quote(str(run.run_dir))} to abba eval/merge/export",
+                file=sys.stderr,
             )
-        record_latest(run.run_dir)
         _print_outputs(run)
     accelerator.end_training()
 
@@ -601,14 +679,14 @@ def _all_finite(params: list, accelerator: Any) -> bool:
 
 
 def _diverged(run_dir: Path, step: int, what: str) -> None:
-    """Stop on divergence: name the step and the last good checkpoint (written before it, so finite)."""
-    from abba_cli.checkpoint import latest_checkpoint
+    """Stop on divergence: name the step and the last good checkpoint (written before it, and finite)."""
+    from abba_cli.checkpoint import last_finite_checkpoint
 
-    last = latest_checkpoint(run_dir)
+    last = last_finite_checkpoint(run_dir, before_step=step)
     where = (
-        f"the last good checkpoint is {last} (resume from it: abba train {run_dir / CONFIG_FILE} --resume)"
+        f"the last good checkpoint is {last} (resume from it: {resume_hint(run_dir)})"
         if last
-        else "no checkpoint was saved yet"
+        else "no finite checkpoint was saved before it"
     )
     raise UserError(
         f"training stopped: non-finite loss or weights at step {step}; {what}; {where}; "
@@ -644,7 +722,7 @@ def _load_model(cfg: RunConfig, empty_weights: bool = False) -> tuple[Any, Any]:
     )
 
 
-def _build_dataset(cfg: RunConfig, tokenizer: Any) -> tuple[Any, Any, Callable]:
+def _build_dataset(cfg: RunConfig, tokenizer: Any) -> tuple[Any, Any, Callable, str]:
     """(training dataset, validation dataset or None, collator). data.val_samples examples are held out of the
     training source before the training subset is drawn (recipes.load_split), so the two never overlap."""
     from abba_cli import data, recipes
@@ -669,7 +747,13 @@ def _build_dataset(cfg: RunConfig, tokenizer: Any) -> tuple[Any, Any, Callable]:
     val_dataset = None
     if held_out:
         val_dataset = data.build_train_dataset(held_out, tokenizer, d.max_seq_len, d.train_on_inputs)
-    return dataset, val_dataset, data.make_collator(tokenizer)
+    return dataset, val_dataset, data.make_collator(tokenizer), _examples_sha256(examples)
+
+
+def _examples_sha256(examples: list) -> str:
+    """A content hash of the training examples (their fields, in order), checked on --resume."""
+    fields = [[e.id, e.instruction, e.input, e.output] for e in examples]
+    return hashlib.sha256(json.dumps(fields, ensure_ascii=False).encode()).hexdigest()
 
 
 def _micro_batches_per_epoch(n: int, micro_batch_size: int, world: int) -> int:
@@ -792,54 +876,6 @@ def _load_adapter_tensors(model: Any, tensors: dict, source: Path, full: bool = 
     with torch.no_grad():
         for key, value in tensors.items():
             params[key].copy_(value)
-
-
-def _check_run_dir(cfg: RunConfig, run_dir: Path, resume: bool) -> Path | None:
-    """Refuse to overwrite a run; for --resume, check the config matches and pick the latest checkpoint."""
-    from abba_cli.checkpoint import latest_checkpoint
-
-    exists = run_dir.exists() and any(run_dir.iterdir()) if run_dir.is_dir() else run_dir.exists()
-    if not resume:
-        if exists:
-            raise UserError(
-                f"output_dir {run_dir} already exists; pass --resume to continue that run, or choose a new "
-                f"directory (--set output_dir=...)"
-            )
-        return None
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise UserError(
-            f"--resume: {run_dir} holds no run to resume (no {CONFIG_FILE}); train without --resume"
-        )
-    saved = yaml.safe_load((run_dir / CONFIG_FILE).read_text())
-    diffs = [
-        k for k in _diff_keys(saved, cfg.model_dump(mode="json")) if not k.startswith(_RESUME_MAY_CHANGE)
-    ]
-    if diffs:
-        raise UserError(
-            f"--resume: the config differs from {run_dir / CONFIG_FILE} in {', '.join(diffs)}; "
-            "an exact resume needs the same settings"
-        )
-    latest = latest_checkpoint(run_dir)
-    if latest is None:
-        print(f"--resume: no checkpoint in {run_dir} yet; starting it from step 0", file=sys.stderr)
-    return latest
-
-
-def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        keys = list(dict.fromkeys([*a, *b]))
-        return [d for k in keys for d in _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [] if a == b else [prefix.rstrip(".")]
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines past `step`: after a resume those steps are run (and logged) again."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-    if len(kept) != len(lines):
-        atomic_write_text(path, "".join(kept))
 
 
 def _trackers(report_to: list[str]) -> list[str] | None:
