@@ -1,8 +1,9 @@
 """`abba train` and `abba validate`: one Accelerate training loop, written out in one place.
 
-`run_training` is a short sequence of named setup steps (run directory -> accelerator + seed -> base model and
-adapters -> data -> optimizer + schedule -> run directory files -> resume state), one loop (`_fit`, whose body is
-named steps too) and `_finish` (final adapter + latest-run marker).
+`run_training` is a short sequence of named setup steps (output_dir checked -> accelerator + seed -> run
+directory locked and checked (rundir.py) -> base model and adapters -> data -> optimizer + schedule -> run directory
+files -> resume state), one loop (`_fit`, whose body is named steps too) and `_finish` (final adapter + latest-run
+marker).
 
 Exact resume (bitwise on CPU) rests on three choices:
 - the data order of epoch e is a permutation drawn from its own generator seeded by (train.seed, e), so it
