@@ -57,12 +57,16 @@ def validate_run(cfg: RunConfig, config_path: str | Path) -> None:
     The model is built from its config on the meta device: no weights are read, so validating a 9B config is
     instant and needs no GPU (shapes, target matching and rank limits are all checked the same way).
     """
+    from abba_cli import data
     from abba_cli.adapters import inject_adapters, trainable_summary
     from abba_cli.adapters.abba import describe_paths
 
     print(f"# resolved config from {config_path}")
     print(dump_config(cfg), end="")
-    model, _ = _load_model(cfg, empty_weights=True)
+    _, examples, _ = data.load_train_examples(
+        cfg.data
+    )  # every row read and checked before the model is built
+    model, tokenizer = _load_model(cfg, empty_weights=True)
     if cfg.adapter.type == "full":
         model.requires_grad_(True)
         print(f"# full fine-tuning of every parameter of {cfg.model.name_or_path}")
@@ -73,6 +77,7 @@ def validate_run(cfg: RunConfig, config_path: str | Path) -> None:
     plan = describe_paths(model, cfg.train.micro_batch_size * cfg.data.max_seq_len)
     if plan:
         print(f"{plan} (full-length micro-batch; `auto` re-decides per batch)")
+    print(data.check_examples(cfg.data, examples, tokenizer, cfg.model.name_or_path))
 
 
 # ----------------------------------------------------------------------------------------------- train
@@ -130,7 +135,7 @@ def run_training(
     with RunLock(run_dir) if accelerator.is_main_process and not dry_run else nullcontext():
         resume_plan = None if dry_run else check_run_dir(cfg.model_dump(mode="json"), run_dir, resume)
         model, tokenizer, params = _setup_model(cfg)
-        data = _setup_data(cfg, tokenizer, accelerator.num_processes)
+        data = _setup_data(cfg, tokenizer, accelerator)
         if accelerator.is_main_process:
             _print_plan(cfg, model, data, accelerator.num_processes)
         if dry_run:
@@ -188,10 +193,10 @@ def _setup_model(cfg: RunConfig) -> tuple[Any, Any, list]:
     return model, tokenizer, params
 
 
-def _setup_data(cfg: RunConfig, tokenizer: Any, world: int) -> _Data:
+def _setup_data(cfg: RunConfig, tokenizer: Any, accelerator: Any) -> _Data:
     t = cfg.train
-    dataset, val_dataset, collate, sha256 = _build_dataset(cfg, tokenizer)
-    per_epoch = _micro_batches_per_epoch(len(dataset), t.micro_batch_size, world)
+    dataset, val_dataset, collate, sha256 = _build_dataset(cfg, tokenizer, accelerator.main_process_first)
+    per_epoch = _micro_batches_per_epoch(len(dataset), t.micro_batch_size, accelerator.num_processes)
     total_steps = _total_steps(t.max_steps, t.epochs, per_epoch, t.grad_accum_steps)
     warmup = math.ceil(t.warmup_ratio * total_steps)
     return _Data(dataset, val_dataset, collate, per_epoch, total_steps, warmup, sha256)
@@ -333,6 +338,7 @@ def _fit(run: _Run, stop: GracefulStop | None = None) -> None:
         accelerator.process_index,
         state.micro_batches_seen,
         run.data.per_epoch,
+        list(run.data.train["length"]) if run.cfg.data.group_by_length else None,
     )
     bar = tqdm(
         total=run.data.total_steps,
@@ -723,38 +729,30 @@ def _load_model(cfg: RunConfig, empty_weights: bool = False) -> tuple[Any, Any]:
     )
 
 
-def _build_dataset(cfg: RunConfig, tokenizer: Any) -> tuple[Any, Any, Callable, str]:
+def _build_dataset(
+    cfg: RunConfig, tokenizer: Any, main_process_first: Any = None
+) -> tuple[Any, Any, Callable, str]:
     """(training dataset, validation dataset or None, collator). data.val_samples examples are held out of the
     training source before the training subset is drawn (recipes.load_split), so the two never overlap."""
-    from abba_cli import data, recipes
+    from abba_cli import data
 
     d = cfg.data
-    recipe = recipes.load_recipe(d.recipe)
-    examples, held_out = recipes.load_split(
-        recipe,
-        path=d.path,
-        num_samples=d.num_samples,
-        skip=d.skip_samples,
-        seed=d.seed,
-        held_out=d.val_samples or 0,
+    dataset, val_dataset = data.prepare_train_dataset(
+        d, tokenizer, cfg.model.name_or_path, main_process_first
     )
-    dataset = data.build_train_dataset(examples, tokenizer, d.max_seq_len, d.train_on_inputs)
     if len(dataset) == 0:
         raise UserError(
             f"data.recipe {d.recipe!r}: no training examples left (check data.num_samples/skip_samples)"
         )
-    if d.val_path is not None:
-        held_out = recipes.load_examples(recipe, path=d.val_path)
-    val_dataset = None
-    if held_out:
-        val_dataset = data.build_train_dataset(held_out, tokenizer, d.max_seq_len, d.train_on_inputs)
-    return dataset, val_dataset, data.make_collator(tokenizer), _examples_sha256(examples)
+    return dataset, val_dataset, data.make_collator(tokenizer), _examples_sha256(dataset)
 
 
-def _examples_sha256(examples: list) -> str:
-    """A content hash of the training examples (their fields, in order), checked on --resume."""
-    fields = [[e.id, e.instruction, e.input, e.output] for e in examples]
-    return hashlib.sha256(json.dumps(fields, ensure_ascii=False).encode()).hexdigest()
+def _examples_sha256(dataset: Any) -> str:
+    """A content hash of the tokenized training examples (ids and labels, in order), checked on --resume."""
+    digest = hashlib.sha256()
+    for column in ("input_ids", "labels"):
+        digest.update(json.dumps(list(dataset[column])).encode())
+    return digest.hexdigest()
 
 
 def _micro_batches_per_epoch(n: int, micro_batch_size: int, world: int) -> int:
@@ -778,7 +776,14 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def _batch_stream(
-    n: int, micro_batch_size: int, seed: int, world: int, rank: int, skip: int, per_epoch: int
+    n: int,
+    micro_batch_size: int,
+    seed: int,
+    world: int,
+    rank: int,
+    skip: int,
+    per_epoch: int,
+    lengths: list[int] | None = None,
 ) -> Iterator[tuple[int, int, list[int]]]:
     """(epoch, batch index, example indices of this process) from micro-batch number `skip` onward, forever.
 
@@ -788,7 +793,12 @@ def _batch_stream(
     epoch, batch = divmod(skip, per_epoch)
     size = micro_batch_size * world
     while True:
-        order = epoch_order(n, seed, epoch)
+        if lengths is None:
+            order = epoch_order(n, seed, epoch)
+        else:  # data.group_by_length
+            from abba_cli.data import length_grouped_order
+
+            order = length_grouped_order(lengths, seed, epoch, size)
         if world > 1:
             order = (order * math.ceil(per_epoch * size / n + 1))[: per_epoch * size]
         for b in range(batch, per_epoch):
