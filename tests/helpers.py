@@ -16,6 +16,10 @@ PROMPTS = ["The answer is: 42", "Natalia sold clips to 48 of her friends in Apri
 def make_run(run_dir: Path, base_dir: Path, seed: int = 0, **adapter) -> Path:
     """A run directory built with the adapter API on `base_dir`, factors random so that dW != 0."""
     model = AutoModelForCausalLM.from_pretrained(base_dir)
+    if adapter.get("type", "abba") == "abba":
+        # Random factors of 0.3 already give a large dW; at the default alpha 16 (s = 256 / sqrt(r1 r2)) it
+        # would swamp W0 and the fp32 round-off of merge checks. alpha 4 keeps dW the size of W0.
+        adapter.setdefault("alpha", 4.0)
     cfg = AdapterConfig(**adapter)
     inject_adapters(model, cfg, init=False)
     gen = torch.Generator().manual_seed(seed)
