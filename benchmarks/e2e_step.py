@@ -100,20 +100,30 @@ def step_times(metrics: Path, skip: int) -> dict[str, Any]:
     }
 
 
-def train_once(overrides: list[str], skip: int, threads: int = 0) -> dict[str, Any]:
-    """One `abba train` subprocess in a scratch run dir; its step time and `auto`'s plan (from stderr)."""
+def run_env(scratch: Path, threads: int = 0) -> dict[str, str]:
+    """The environment of one timed run: the user's, minus the allocator settings `make bench` sets for its memory
+    measurements (common.MEASURE_ENV hands freed memory back to the OS at once, so every step would page-fault its
+    tensors in again: no user trains like that), with this tree's code and a scratch ABBA_HOME."""
     from abba_cli.models import models_cache_dir
 
-    scratch = Path(tempfile.mkdtemp(prefix="abba-e2e-"))
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(common.ROOT), os.environ.get("PYTHONPATH")])),
-        "ABBA_HOME": str(scratch / "home"),  # the user's latest-run marker stays untouched
-        "ABBA_MODELS_DIR": str(models_cache_dir()),  # but the converted SmolLM2 is reused
-        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
-    }
+    env = {k: v for k, v in os.environ.items() if k not in common.MEASURE_ENV}
+    env.update(
+        {
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(common.ROOT), os.environ.get("PYTHONPATH")])),
+            "ABBA_HOME": str(scratch / "home"),  # the user's latest-run marker stays untouched
+            "ABBA_MODELS_DIR": str(models_cache_dir()),  # but the converted SmolLM2 is reused
+            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        }
+    )
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def train_once(overrides: list[str], skip: int, threads: int = 0) -> dict[str, Any]:
+    """One `abba train` subprocess in a scratch run dir; its step time and `auto`'s plan (from stderr)."""
+    scratch = Path(tempfile.mkdtemp(prefix="abba-e2e-"))
+    env = run_env(scratch, threads)
     cmd = [sys.executable, "-m", "abba_cli", "train", str(CONFIG), "--set", f"output_dir={scratch / 'run'}"]
     for o in overrides:
         cmd += ["--set", o]

@@ -102,22 +102,32 @@ def shares(events: Any, top: int = 25) -> dict:
         acc[0] += e.self_cpu_time_total
         acc[1] += 1
     ranked = sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]
-    steps = sum(1 for e in events if e.name.startswith("ProfilerStep"))
+    steps = max(sum(1 for e in events if e.name.startswith("ProfilerStep")), 1)
     return {
         # op calls per step: a count, not a time, so it compares across runs and machines
-        "ops_per_step": sum(n for _, n in ops.values()) / max(steps, 1),
+        "ops_per_step": sum(n for _, n in ops.values()) / steps,
+        # milliseconds per profiled step (profiler overhead included): to set two methods' parts side by side
+        "ms_per_step": total / steps / 1e3,
         "labels": labels,
-        "ops": [{"op": name, "self_share": t / total, "calls": int(n)} for name, (t, n) in ranked],
+        "ops": [
+            {"op": name, "self_share": t / total, "ms_per_step": t / steps / 1e3, "calls": int(n)}
+            for name, (t, n) in ranked
+        ],
     }
 
 
 def to_markdown(res: dict, title: str) -> str:
-    lab = common.md_table(["part of the step", "share"], [[k, f"{v:.1%}"] for k, v in res["labels"].items()])
-    ops = common.md_table(
-        ["op (self time)", "share", "calls"],
-        [[o["op"], f"{o['self_share']:.1%}", o["calls"]] for o in res["ops"]],
+    step_ms = res["ms_per_step"]
+    lab = common.md_table(
+        ["part of the step", "share", "ms per step"],
+        [[k, f"{v:.1%}", f"{v * step_ms:.0f}"] for k, v in res["labels"].items()],
     )
-    return f"{title} ({res['ops_per_step']:.0f} op calls per step)\n\n{lab}\n\n{ops}"
+    ops = common.md_table(
+        ["op (self time)", "share", "ms per step", "calls"],
+        [[o["op"], f"{o['self_share']:.1%}", f"{o['ms_per_step']:.0f}", o["calls"]] for o in res["ops"]],
+    )
+    head = f"{title} ({res['ops_per_step']:.0f} op calls and {step_ms:.0f} ms per profiled step)"
+    return f"{head}\n\n{lab}\n\n{ops}"
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -34,6 +34,19 @@ def test_round_robin_rotates_the_order():
     assert out == {"A": [1, 6, 8], "B": [2, 4, 9], "C": [3, 5, 7]}
 
 
+def test_timed_runs_do_not_inherit_the_memory_benchmarks_allocator_settings(monkeypatch, tmp_path):
+    """`make bench` exports MALLOC_*_THRESHOLD_ for its peak-memory tables; a timed `abba train` under them
+    page-faults every tensor in again each step, which no user sees."""
+    e2e, common = load_benchmark("e2e_step"), load_benchmark("common")
+    for key, value in common.MEASURE_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    env = e2e.run_env(tmp_path, threads=0)
+    assert not set(common.MEASURE_ENV) & set(env)
+    assert env["OMP_NUM_THREADS"] == "7" and env["ABBA_HOME"] == str(tmp_path / "home")
+    assert e2e.run_env(tmp_path, threads=1)["OMP_NUM_THREADS"] == "1"
+
+
 @pytest.mark.slow  # two `abba train` subprocesses
 def test_measure_runs_real_abba_train_and_reports_ratios(tiny_model_dir):
     e2e = load_benchmark("e2e_step")
