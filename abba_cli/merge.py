@@ -3,7 +3,9 @@
 W' = W0 + dW is computed in fp32 one layer at a time (the model plus one layer's update in memory), each
 adapter layer is replaced by an ordinary nn.Linear, and the result is saved with save_pretrained, so
 `AutoModelForCausalLM.from_pretrained(OUT)` needs no abba-cli. Before the directory is published, a self-check
-reloads it from disk and compares its logits with base + adapter (unmerged) on a few fixed prompts.
+holds every folded layer to W0 + dW recomputed in fp32 and rounded once (bit for bit), reloads the directory from
+disk, checks those layers came back byte-identical, and compares its logits with base + adapter (unmerged) on a
+few fixed prompts.
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ _ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "f
 # measured: bf16 0.7% (SmolLM2-135M) to 2.3% (tiny random test model, small logits), fp16 0.13% (SmolLM2),
 # fp32 4e-6. A missing update shows as the adapter's whole effect, which is reported next to the tolerance.
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
+# In bf16 and fp16 the logits alone cannot judge a merge of a trained adapter: rounding W0 + dW moves a trained
+# SmolLM2 adapter's logits 9.4% (relative), past TOLERANCE["bf16"], while one layer's update is 0.2-0.7% of that
+# layer's output (200 of its 210 layers below 1.6%), so a missing one hides in the rounding. So every folded
+# layer is also checked exactly: its weight must be W0 + dW computed afresh in fp32 and rounded once to the
+# output dtype, bit for bit, and the directory read back must hold those same bytes. The logits then guard the
+# rest of the model (embeddings, norms, config): in bf16/fp16 they pass within TOLERANCE or within half the
+# adapter's own effect (the merged model at least twice as close to base + adapter as the base is).
 CHECK_PROMPTS = (
     "Below is an instruction that describes a task. Write a response that completes the request.",
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
@@ -145,8 +154,21 @@ def compare_logits(ref: list[torch.Tensor], got: list[torch.Tensor]) -> dict[str
     }
 
 
-def _fold_layers(model, target: torch.dtype) -> int:
-    """Replace every adapter layer by an nn.Linear holding W0 + dW (fp32 sum, then cast to `target`).
+def _weight_digest(weight: torch.Tensor) -> str:
+    """Digest of a weight's bytes (dtype and shape included), to tell the written layer from the one read back."""
+    import hashlib
+
+    import torch
+
+    w = weight.detach().contiguous().cpu()
+    h = hashlib.blake2b(f"{w.dtype}{tuple(w.shape)}".encode(), digest_size=16)
+    h.update(w.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _fold_layers(model, target: torch.dtype) -> dict[str, str]:
+    """Replace every adapter layer by an nn.Linear holding W0 + dW (fp32 sum, then cast to `target`); returns each
+    layer's weight digest. Raises UserError if a folded weight is not round(W0 + dW) recomputed on its own.
 
     One layer at a time, so beyond the model only one layer's fp32 weight and dW are alive.
     """
@@ -157,16 +179,37 @@ def _fold_layers(model, target: torch.dtype) -> int:
 
     # Names only: holding the layer objects would keep every upcast fp32 weight alive until the end.
     names = [name for name, _ in adapter_layers(model)]
+    digests = {}
     for name in tqdm(names, desc="merge", unit="layer", disable=None):
         layer = model.get_submodule(name)
         with torch.no_grad():
             # Upcast first so the layer's own fp32 fold is not rounded to a narrower base dtype on the way.
             layer.weight.data = layer.weight.data.float()
+            want = (layer.weight.data + layer.delta_weight()).to(
+                target
+            )  # before merge(): independent of its state
             layer.merge()
             linear = layer.to_linear().to(target)
+            if not torch.equal(linear.weight, want):
+                bad = int((linear.weight != want).sum())
+                raise UserError(
+                    f"merge self-check failed: merged layer {name} is not W0 + dW rounded to {target} "
+                    f"({bad} of {want.numel()} weights differ); nothing was written"
+                )
+            digests[name] = _weight_digest(linear.weight)
         model.set_submodule(name, linear)
-        del layer, linear
-    return len(names)
+        del layer, linear, want
+    return digests
+
+
+def _layer_check(model, digests: dict[str, str]) -> dict[str, Any]:
+    """Which folded layers, read back from disk, do not hold the bytes that were written."""
+    changed = [name for name, d in digests.items() if _weight_digest(model.get_submodule(name).weight) != d]
+    return {
+        "layers_checked": len(digests),
+        "layers_changed_on_disk": changed[:5],
+        "layers_match": not changed,
+    }
 
 
 def merge_run(
@@ -222,7 +265,8 @@ def merge_run(
     del base_logits
     lap("reference_logits")
 
-    n_layers = _fold_layers(model, target)
+    digests = _fold_layers(model, target)
+    n_layers = len(digests)
     model.to(target)
     model.config.dtype = target
     keys = set(model.state_dict())
@@ -232,6 +276,8 @@ def merge_run(
     lap("fold")
 
     tol = TOLERANCE[target_name]
+    # fp32: the logits are the whole check; bf16/fp16: within tol or half the adapter's effect (comment above)
+    logits_bound = tol if target_name == "fp32" else max(tol, 0.5 * effect)
     with atomic_directory(out, overwrite=True) as tmp:
         model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
         tokenizer.save_pretrained(tmp)
@@ -239,7 +285,9 @@ def merge_run(
         # Free the in-memory copy before reloading: at most one copy of the model at a time.
         del model
         gc.collect()
-        check = _check_saved(tmp, tokenizer, ref_logits, tol)
+        check = _check_saved(tmp, tokenizer, ref_logits, digests)
+        logits_ok = check["max_rel_diff"] <= logits_bound
+        layers_ok = check["layers_match"]
         lap("reload_and_check")
         meta = {
             "run": str(adapter.run_dir.resolve()),
@@ -252,9 +300,9 @@ def merge_run(
             "check": {
                 "prompts": list(CHECK_PROMPTS),
                 **check,
-                "tolerance_rel": tol,
+                "tolerance_rel": logits_bound,
                 "adapter_effect_rel": effect,
-                "passed": check["max_rel_diff"] <= tol,
+                "passed": logits_ok and layers_ok,
             },
             "seconds": round(time.perf_counter() - started, 2),
             "timings_s": timings,
@@ -264,17 +312,24 @@ def merge_run(
         print(
             f"self-check {verdict}: merged ({target_name}) vs base + adapter ({base_name}) logits on "
             f"{len(CHECK_PROMPTS)} prompts: max abs diff {c['max_abs_diff']:.3g}, "
-            f"relative {c['max_rel_diff']:.3g} (tolerance {tol:g}), top-1 agreement {c['top1_agreement']:.1%}"
+            f"relative {c['max_rel_diff']:.3g} (tolerance {logits_bound:.3g}), top-1 agreement "
+            f"{c['top1_agreement']:.1%}; all {n_layers} folded layers exactly round(W0 + dW)"
+            + ("" if layers_ok else ", but not as read back")
         )
         if effect <= tol:
             print(
                 f"note: the adapter changes the logits by only {effect:.3g} (relative), within the "
                 "tolerance, so this check cannot tell a merged model from the base (an untrained adapter?)"
             )
-        if not c["passed"]:
+        if not layers_ok:
+            raise UserError(
+                f"merge self-check failed: read back from disk, layer {c['layers_changed_on_disk'][0]} does not "
+                f"hold the weights that were written; nothing was written to {shown_out}"
+            )
+        if not logits_ok:
             raise UserError(
                 "merge self-check failed: merged logits differ from base + adapter by "
-                f"{c['max_rel_diff']:.3g} (relative), above the {target_name} tolerance {tol:g}; "
+                f"{c['max_rel_diff']:.3g} (relative), above the {target_name} tolerance {logits_bound:.3g}; "
                 f"nothing was written to {shown_out}"
                 + ("; try --dtype fp32" if target_name != "fp32" else "")
             )
@@ -286,14 +341,18 @@ def merge_run(
     return meta
 
 
-def _check_saved(path: Path, tokenizer, ref_logits: list[torch.Tensor], tol: float) -> dict[str, float]:
-    """Reload the written directory with plain transformers, as a user would, and compare logits."""
+def _check_saved(
+    path: Path, tokenizer, ref_logits: list[torch.Tensor], digests: dict[str, str]
+) -> dict[str, Any]:
+    """Reload the written directory with plain transformers, as a user would; compare its logits and each folded
+    layer (`_layer_check`)."""
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
     merged.eval()
     try:
-        return compare_logits(ref_logits, _logits(merged, tokenizer, CHECK_PROMPTS))
+        layers = _layer_check(merged, digests)
+        return {**compare_logits(ref_logits, _logits(merged, tokenizer, CHECK_PROMPTS)), **layers}
     finally:
         del merged
         gc.collect()

@@ -178,6 +178,67 @@ def test_failed_self_check_publishes_nothing(abba_run, tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".merged*"))
 
 
+def _forget_one_layer(monkeypatch) -> str:
+    """Make the fold skip one layer's update (it keeps W0 only); returns that layer's name."""
+    real_fold = merge_mod._fold_layers
+    forgotten = []
+
+    def fold_but_forget_one(model, target):
+        name, layer = next(iter(adapter_layers(model)))
+        forgotten.append(name)
+        real_merge = layer.merge
+        layer.merge = lambda: None  # the fold runs, the update never reaches W
+        del real_merge
+        return real_fold(model, target)
+
+    monkeypatch.setattr(merge_mod, "_fold_layers", fold_but_forget_one)
+    return forgotten
+
+
+def test_bf16_merge_that_forgets_one_layer_fails_on_that_layer(abba_run, tmp_path, monkeypatch):
+    """In bf16 the logits cannot tell one missing layer from rounding; the exact per-layer check names it."""
+    forgotten = _forget_one_layer(monkeypatch)
+    monkeypatch.setitem(merge_mod.TOLERANCE, "bf16", 10.0)  # the logits would let anything through
+    out = tmp_path / "merged"
+    result = CliRunner().invoke(app, ["merge", "--out", str(out), "--run", str(abba_run), "--dtype", "bf16"])
+    assert result.exit_code == 2
+    assert f"merged layer {forgotten[0]} is not W0 + dW rounded to torch.bfloat16" in result.output
+    assert not out.exists()
+
+
+def test_a_layer_changed_on_the_way_to_disk_fails_the_check(abba_run, tmp_path, monkeypatch):
+    """The directory read back must hold exactly the bytes that were folded, layer by layer."""
+    import transformers
+
+    real_load = transformers.AutoModelForCausalLM.from_pretrained
+
+    def load_and_nudge(*args, **kwargs):
+        model = real_load(*args, **kwargs)
+        w = model.model.layers[1].mlp.down_proj.weight
+        with torch.no_grad():
+            w[0, 0] = torch.nextafter(w[0, 0], torch.tensor(float("inf"), dtype=w.dtype))  # one ulp
+        return model
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", load_and_nudge)
+    out = tmp_path / "merged"
+    with pytest.raises(UserError, match="layer model.layers.1.mlp.down_proj does not hold the weights"):
+        merge_run(out=out, run=abba_run, dtype="bf16")
+    assert not out.exists()
+
+
+def test_bf16_logits_bound_is_half_the_adapter_effect(abba_run, tmp_path, monkeypatch):
+    """A trained adapter's bf16 rounding can exceed TOLERANCE['bf16'] on the logits; with every layer exact, the
+    merge passes while the merged model is at least twice as close to base + adapter as the base is."""
+    monkeypatch.setitem(merge_mod.TOLERANCE, "bf16", 1e-9)  # below any real rounding
+    meta = merge_run(out=tmp_path / "merged", run=abba_run, dtype="bf16")
+    c = meta["check"]
+    assert c["passed"] and c["tolerance_rel"] == pytest.approx(0.5 * c["adapter_effect_rel"])
+    assert c["max_rel_diff"] > 1e-9 and c["layers_match"] and c["layers_checked"] == 2 * 7
+    monkeypatch.setitem(merge_mod.TOLERANCE, "fp32", 1e-12)  # fp32 keeps its strict logits bound
+    with pytest.raises(UserError, match="above the fp32 tolerance 1e-12"):
+        merge_run(out=tmp_path / "merged-fp32", run=abba_run, dtype="fp32")
+
+
 def test_latest_run_is_the_default(abba_run, tmp_path):
     from abba_cli.runs import record_latest
 
@@ -197,7 +258,7 @@ def test_fold_releases_each_layer_and_writes_w0_plus_dw(tiny_model_dir, abba_run
     load_adapter(model, abba_run)
     expected = _expected_merged_weights(tiny_model_dir, abba_run, torch.bfloat16)
     refs = [weakref.ref(layer) for _, layer in adapter_layers(model)]
-    assert merge_mod._fold_layers(model, torch.bfloat16) == len(expected)
+    assert len(merge_mod._fold_layers(model, torch.bfloat16)) == len(expected)
     gc.collect()
     assert all(r() is None for r in refs)
     for name, w in expected.items():
