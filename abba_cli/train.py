@@ -808,14 +808,19 @@ def _batch_stream(
 
 
 def _target_loss_sum(logits: Any, labels: Any) -> Any:
-    """Sum of next-token cross-entropy over target positions (labels != -100), computed in fp32."""
+    """Sum of next-token cross-entropy over target positions (labels != -100), computed in fp32.
+
+    The labels move, not the logits: position t's logits are scored against labels[t + 1], and the last position
+    gets -100. logits[:, :-1] is not contiguous, so flattening it copied the whole (batch, seq, vocab) tensor, and
+    its backward zero-filled and copied another (201 MB each for SmolLM2 at 4 x 256 tokens): fp32 loss forward +
+    backward 383 -> 237 ms per micro-batch, the same gradients bit for bit (benchmarks/RESULTS.md "End to end").
+    """
     import torch.nn.functional as F
 
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:].to(shift_logits.device)
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100).to(logits.device)
     return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
+        logits.float().reshape(-1, logits.size(-1)),
+        targets.reshape(-1),
         ignore_index=-100,
         reduction="sum",
     )
