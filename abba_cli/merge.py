@@ -185,9 +185,9 @@ def _fold_layers(model, target: torch.dtype) -> dict[str, str]:
         with torch.no_grad():
             # Upcast first so the layer's own fp32 fold is not rounded to a narrower base dtype on the way.
             layer.weight.data = layer.weight.data.float()
-            want = (layer.weight.data + layer.delta_weight()).to(
-                target
-            )  # before merge(): independent of its state
+            # Recomputed here, before merge() and apart from its merged flag, so a fold that skipped or
+            # mis-applied the update is caught (one more fp32 dW per layer: the price of an independent check).
+            want = (layer.weight.data + layer.delta_weight()).to(target)
             layer.merge()
             linear = layer.to_linear().to(target)
             if not torch.equal(linear.weight, want):

@@ -178,17 +178,15 @@ def test_failed_self_check_publishes_nothing(abba_run, tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".merged*"))
 
 
-def _forget_one_layer(monkeypatch) -> str:
-    """Make the fold skip one layer's update (it keeps W0 only); returns that layer's name."""
+def _forget_one_layer(monkeypatch) -> list[str]:
+    """Make the fold skip one layer's update (it keeps W0 only); the list receives that layer's name."""
     real_fold = merge_mod._fold_layers
     forgotten = []
 
     def fold_but_forget_one(model, target):
         name, layer = next(iter(adapter_layers(model)))
         forgotten.append(name)
-        real_merge = layer.merge
         layer.merge = lambda: None  # the fold runs, the update never reaches W
-        del real_merge
         return real_fold(model, target)
 
     monkeypatch.setattr(merge_mod, "_fold_layers", fold_but_forget_one)
