@@ -88,7 +88,7 @@ def train(
 ) -> None:
     """Fine-tune a model with an adapter as described by CONFIG."""
     from abba_cli.config import load_config
-    from abba_cli.train import run_training
+    from abba_cli.train.recipe import run_training
 
     cfg = load_config(config, set_)
     run_training(cfg, config_path=config, resume=resume, dry_run=dry_run)
@@ -102,7 +102,7 @@ def validate(
 ) -> None:
     """Print the resolved config and the trainable-parameter summary without training."""
     from abba_cli.config import load_config
-    from abba_cli.train import validate_run
+    from abba_cli.train.validate import validate_run
 
     cfg = load_config(config, set_)
     validate_run(cfg, config_path=config)
@@ -158,7 +158,7 @@ def eval_(
     ),
 ) -> None:
     """Evaluate a run (or a plain model) on benchmark tasks."""
-    from abba_cli.evaluate import run_eval
+    from abba_cli.eval.runner import run_eval
 
     tasks = [t.strip() for item in task for t in item.split(",") if t.strip()]
     run_eval(

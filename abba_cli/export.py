@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 
 from abba_cli.errors import UserError
 from abba_cli.fsutil import check_not_inside, check_output_dir
-from abba_cli.runs import RunAdapter, check_against_base, read_run_adapter, recorded_base
+from abba_cli.run.adapter_files import RunAdapter, check_against_base, read_run_adapter
+from abba_cli.run.latest import recorded_base
 
 if TYPE_CHECKING:
     import torch
@@ -109,7 +110,7 @@ def export_run(
     `base` points at another copy of the base model (for the shape check and the exported config)."""
     if format not in FORMATS:
         raise UserError(f"--format {format!r}: unknown export format; valid formats: {', '.join(FORMATS)}")
-    out = check_output_dir(Path(out), overwrite)
+    out = check_output_dir(Path(out), overwrite=overwrite)
     adapter = read_run_adapter(run)
     if base is not None:
         adapter.base_model = recorded_base(adapter.run_dir, adapter.base_model, base)

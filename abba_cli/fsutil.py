@@ -139,32 +139,41 @@ def atomic_directory(final: str | Path, overwrite: bool = False) -> Iterator[Pat
         raise
 
 
-def check_output_dir(out: Path, overwrite: bool) -> Path:
-    """The directory to write OUT's content to; UserError for a non-empty OUT (unless `overwrite`) or a file.
+def check_output_dir(out: str | Path, *, key: str = "--out", overwrite: bool | None = None) -> Path:
+    """The directory a command will write into (a symlink to a directory is followed); UserError naming `key`
+    when it cannot be one. Cheap, so every command runs it before any work.
 
-    A symlink to a directory is followed (the content goes to its target, the link keeps working); a dangling
-    one is refused. Cheap, so it runs before any work.
+    `overwrite` False refuses an existing non-empty directory (merge, export without --overwrite); None leaves
+    existing content to the caller (train refuses or resumes a run, eval keeps other tasks' results).
     """
     out = Path(out).expanduser()
     if out.is_symlink():
         target = out.resolve()
-        if not target.is_dir():
+        if not target.exists():
             raise UserError(
-                f"--out {out}: a symlink to {target}, which is not an existing directory; "
-                "point it at a directory or pass a plain path"
+                f"{key} {out}: a dangling symlink to {target}, which is not an existing directory; "
+                f"remove it or point {key} elsewhere"
             )
+        if not target.is_dir():
+            raise UserError(f"{key} {out}: a symlink to {target}, which is a file, not a directory")
         out = target
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"--out {out}: directory exists and is not empty; pass --overwrite to replace it")
-    # The output is created next to OUT, so its nearest existing ancestor must be a writable directory;
-    # finding out here, not halfway through the write, keeps the error one line and the disk untouched.
-    parent = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
-    if not parent.is_dir():
-        raise UserError(f"--out {out}: {parent} is not a directory; choose an --out under a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: {parent} is not writable; choose a writable --out directory")
+        raise UserError(f"{key} {out} is a file, not a directory; choose another {key}")
+    if overwrite is False and out.is_dir() and any(out.iterdir()):
+        raise UserError(f"{key} {out}: directory exists and is not empty; pass --overwrite to replace it")
+    # The output is created under OUT's nearest existing ancestor, which must be a writable directory; finding
+    # out here, not halfway through the write, keeps the error one line and the disk untouched.
+    ancestor = out.absolute()
+    while not ancestor.exists():
+        if ancestor.is_symlink():
+            raise UserError(f"{key} {out}: {ancestor} is a dangling symlink (to {os.readlink(ancestor)})")
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{key} {out}: {ancestor} is a file, not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(
+            f"{key} {out}: {ancestor} is not writable (no permission to write); choose another {key}"
+        )
     return out
 
 

@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from abba_cli.errors import UserError
 from abba_cli.fsutil import check_not_inside, check_output_dir
-from abba_cli.runs import check_against_base, read_run_adapter, recorded_base
+from abba_cli.run.adapter_files import check_against_base, read_run_adapter
+from abba_cli.run.latest import recorded_base
 
 if TYPE_CHECKING:
     import torch
@@ -67,20 +68,20 @@ def _short_dtype(dtype: torch.dtype) -> str:
 
 
 def _run_model_settings(run_dir: Path) -> dict[str, Any]:
-    """trust_remote_code / revision from RUN_DIR/config.yaml, so the base loads as it did for training."""
-    import yaml
+    """trust_remote_code / revision as the run loaded its base (models.load_kwargs), so the base loads as it did
+    for training. Not its dtype (merge loads the checkpoint's own and picks the output's itself) nor its attention
+    kernel (irrelevant to the weights, and maybe unavailable here); a run without a readable config.yaml loads
+    with the defaults."""
+    from abba_cli.models import load_kwargs
+    from abba_cli.run.layout import read_run_config
 
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        return {}
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
+        cfg = read_run_config(run_dir)
+    except UserError:
         return {}
-    model = raw.get("model") if isinstance(raw, dict) else None
-    if not isinstance(model, dict):
+    if cfg is None:
         return {}
-    return {k: model[k] for k in ("trust_remote_code", "revision") if model.get(k) is not None}
+    return {k: v for k, v in load_kwargs(cfg.model).items() if k in ("trust_remote_code", "revision")}
 
 
 @contextlib.contextmanager
@@ -223,7 +224,7 @@ def merge_run(
     OUT; returns the metadata."""
     target_name = parse_dtype(dtype)
     shown_out = Path(out)
-    out = check_output_dir(shown_out, overwrite)
+    out = check_output_dir(shown_out, overwrite=overwrite)
     adapter = read_run_adapter(run)
     base = recorded_base(adapter.run_dir, adapter.base_model, base)
     protected = [Path(base).expanduser()] if Path(base).expanduser().is_dir() else []
@@ -244,7 +245,7 @@ def merge_run(
     settings = _run_model_settings(adapter.root)
     model, tokenizer = load_base(base, "auto", **settings)
     # A chat-trained run: the merged model's tokenizer carries the chat template it trained with (data, #15).
-    from abba_cli.data import run_dir_chat_template
+    from abba_cli.data.training_set import run_dir_chat_template
 
     if (template := run_dir_chat_template(adapter.run_dir, tokenizer, base)) is not None:
         tokenizer.chat_template = template

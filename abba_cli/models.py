@@ -14,12 +14,15 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from abba_cli.errors import UserError
 from abba_cli.fsutil import atomic_directory
 from abba_cli.hub import use_hub
-from abba_cli.runs import abba_home
+from abba_cli.run.layout import abba_home
+
+if TYPE_CHECKING:
+    from abba_cli.config import ModelConfig
 
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -93,6 +96,22 @@ def _hub_unreachable(err: Exception) -> bool:
         return True
     text = str(err)
     return "couldn't connect" in text or "offline mode" in text.lower() or "cached files" in text
+
+
+def load_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
+    """`load_base`'s keyword arguments from a run config's `model:` section: the one place they are built, so
+    train, eval and merge load a base the same way (revision included)."""
+    return dict(
+        dtype=model_cfg.dtype,
+        trust_remote_code=model_cfg.trust_remote_code,
+        revision=model_cfg.revision,
+        attn_implementation=model_cfg.attn_implementation,
+    )
+
+
+def load_configured_base(model_cfg: ModelConfig, empty_weights: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) as a run config's `model:` section describes them."""
+    return load_base(model_cfg.name_or_path, **load_kwargs(model_cfg), empty_weights=empty_weights)
 
 
 def load_base(

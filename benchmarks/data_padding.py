@@ -40,15 +40,14 @@ def padding_fraction(lengths: list[int], order: list[int], batch: int) -> float:
 
 def tokenized(recipe: str, tokenizer, max_seq_len: int):
     from abba_cli.config import DataConfig
-    from abba_cli.data import prepare_train_dataset
+    from abba_cli.data.training_set import prepare_train_dataset
 
     d = DataConfig(recipe=recipe, max_seq_len=max_seq_len, drop_long=True)
     return prepare_train_dataset(d, tokenizer, "SmolLM2-135M-Instruct")[0], d
 
 
 def padding_rows(tokenizer, batch_sizes: list[int], max_seq_len: int, seed: int = 42) -> list[dict[str, Any]]:
-    from abba_cli.data import length_grouped_order
-    from abba_cli.train import epoch_order
+    from abba_cli.data.order import epoch_order, length_grouped_order
 
     rows = []
     for recipe in SOURCES:
@@ -98,8 +97,8 @@ def train_tokens_per_s(tokenizer, batch: int, max_seq_len: int, steps: int) -> d
 
     from abba_cli.adapters import inject_adapters
     from abba_cli.config import AdapterConfig
-    from abba_cli.data import length_grouped_order, make_collator
-    from abba_cli.train import epoch_order
+    from abba_cli.data.collate import make_collator
+    from abba_cli.data.order import epoch_order, length_grouped_order
 
     ds, _ = tokenized(LARGEST, tokenizer, max_seq_len)
     lengths = list(ds["length"])

@@ -23,7 +23,7 @@ TASKS = ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "
 
 
 def heldout_examples(tasks: list[str], skip: int, limit: int) -> list:
-    from abba_cli.recipes import load_examples
+    from abba_cli.data.recipes import load_examples
 
     return [e for t in tasks for e in load_examples(t, skip=skip, limit=limit, source="bundled")]
 
@@ -31,7 +31,8 @@ def heldout_examples(tasks: list[str], skip: int, limit: int) -> list:
 @torch.no_grad()
 def response_loss(model, tokenizer, examples, max_seq_len: int, batch_size: int = 8) -> tuple[float, int]:
     """(mean loss per response token, number of response tokens)."""
-    from abba_cli.data import build_train_dataset, make_collator
+    from abba_cli.data.collate import make_collator
+    from abba_cli.data.tokenize import build_train_dataset
 
     dataset = build_train_dataset(examples, tokenizer, max_seq_len)
     collate = make_collator(tokenizer)

@@ -46,29 +46,32 @@ def _labelled(fn, label: str):
 
 
 def _instrument() -> None:
-    """Label the loop's parts by wrapping what train.py calls (module globals and library methods)."""
+    """Label the loop's parts by wrapping what the loop calls: the run object's loss seam, library methods, and
+    the loop's own finiteness check (looked up in train/loop.py's namespace at call time)."""
     from accelerate import Accelerator
     from transformers import LlamaForCausalLM
 
-    from abba_cli import data, train
     from abba_cli.adapters.base import AdapterLinear
+    from abba_cli.data.collate import DataCollator
+    from abba_cli.train import loop
+    from abba_cli.train.context import Run
 
     LlamaForCausalLM.forward = _labelled(LlamaForCausalLM.forward, "model forward")
     AdapterLinear.forward = _labelled(
         AdapterLinear.forward, "adapted layers forward"
     )  # frozen matmul included
-    train._target_loss_sum = _labelled(train._target_loss_sum, "loss")
+    Run.loss_fn = _labelled(Run.loss_fn, "loss")
     Accelerator.backward = _labelled(Accelerator.backward, "backward")
     Accelerator.clip_grad_norm_ = _labelled(Accelerator.clip_grad_norm_, "clip_grad_norm")
-    train._all_finite = _labelled(train._all_finite, "finiteness check")
-    data.DataCollator.__call__ = _labelled(data.DataCollator.__call__, "collate")
+    loop.all_finite = _labelled(loop.all_finite, "finiteness check")
+    DataCollator.__call__ = _labelled(DataCollator.__call__, "collate")
 
 
 def profile(
     method: str, dropout: float, steps: int, skip: int, model: str | None, extra: list[str], out: Path | None
 ) -> dict:
     from abba_cli.config import load_config
-    from abba_cli.train import run_training
+    from abba_cli.train.recipe import run_training
 
     _instrument()
     model = model or str(common.smollm2_dir())

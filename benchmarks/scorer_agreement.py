@@ -1,7 +1,7 @@
 """How often does our scorer agree with the references' on real predictions? (issue 13)
 
 Re-scores every row of one or more `abba eval` predictions.jsonl files twice, from the stored `output` and
-`gold` only: with our scorer (abba_cli.scoring, as it is now) and with a re-implementation of the scorer the
+`gold` only: with our scorer (abba_cli.eval.scoring, as it is now) and with a re-implementation of the scorer the
 papers' numbers came from:
 - GSM8K, MetaMath's eval_gsm8k.py (the ABBA authors' gsm8k_eval.py is the same): the first number after the
   last "The answer is: ", ROUNDED to an integer, compared with the gold as floats.
@@ -28,8 +28,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from abba_cli.recipes import load_recipe  # noqa: E402
-from abba_cli.scoring import score  # noqa: E402
+from abba_cli.data.recipes import load_recipe  # noqa: E402
+from abba_cli.eval.scoring import score  # noqa: E402
 
 METAMATH_MARKER = "The answer is: "
 

@@ -46,8 +46,8 @@ pack() {
     # The GSM8K test rows as the hub has them (question, answer): `data.recipe=gsm8k data.path=...` reads them.
     "$py" - <<'EOF' || exit 1
 import json
-from abba_cli.recipes import load_recipe
-from abba_cli.sources import read_rows
+from abba_cli.data.recipes import load_recipe
+from abba_cli.data.sources import read_rows
 rows, _, where = read_rows(load_recipe("gsm8k"), None, "bundled")
 with open(".gpu/b/gsm8k_test.jsonl", "w") as f:
     for r in rows:

@@ -56,3 +56,18 @@ def load_benchmark(name: str):
     sys.modules[spec.name] = mod  # dataclasses and pickling look the module up by name
     spec.loader.exec_module(mod)
     return mod
+
+
+def replace_training_loss(monkeypatch, loss_fn) -> None:
+    """Every training run of the test computes its loss with `loss_fn(logits, labels)`: the run object's seam
+    (`Run.loss_fn`), so a test can fail or count a step without patching a private function."""
+    from abba_cli.train.context import Run
+
+    monkeypatch.setattr(Run, "loss_fn", lambda self, logits, labels: loss_fn(logits, labels))
+
+
+def request_stop(monkeypatch) -> None:
+    """Every training run of the test sees a stop request after its first step, as after a SIGTERM."""
+    from abba_cli.train.context import Run
+
+    monkeypatch.setattr(Run, "stop_requested", lambda self: True)

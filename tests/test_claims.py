@@ -18,10 +18,10 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from abba_cli import train as train_mod
 from abba_cli.cli import app
 from abba_cli.config import RunConfig
 from abba_cli.errors import UserError
+from abba_cli.train.recipe import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [
@@ -62,7 +62,7 @@ def _no_accelerate_state_left_behind():
 def _train(tmp_path: Path, model_dir: Path, out: str, **train) -> tuple[list[dict], dict[str, torch.Tensor]]:
     cfg = RunConfig.model_validate(_raw(tmp_path, model_dir, out, **train))
     _reset_accelerate()
-    run = train_mod.run_training(cfg, config_path="test")
+    run = run_training(cfg, config_path="test")
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return metrics, load_file(run / "adapter_model.safetensors")
 
@@ -144,7 +144,7 @@ def test_resume_with_another_number_of_processes_is_refused(tmp_path, tiny_model
 
     cfg = RunConfig.model_validate(_raw(tmp_path, tiny_model_dir, "run", save_every=1, save_total_limit=2))
     with pytest.raises(UserError, match=r"step-1: saved by 2 process\(es\).* 1.*same number of processes"):
-        train_mod.run_training(cfg, config_path="test", resume=True)
+        run_training(cfg, config_path="test", resume=True)
     assert not (run / "adapter_model.safetensors").exists()
 
 

@@ -141,7 +141,7 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(ROOT / "configs").as_posix())
 def test_every_shipped_config_validates(path):
-    from abba_cli.recipes import load_recipe
+    from abba_cli.data.recipes import load_recipe
 
     cfg = load_config(path)
     load_recipe(cfg.data.recipe)
@@ -205,7 +205,7 @@ def test_quickstart_train_and_eval_slices_are_disjoint():
     cfg = load_config(ROOT / "configs" / "quickstart.yaml")
     assert cfg.model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
     # commonsense_bundled_train trains on rows 200+ of each set; the quickstart evaluates rows below that.
-    from abba_cli.recipes import load_recipe
+    from abba_cli.data.recipes import load_recipe
 
     mix = load_recipe(cfg.data.recipe).mix
     assert mix is not None and set(cfg.eval.tasks) <= set(mix.recipes)

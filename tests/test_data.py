@@ -6,10 +6,11 @@ import pytest
 from conftest import build_tiny_tokenizer
 from tokenizers import processors
 
-from abba_cli.data import IGNORE_INDEX, build_train_dataset, make_collator
+from abba_cli.data.collate import make_collator
+from abba_cli.data.prompts import render_prompt
+from abba_cli.data.recipes import Example
+from abba_cli.data.tokenize import IGNORE_INDEX, build_train_dataset
 from abba_cli.errors import UserError
-from abba_cli.prompts import render_prompt
-from abba_cli.recipes import Example
 
 
 @pytest.fixture(scope="module")

@@ -13,18 +13,14 @@ from typer.testing import CliRunner
 
 from abba_cli.cli import app
 from abba_cli.config import DataConfig
-from abba_cli.data import (
-    IGNORE_INDEX,
-    build_train_dataset,
-    cache_dir,
-    length_grouped_order,
-    prepare_train_dataset,
-    run_chat_template,
-)
+from abba_cli.data.cache import cache_dir
+from abba_cli.data.formats import ChatExample, TextExample, TokenizedExample
+from abba_cli.data.order import length_grouped_order
+from abba_cli.data.prompts import prompt_renderer
+from abba_cli.data.recipes import load_examples
+from abba_cli.data.tokenize import IGNORE_INDEX, build_train_dataset
+from abba_cli.data.training_set import prepare_train_dataset, run_chat_template
 from abba_cli.errors import UserError
-from abba_cli.formats import ChatExample, TextExample, TokenizedExample
-from abba_cli.prompts import prompt_renderer
-from abba_cli.recipes import load_examples
 
 REPO = Path(__file__).resolve().parents[1]
 # ChatML, as SmolLM2/Qwen write it; a second copy marks assistant text with {% generation %}.
@@ -313,7 +309,7 @@ def _padding(lengths: list[int], order: list[int], batch: int) -> int:
 def test_group_by_length_is_a_seeded_permutation_with_less_padding():
     import random
 
-    from abba_cli.train import epoch_order
+    from abba_cli.data.order import epoch_order
 
     rng = random.Random(3)
     lengths = [rng.randint(5, 400) for _ in range(1000)]
@@ -327,13 +323,13 @@ def test_group_by_length_is_a_seeded_permutation_with_less_padding():
 
 
 def test_group_by_length_batch_stream_resumes_exactly():
-    from abba_cli.train import _batch_stream
+    from abba_cli.data.order import batch_stream
 
     lengths = [(7 * i) % 31 + 1 for i in range(37)]
     per_epoch = 10  # ceil(37 / (2 * 2))
 
     def stream(skip: int, rank: int) -> list:
-        s = _batch_stream(37, 2, 5, 2, rank, skip, per_epoch, lengths)
+        s = batch_stream(37, 2, 5, 2, rank, skip, per_epoch, lengths)
         return [next(s) for _ in range(25 - skip)]
 
     full = stream(0, 0)
@@ -375,7 +371,7 @@ def test_chat_run_trains_grouped_reuses_the_cache_and_evaluates_through_its_temp
 ):
     from transformers import AutoTokenizer
 
-    from abba_cli.evaluate import _resolve_target, _train_prompt_renderer
+    from abba_cli.eval.target import resolve_target, train_prompt_renderer
 
     def config(out: str) -> Path:
         raw = {
@@ -401,6 +397,6 @@ def test_chat_run_trains_grouped_reuses_the_cache_and_evaluates_through_its_temp
     second = CliRunner().invoke(app, ["train", str(config("b"))])
     assert second.exit_code == 0, second.output
     assert "reusing the cache" in second.stderr
-    target = _resolve_target(tmp_path / "b", None, None)
-    prompt = _train_prompt_renderer(target, AutoTokenizer.from_pretrained(tiny_model_dir))("What is 6 * 7?")
+    target = resolve_target(tmp_path / "b", None, None)
+    prompt = train_prompt_renderer(target, AutoTokenizer.from_pretrained(tiny_model_dir))("What is 6 * 7?")
     assert prompt == "<|im_start|>user\nWhat is 6 * 7?<|im_end|>\n<|im_start|>assistant\n"

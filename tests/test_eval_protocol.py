@@ -54,7 +54,8 @@ PROMPTS = ["The answer is: 42", "Natalia sold clips to 48 of her friends in Apri
 def test_checkpoint_generation_config_does_not_change_greedy_outputs(tiny_model_dir, penalised_model_dir):
     import torch
 
-    from abba_cli.evaluate import generate, load_model_for_eval
+    from abba_cli.eval.generate import generate
+    from abba_cli.eval.target import load_model_for_eval
 
     plain, tok, dev = load_model_for_eval(str(tiny_model_dir), None)
     penalised, tok2, _ = load_model_for_eval(str(penalised_model_dir), None)
@@ -120,11 +121,11 @@ def test_data_source_local_copy_and_its_hash(tiny_model_dir, tmp_path):
     rows = [{"question": f"How many? {i}", "answer": f"so\n#### {i}"} for i in range(3)]
     path = tmp_path / "g.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    from abba_cli.evaluate import select_examples
-    from abba_cli.recipes import load_recipe
+    from abba_cli.data.recipes import load_recipe
+    from abba_cli.eval.tasks import select_examples
 
     recipe = load_recipe("gsm8k")
-    from abba_cli.recipes import load_examples
+    from abba_cli.data.recipes import load_examples
 
     examples, info = load_examples(recipe, path=str(path), with_source=True)
     assert (info.kind, info.id, info.rows) == ("local", str(path.resolve()), 3)
@@ -168,8 +169,8 @@ def test_paper_protocol_prefix_and_budget(tiny_model_dir, tmp_path):
 
 
 def test_protocols_per_task():
-    from abba_cli.evaluate import task_protocol
-    from abba_cli.recipes import load_recipe
+    from abba_cli.data.recipes import load_recipe
+    from abba_cli.eval.tasks import task_protocol
 
     assert task_protocol(load_recipe("math"), "paper").max_new_tokens == 512
     ours = task_protocol(load_recipe("gsm8k"), "ours")
@@ -191,8 +192,8 @@ def test_unknown_protocol_is_refused_before_loading(tiny_model_dir, tmp_path):
 
 
 def test_math_limit_spans_subjects_and_is_deterministic():
-    from abba_cli.evaluate import select_examples
-    from abba_cli.recipes import load_examples, load_recipe
+    from abba_cli.data.recipes import load_examples, load_recipe
+    from abba_cli.eval.tasks import select_examples
 
     recipe = load_recipe("math")
     first, _ = select_examples(recipe, limit=40)
@@ -203,7 +204,7 @@ def test_math_limit_spans_subjects_and_is_deterministic():
     # Subjects of the bundled copy are contiguous blocks of rows: read them off the ids.
     subjects = {}
     rows = load_examples(recipe, source="bundled")
-    from abba_cli.sources import read_rows
+    from abba_cli.data.sources import read_rows
 
     raw, _, _ = read_rows(recipe, None, "bundled")
     subject_of = {f"math-{i}": r["type"] for i, r in enumerate(raw)}

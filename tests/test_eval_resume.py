@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import abba_cli.evaluate as evaluate
+import abba_cli.eval.runner as evaluate
 from abba_cli.cli import app
 
 runner = CliRunner()

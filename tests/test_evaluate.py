@@ -9,7 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from abba_cli.cli import app
-from abba_cli.evaluate import COMMONSENSE_TASKS, format_table, generate, load_model_for_eval, resolve_tasks
+from abba_cli.eval.generate import generate
+from abba_cli.eval.results import format_table
+from abba_cli.eval.target import load_model_for_eval
+from abba_cli.eval.tasks import COMMONSENSE_TASKS, resolve_tasks
 
 runner = CliRunner()
 
@@ -193,7 +196,7 @@ def test_adapter_is_merged_in_memory(adapter_run, tiny_model_dir):
 
 
 def test_eval_defaults_to_latest_run_and_writes_into_it(adapter_run):
-    from abba_cli.runs import record_latest
+    from abba_cli.run.latest import record_latest
 
     record_latest(adapter_run)
     result, out = _invoke("--task", "siqa", "--limit", "2", "--max-new-tokens", "4")
@@ -254,7 +257,7 @@ def test_adapter_on_a_model_of_other_shapes_is_refused(adapter_run, tiny_model_d
 
 
 def test_format_table():
-    from abba_cli.evaluate import TaskResult
+    from abba_cli.eval.results import TaskResult
 
     table = format_table(
         [TaskResult("gsm8k", 4, 1, 2, 1.0, Path("x")), TaskResult("arc_c", 0, 0, 0, 0.0, Path("y"))]

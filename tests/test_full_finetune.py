@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import replace_training_loss
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from abba_cli import train as train_mod
 from abba_cli.cli import app
 from abba_cli.config import validate_config
 from abba_cli.errors import UserError
-from abba_cli.runs import resolve_run
+from abba_cli.run.latest import resolve_run
+from abba_cli.train.loss import target_loss_sum
 
 
 def _config(tmp_path: Path, model_dir: Path, out: str = "full", **train) -> Path:
@@ -117,7 +118,7 @@ def test_full_checkpoint_holds_every_parameter_and_resumes_exactly(tmp_path, tin
     assert set(ckpt) == names
 
     split = _config(tmp_path, tiny_model_dir, "split", **settings)
-    real, calls = train_mod._target_loss_sum, {"n": 0}
+    real, calls = target_loss_sum, {"n": 0}
 
     def dies_in_step_3(logits, labels):
         calls["n"] += 1
@@ -125,7 +126,7 @@ def test_full_checkpoint_holds_every_parameter_and_resumes_exactly(tmp_path, tin
             raise KeyboardInterrupt
         return real(logits, labels)
 
-    monkeypatch.setattr(train_mod, "_target_loss_sum", dies_in_step_3)
+    replace_training_loss(monkeypatch, dies_in_step_3)
     assert _invoke("train", str(split)).exit_code == 130
     monkeypatch.undo()
     result = _invoke("train", str(split), "--resume")

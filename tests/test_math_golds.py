@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from abba_cli.latex import last_boxed
-from abba_cli.recipes import load_examples
-from abba_cli.scoring import score_math
+from abba_cli.data.latex import last_boxed
+from abba_cli.data.recipes import load_examples
+from abba_cli.eval.scoring import score_math
 
 # Solutions written like the MATH ones whose Minerva-normalised `answer` field is broken in the bundled copy.
 PLANTED = [

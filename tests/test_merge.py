@@ -238,7 +238,7 @@ def test_bf16_logits_bound_is_half_the_adapter_effect(abba_run, tmp_path, monkey
 
 
 def test_latest_run_is_the_default(abba_run, tmp_path):
-    from abba_cli.runs import record_latest
+    from abba_cli.run.latest import record_latest
 
     record_latest(abba_run)
     result = CliRunner().invoke(app, ["merge", "--out", str(tmp_path / "m")])
@@ -301,7 +301,7 @@ def test_bf16_base_merged_to_fp32_passes_the_fp32_check(bf16_base, tmp_path):
 
 def test_eval_in_memory_merge_on_a_bf16_base_rounds_once(bf16_base, tmp_path):
     """eval folds dW into a bf16 W0 in fp32 and rounds once: round_bf16(W0 + dW), not bf16 arithmetic."""
-    from abba_cli.evaluate import load_model_for_eval
+    from abba_cli.eval.target import load_model_for_eval
 
     run = make_run(tmp_path / "run", bf16_base, type="abba", r1=3, r2=3)
     model, _, _ = load_model_for_eval(str(bf16_base), run)

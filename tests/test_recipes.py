@@ -10,8 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from abba_cli.errors import UserError
-from abba_cli.recipes import (
+from abba_cli.data.recipes import (
     RECIPES_DIR,
     Example,
     available_recipes,
@@ -20,6 +19,7 @@ from abba_cli.recipes import (
     load_recipe,
     parse_recipe,
 )
+from abba_cli.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""abba_cli.runs: --run a checkpoint, a moved base, for eval (merge and export have theirs in their files)."""
+"""abba_cli.run (latest, adapter_files): --run a checkpoint, a moved base, for eval (merge and export have theirs in their files)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from abba_cli.adapters import adapter_layers
 from abba_cli.config import RunConfig, dump_config
 from abba_cli.errors import UserError
-from abba_cli.runs import resolve_run, run_files
+from abba_cli.run.latest import resolve_run
+from abba_cli.run.layout import run_files
 
 
 def _planted_checkpoint(run: Path, step: int, factor: float) -> Path:
@@ -38,7 +39,7 @@ def test_a_checkpoint_resolves_to_its_own_factors_and_its_runs_settings(tiny_mod
 
 
 def test_eval_of_a_checkpoint_merges_the_checkpoints_factors(tiny_model_dir, tmp_path):
-    from abba_cli.evaluate import _resolve_target, load_model_for_eval
+    from abba_cli.eval.target import load_model_for_eval, resolve_target
 
     run = make_run(tmp_path / "run", tiny_model_dir, type="lora", r=4)
     cfg = RunConfig(
@@ -50,7 +51,7 @@ def test_eval_of_a_checkpoint_merges_the_checkpoints_factors(tiny_model_dir, tmp
     )
     (run / "config.yaml").write_text(dump_config(cfg))
     ckpt = _planted_checkpoint(run, 2, 2.0)
-    target = _resolve_target(ckpt, None, None)
+    target = resolve_target(ckpt, None, None)
     assert target.model == str(tiny_model_dir) and target.run_dir == ckpt
     assert target.eval_defaults.skip == 7  # the run's config.yaml, found from its checkpoint
     model, _, _ = load_model_for_eval(target.model, target.run_dir, target.load_kwargs)
@@ -65,7 +66,7 @@ def test_eval_of_a_checkpoint_merges_the_checkpoints_factors(tiny_model_dir, tmp
 
 
 def test_a_moved_base_is_named_with_its_source_and_base_points_elsewhere(tiny_model_dir, tmp_path):
-    from abba_cli.evaluate import _resolve_target
+    from abba_cli.eval.target import resolve_target
 
     copy = tmp_path / "base"
     shutil.copytree(tiny_model_dir, copy)
@@ -74,8 +75,8 @@ def test_a_moved_base_is_named_with_its_source_and_base_points_elsewhere(tiny_mo
     with pytest.raises(
         UserError, match=r"base model .*base \(recorded in .*run/adapter_config.json\).*--base"
     ):
-        _resolve_target(run, None, None)
-    target = _resolve_target(run, None, None, tmp_path / "moved")
+        resolve_target(run, None, None)
+    target = resolve_target(run, None, None, tmp_path / "moved")
     assert target.model == str((tmp_path / "moved").resolve()) and target.out_dir == run / "eval"
     with pytest.raises(UserError, match="--base .*nowhere: no such model directory"):
-        _resolve_target(run, None, None, tmp_path / "nowhere")
+        resolve_target(run, None, None, tmp_path / "nowhere")

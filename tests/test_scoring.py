@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from abba_cli.scoring import (
+from abba_cli.eval.scoring import (
     Score,
     extract_choice,
     extract_math_answer,

@@ -64,7 +64,7 @@ def test_package_loads_tensors_only_through_safetensors_or_weights_only_torch_lo
 
 
 def _checkpoint(run_dir: Path, poison: str | None, marker: Path) -> Path:
-    from abba_cli import checkpoint as ckpt
+    from abba_cli.train import checkpoint as ckpt
 
     state = ckpt.TrainState(
         step=1, epoch=0, batch_in_epoch=1, micro_batches_seen=1, elapsed_s=0.0, tokens_seen=9
@@ -84,7 +84,7 @@ def _checkpoint(run_dir: Path, poison: str | None, marker: Path) -> Path:
 
 
 def test_an_honest_checkpoint_round_trips_with_weights_only(tmp_path):
-    from abba_cli import checkpoint as ckpt
+    from abba_cli.train import checkpoint as ckpt
 
     path = _checkpoint(tmp_path / "run", None, tmp_path / "marker")
     state, tensors, opt, sched, rngs = ckpt.load_checkpoint(path)
@@ -102,8 +102,8 @@ def test_an_honest_checkpoint_round_trips_with_weights_only(tmp_path):
 
 @pytest.mark.parametrize("poison", ["optimizer.pt", "scheduler.pt", "rng.pt"])
 def test_checkpoint_holding_a_pickled_object_is_refused(tmp_path, poison):
-    from abba_cli import checkpoint as ckpt
     from abba_cli.errors import UserError
+    from abba_cli.train import checkpoint as ckpt
 
     marker = tmp_path / "pwned"
     path = _checkpoint(tmp_path / "run", poison, marker)

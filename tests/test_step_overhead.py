@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from abba_cli import train as train_mod
+from abba_cli.train.loop import all_finite
 
 ONE_PROCESS = SimpleNamespace(num_processes=1, device=torch.device("cpu"))
 
@@ -24,7 +24,7 @@ def _params(bad: float | None = None, where: int = 5, dtype=torch.float32) -> li
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("where", [0, 5, 9])
 def test_one_non_finite_value_anywhere_is_caught(bad, where):
-    assert not train_mod._all_finite(_params(bad, where), ONE_PROCESS)
+    assert not all_finite(_params(bad, where), ONE_PROCESS)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -33,11 +33,11 @@ def test_finite_weights_pass_even_near_the_dtype_limit(dtype):
     with torch.no_grad():
         params[2].view(-1)[0] = torch.finfo(dtype).max  # finite: a norm that squares it would overflow
         params[4].view(-1)[1] = -torch.finfo(dtype).max
-    assert train_mod._all_finite(params, ONE_PROCESS)
+    assert all_finite(params, ONE_PROCESS)
     with torch.no_grad():
         params[7].view(-1)[3] = float("nan")
-    assert not train_mod._all_finite(params, ONE_PROCESS)
+    assert not all_finite(params, ONE_PROCESS)
 
 
 def test_only_empty_tensors_are_finite():
-    assert train_mod._all_finite([torch.empty(0), torch.empty(0, 4)], ONE_PROCESS)
+    assert all_finite([torch.empty(0), torch.empty(0, 4)], ONE_PROCESS)

@@ -8,14 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import replace_training_loss
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from abba_cli import train as train_mod
 from abba_cli.cli import app
 from abba_cli.config import load_config
+from abba_cli.data.order import batch_stream, epoch_order
 from abba_cli.errors import UserError
-from abba_cli.runs import resolve_run
+from abba_cli.run.latest import resolve_run
+from abba_cli.run.layout import base_model_reference
+from abba_cli.train.loss import target_loss_sum
+from abba_cli.train.recipe import run_training
+from abba_cli.train.setup import count_total_steps, micro_batches_per_epoch
+from abba_cli.train.state import gathered_trainable_state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +107,7 @@ def test_resume_without_a_run_is_refused(tmp_path, tiny_model_dir):
 
 def _interrupt_after(monkeypatch, calls: int) -> None:
     """Raise KeyboardInterrupt at the `calls`+1-th micro-batch loss, as a Ctrl-C or a kill would."""
-    real = train_mod._target_loss_sum
+    real = target_loss_sum
     count = {"n": 0}
 
     def flaky(logits, labels):
@@ -110,7 +116,7 @@ def _interrupt_after(monkeypatch, calls: int) -> None:
             raise KeyboardInterrupt
         return real(logits, labels)
 
-    monkeypatch.setattr(train_mod, "_target_loss_sum", flaky)
+    replace_training_loss(monkeypatch, flaky)
 
 
 def test_resume_mid_epoch_is_bitwise_exact(tmp_path, tiny_model_dir, monkeypatch):
@@ -167,7 +173,7 @@ def test_resume_with_a_changed_config_is_refused(tmp_path, tiny_model_dir):
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny_model_dir, monkeypatch):
-    real = train_mod._target_loss_sum
+    real = target_loss_sum
     count = {"n": 0}
 
     def nan_at_third(logits, labels):
@@ -175,32 +181,32 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, tiny_model_di
         loss = real(logits, labels)
         return loss * float("nan") if count["n"] == 3 else loss
 
-    monkeypatch.setattr(train_mod, "_target_loss_sum", nan_at_third)
+    replace_training_loss(monkeypatch, nan_at_third)
     cfg = load_config(_config(tmp_path, tiny_model_dir, max_steps=4, save_every=1))
     with pytest.raises(UserError, match=r"non-finite loss or weights at step 3; loss nan;.*step-2"):
-        train_mod.run_training(cfg, config_path="x", resume=False, dry_run=False)
+        run_training(cfg, config_path="x", resume=False, dry_run=False)
     run = tmp_path / "run"
     assert not (run / "adapter_model.safetensors").exists()
     assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-1", "step-2"]
 
 
 def test_epoch_order_is_seeded_and_batches_cover_each_epoch():
-    assert train_mod.epoch_order(10, 1, 0) == train_mod.epoch_order(10, 1, 0)
-    assert train_mod.epoch_order(10, 1, 0) != train_mod.epoch_order(10, 1, 1)
-    stream = train_mod._batch_stream(10, 3, seed=7, world=1, rank=0, skip=0, per_epoch=4)
+    assert epoch_order(10, 1, 0) == epoch_order(10, 1, 0)
+    assert epoch_order(10, 1, 0) != epoch_order(10, 1, 1)
+    stream = batch_stream(10, 3, seed=7, world=1, rank=0, skip=0, per_epoch=4)
     first = [next(stream) for _ in range(4)]
     assert sorted(i for _, _, idx in first for i in idx) == list(range(10))
     assert [(e, b) for e, b, _ in first] == [(0, 0), (0, 1), (0, 2), (0, 3)]
     # Skipping k micro-batches lands exactly where an uninterrupted stream would be, across epochs.
-    full = train_mod._batch_stream(10, 3, seed=7, world=1, rank=0, skip=0, per_epoch=4)
+    full = batch_stream(10, 3, seed=7, world=1, rank=0, skip=0, per_epoch=4)
     ref = [next(full) for _ in range(11)]
-    resumed = train_mod._batch_stream(10, 3, seed=7, world=1, rank=0, skip=6, per_epoch=4)
+    resumed = batch_stream(10, 3, seed=7, world=1, rank=0, skip=6, per_epoch=4)
     assert [next(resumed) for _ in range(5)] == ref[6:]
 
 
 def test_batches_split_across_processes():
-    per_epoch = train_mod._micro_batches_per_epoch(10, 2, world=2)  # 3 global micro-batches of 4
-    streams = [train_mod._batch_stream(10, 2, 7, 2, r, 0, per_epoch) for r in (0, 1)]
+    per_epoch = micro_batches_per_epoch(10, 2, world=2)  # 3 global micro-batches of 4
+    streams = [batch_stream(10, 2, 7, 2, r, 0, per_epoch) for r in (0, 1)]
     seen = []
     for _ in range(per_epoch):
         a, b = (next(s)[2] for s in streams)
@@ -210,9 +216,9 @@ def test_batches_split_across_processes():
 
 
 def test_total_steps():
-    assert train_mod._total_steps(None, 2.0, 10, 3) == 7
-    assert train_mod._total_steps(5, 2.0, 10, 3) == 5
-    assert train_mod._total_steps(None, 0.01, 10, 3) == 1
+    assert count_total_steps(None, 2.0, 10, 3) == 7
+    assert count_total_steps(5, 2.0, 10, 3) == 5
+    assert count_total_steps(None, 0.01, 10, 3) == 1
 
 
 @pytest.mark.slow
@@ -253,8 +259,7 @@ def test_adapter_base_model_is_recorded_as_an_absolute_path(tmp_path, tiny_model
     recorded = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["base_model"]
     assert recorded == str(tiny_model_dir.resolve())
     assert (
-        train_mod.base_model_reference("HuggingFaceTB/SmolLM2-135M-Instruct")
-        == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        base_model_reference("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     )
 
 
@@ -286,10 +291,10 @@ def test_sharded_training_saves_gathered_adapter_tensors(tiny_model_dir):
     inject_adapters(model, AdapterConfig(r1=2, r2=2))
     whole = {k: torch.full_like(v, 3.0) for k, v in model.state_dict().items()}
     main = _ShardedAccelerator(whole, main=True)
-    tensors = train_mod.gathered_trainable_state(main, model, full=False)
+    tensors = gathered_trainable_state(main, model, full=False)
     assert main.gathered == 1
     assert set(tensors) == set(adapter_state_dict(model))
     assert all(torch.equal(t, whole[k]) for k, t in tensors.items())  # the gathered values, not local shards
     other = _ShardedAccelerator(whole, main=False)
-    assert train_mod.gathered_trainable_state(other, model, full=False) is None
+    assert gathered_trainable_state(other, model, full=False) is None
     assert other.gathered == 1  # non-main processes still join the collective

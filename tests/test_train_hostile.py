@@ -14,12 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import replace_training_loss, request_stop
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from abba_cli import checkpoint as ckpt_mod
-from abba_cli import train as train_mod
+from abba_cli import models
 from abba_cli.cli import app
+from abba_cli.run.layout import last_finite_checkpoint
+from abba_cli.train import checkpoint as ckpt_mod
+from abba_cli.train.loss import target_loss_sum
 
 
 def _rows(n: int, answer_offset: int = 0) -> list[dict]:
@@ -66,7 +69,7 @@ def _no_model_load(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the problem was reported")
 
-    monkeypatch.setattr(train_mod, "_load_model", refuse)
+    monkeypatch.setattr(models, "load_configured_base", refuse)
 
 
 # ----------------------------------------------------------------------------------------------- lock
@@ -74,7 +77,7 @@ def _no_model_load(monkeypatch) -> None:
 
 def _hold_lock(run: Path) -> subprocess.Popen:
     """Another process holding the run directory's lock, as a running `abba train` does."""
-    code = f"from pathlib import Path; from abba_cli.rundir import RunLock\nwith RunLock(Path({str(run)!r})):\n print('locked', flush=True); input()"
+    code = f"from pathlib import Path; from abba_cli.run.training_dir import RunLock\nwith RunLock(Path({str(run)!r})):\n print('locked', flush=True); input()"
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
@@ -274,7 +277,7 @@ def test_extend_refuses_to_shorten_or_to_start_without_a_checkpoint(tmp_path, ti
 
 def test_nan_names_a_finite_checkpoint_written_before_it(tmp_path, tiny_model_dir, monkeypatch):
     """The newest checkpoint may hold the overflow that caused the divergence: it is not the one to name."""
-    real, calls = train_mod._target_loss_sum, {"n": 0}
+    real, calls = target_loss_sum, {"n": 0}
     run = tmp_path / "my run"  # a space: the resume hint must be shell-quoted
 
     def nan_at_third(logits, labels):
@@ -289,7 +292,7 @@ def test_nan_names_a_finite_checkpoint_written_before_it(tmp_path, tiny_model_di
             return real(logits, labels) * float("nan")
         return real(logits, labels)
 
-    monkeypatch.setattr(train_mod, "_target_loss_sum", nan_at_third)
+    replace_training_loss(monkeypatch, nan_at_third)
     result = _train(
         _config(tmp_path, tiny_model_dir, str(run), max_steps=4, save_every=1, micro_batch_size=4)
     )
@@ -309,14 +312,14 @@ def test_last_finite_checkpoint_skips_non_finite_optimizer_state(tmp_path):
             "param_groups": [],
         }
         ckpt_mod.save_checkpoint(tmp_path, state, {"w": torch.ones(2)}, opt, {}, [{}], keep=None)
-    assert ckpt_mod.last_finite_checkpoint(tmp_path, before_step=4).name == "step-3"
-    assert ckpt_mod.last_finite_checkpoint(tmp_path, before_step=3).name == "step-1"  # step-2 is not finite
-    assert ckpt_mod.last_finite_checkpoint(tmp_path, before_step=1) is None
+    assert last_finite_checkpoint(tmp_path, before_step=4).name == "step-3"
+    assert last_finite_checkpoint(tmp_path, before_step=3).name == "step-1"  # step-2 is not finite
+    assert last_finite_checkpoint(tmp_path, before_step=1) is None
 
 
 def test_stop_signal_hint_is_shell_quoted(tmp_path, tiny_model_dir, monkeypatch):
     run = tmp_path / "a run's dir"
-    monkeypatch.setattr(train_mod, "_stop_requested", lambda stop, accelerator: True)
+    request_stop(monkeypatch)
     result = _train(_config(tmp_path, tiny_model_dir, str(run), max_steps=3))
     assert result.exit_code == 143  # SIGTERM's convention when no signal number was caught
     hint = result.stderr.split("resume with: ")[1].splitlines()[0]
@@ -357,7 +360,7 @@ def test_read_only_abba_home_warns_and_the_run_succeeds(tmp_path, tiny_model_dir
 
 def test_lock_is_released_when_a_run_is_stopped(tmp_path, tiny_model_dir, monkeypatch):
     run = tmp_path / "run"
-    monkeypatch.setattr(train_mod, "_stop_requested", lambda stop, accelerator: True)
+    request_stop(monkeypatch)
     cfg = _config(tmp_path, tiny_model_dir, max_steps=3)
     assert _train(cfg).exit_code == 143
     monkeypatch.undo()

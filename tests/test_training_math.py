@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from abba_cli import train as train_mod
 from abba_cli.config import RunConfig
+from abba_cli.train.loss import target_loss_sum
+from abba_cli.train.recipe import run_training
 
 # Four problems of clearly different lengths: per-micro-batch averaging then weighs tokens differently from
 # one average over the step's target tokens.
@@ -53,7 +54,7 @@ def _cfg(tmp_path: Path, model_dir: Path, out: str, **train) -> RunConfig:
 
 
 def _train(cfg: RunConfig) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    run = train_mod.run_training(cfg, config_path="test")
+    run = run_training(cfg, config_path="test")
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return metrics, load_file(run / "adapter_model.safetensors")
 
@@ -72,11 +73,13 @@ def _initial_model(cfg: RunConfig):
 
 def _all_examples_batch(cfg: RunConfig, tok) -> dict[str, torch.Tensor]:
     """Every training example in one right-padded batch (one step of micro-batch 4 reads exactly these)."""
-    from abba_cli import data, recipes
+    from abba_cli.data.collate import make_collator
+    from abba_cli.data.recipes import load_examples, load_recipe
+    from abba_cli.data.tokenize import build_train_dataset
 
-    examples = recipes.load_examples(recipes.load_recipe("gsm8k"), path=cfg.data.path)
-    ds = data.build_train_dataset(examples, tok, cfg.data.max_seq_len)
-    return data.make_collator(tok)([ds[i] for i in range(len(ds))])
+    examples = load_examples(load_recipe("gsm8k"), path=cfg.data.path)
+    ds = build_train_dataset(examples, tok, cfg.data.max_seq_len)
+    return make_collator(tok)([ds[i] for i in range(len(ds))])
 
 
 def _reference_cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -101,13 +104,13 @@ def test_target_loss_sum_is_the_shifted_cross_entropy_over_target_tokens():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 6, 7, generator=gen) * 3
     labels = torch.tensor([[-100, -100, 3, 5, 0, -100], [-100, 6, 2, 2, -100, -100]])
-    got = float(train_mod._target_loss_sum(logits, labels))
+    got = float(target_loss_sum(logits, labels))
     assert got == pytest.approx(_reference_cross_entropy_sum(logits, labels), rel=1e-6)
     # Hand check of the alignment: logits at position t predict labels[t + 1] (row 0 targets 3, 5, 0).
     only_first = torch.full_like(labels, -100)
     only_first[0, 2] = 3
     want = -torch.log_softmax(logits[0, 1].double(), dim=-1)[3]
-    assert float(train_mod._target_loss_sum(logits, only_first)) == pytest.approx(float(want), rel=1e-6)
+    assert float(target_loss_sum(logits, only_first)) == pytest.approx(float(want), rel=1e-6)
 
 
 def test_logged_loss_is_the_mean_over_the_target_tokens_of_the_whole_step(tmp_path, tiny_model_dir):

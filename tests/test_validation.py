@@ -16,12 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import replace_training_loss
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from abba_cli import train as train_mod
 from abba_cli.cli import app
-from abba_cli.recipes import load_split
+from abba_cli.data.recipes import load_split
+from abba_cli.train.loss import target_loss_sum
+from abba_cli.train.validation import validation_loss
 
 
 def _rows(n: int, offset: int = 0) -> list[dict]:
@@ -74,7 +76,7 @@ def _records(run: Path) -> list[dict]:
 def _reference_val_loss(model_dir: Path, run: Path, examples, train_on_inputs: bool) -> float:
     """Mean next-token loss per target token of `examples` under the run's final adapter, in float64."""
     from abba_cli.adapters import load_adapter
-    from abba_cli.data import build_train_dataset
+    from abba_cli.data.tokenize import build_train_dataset
     from abba_cli.models import load_base
 
     model, tokenizer = load_base(str(model_dir), "float32")
@@ -107,7 +109,7 @@ def test_held_out_set_is_disjoint_seeded_and_independent_of_num_samples(tmp_path
     assert ids(load_split("gsm8k", path=path, skip=5, seed=4, held_out=6)[1]) != ids(held)  # seeded
     # The same selection in another process, whatever its hash seed (string seeds must not use hash()).
     code = (
-        "import json,sys; from abba_cli.recipes import load_split; "
+        "import json,sys; from abba_cli.data.recipes import load_split; "
         f"print(json.dumps([e.id for e in load_split('gsm8k', path={path!r}, skip=5, seed=3, held_out=6)[1]]))"
     )
     env = dict(os.environ, PYTHONHASHSEED="12345")
@@ -117,7 +119,7 @@ def test_held_out_set_is_disjoint_seeded_and_independent_of_num_samples(tmp_path
 
 @pytest.mark.parametrize("train_on_inputs", [False, True], ids=["responses", "train_on_inputs"])
 def test_val_loss_matches_an_independent_computation(tmp_path, tiny_model_dir, train_on_inputs):
-    from abba_cli.recipes import load_examples
+    from abba_cli.data.recipes import load_examples
 
     val_file = _jsonl(tmp_path / "val.jsonl", _rows(3, offset=100))  # 3 examples in micro-batches of 2
     # A large lr and dropout, so the trained adapter moves the loss well beyond the tolerance, with and without
@@ -183,7 +185,7 @@ def test_resume_with_eval_every_is_bitwise_exact(tmp_path, tiny_model_dir, monke
     assert _train(whole).exit_code == 0
 
     split = _config(tmp_path, tiny_model_dir, "split", data=data, **settings)
-    real, calls = train_mod._target_loss_sum, {"n": 0}
+    real, calls = target_loss_sum, {"n": 0}
 
     def interrupted(logits, labels):
         calls["n"] += 1
@@ -192,7 +194,7 @@ def test_resume_with_eval_every_is_bitwise_exact(tmp_path, tiny_model_dir, monke
             raise KeyboardInterrupt
         return real(logits, labels)
 
-    monkeypatch.setattr(train_mod, "_target_loss_sum", interrupted)
+    replace_training_loss(monkeypatch, interrupted)
     assert _train(split).exit_code == 130
     run = tmp_path / "split"
     assert [r["step"] for r in _records(run)] == [1, 2, 3]  # step 3's validation was logged, then killed
@@ -276,7 +278,7 @@ def test_val_loss_is_a_mean_over_tokens_not_batches():
             "attention_mask": torch.ones(len(features), n, dtype=torch.long),
         }
 
-    got = train_mod._validation_loss(OneProcess(), Fixed(), rows, collate, micro_batch_size=1)
+    got = validation_loss(OneProcess(), Fixed(), rows, collate, micro_batch_size=1)
     p1 = math.e / (1 + math.e)
     want = (3 * -math.log(p1) + -math.log(1 - p1)) / 4  # targets 1, 1, 0, 1
     assert got["val_tokens"] == 4 and got["val_loss"] == pytest.approx(want, rel=1e-6)

@@ -15,8 +15,6 @@ from abba_cli.adapters.inject import (
     unwrap_adapters,
 )
 from abba_cli.adapters.io import (
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
     adapter_config_from_dict,
     load_adapter,
     read_adapter_config,
@@ -25,8 +23,6 @@ from abba_cli.adapters.io import (
 from abba_cli.adapters.lora import LoRALinear, lora_scaling
 
 __all__ = [
-    "ADAPTER_CONFIG",
-    "ADAPTER_WEIGHTS",
     "ABBALinear",
     "AdapterLinear",
     "HiRALinear",

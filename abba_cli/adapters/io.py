@@ -24,10 +24,16 @@ from abba_cli.adapters.inject import (
 from abba_cli.config import AdapterConfig
 from abba_cli.errors import UserError
 from abba_cli.fsutil import atomic_save_safetensors, atomic_write_json
-from abba_cli.runs import CONFIG_FILE, run_files
+from abba_cli.run.layout import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CONFIG_FILE,
+    base_model_reference,
+    read_adapter_tensors,
+    read_run_config,
+    run_files,
+)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FORMAT = "abba-cli-adapter"
 
 
@@ -97,17 +103,11 @@ def read_adapter_config(run_dir: str | Path) -> dict:
 
 def _checkpoint_adapter_config(root: Path) -> dict:
     """An unfinished run has no adapter_config.json yet: its config.yaml says what train would have written."""
-    from abba_cli.config import load_config
-
-    cfg = load_config(root / CONFIG_FILE)
-    if cfg.adapter.type not in ("abba", "lora", "hira"):
-        raise UserError(
-            f"{root / CONFIG_FILE}: adapter.type {cfg.adapter.type}: its checkpoints hold no adapter"
-        )
-    name = Path(cfg.model.name_or_path).expanduser()
-    # As train records it (train.base_model_reference): an absolute path for a local directory.
-    base = str(name.resolve()) if name.is_dir() else cfg.model.name_or_path
-    return adapter_config_dict(None, cfg.adapter, base)
+    cfg = read_run_config(root)
+    if cfg is None or cfg.adapter.type not in ("abba", "lora", "hira"):
+        kind = "no config" if cfg is None else f"adapter.type {cfg.adapter.type}"
+        raise UserError(f"{root / CONFIG_FILE}: {kind}: its checkpoints hold no adapter")
+    return adapter_config_dict(None, cfg.adapter, base_model_reference(cfg.model.name_or_path))
 
 
 def adapter_config_from_dict(data: dict, source: str = ADAPTER_CONFIG) -> AdapterConfig:
@@ -121,18 +121,6 @@ def adapter_config_from_dict(data: dict, source: str = ADAPTER_CONFIG) -> Adapte
         raise UserError(f"{source}: invalid adapter settings: {e}".splitlines()[0]) from None
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise UserError(f"{path}: missing; an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable or corrupt safetensors file ({e})") from None
-
-
 def load_adapter(model: nn.Module, run_dir: str | Path) -> AdapterConfig:
     """Inject the adapter described by run_dir/adapter_config.json into `model` and load its weights.
 
@@ -142,7 +130,7 @@ def load_adapter(model: nn.Module, run_dir: str | Path) -> AdapterConfig:
     data = read_adapter_config(run_dir)
     files = run_files(run_dir)
     cfg = adapter_config_from_dict(data, str(files.adapter_config))
-    tensors = _read_tensors(files.weights)
+    tensors = read_adapter_tensors(files.weights)
     originals = dict(model.named_modules())
     requires_grad = {id(p): p.requires_grad for p in model.parameters()}
     try:

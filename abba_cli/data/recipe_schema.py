@@ -1,7 +1,7 @@
 """The recipe schema: pydantic models a recipe YAML is validated against (unknown keys rejected).
 
-`abba_cli.recipes` finds and parses recipe files; `abba_cli.sources` reads the rows a `Recipe` points at;
-`abba_cli.derive` computes the `derive` values. See docs/DEVELOPING.md, "The recipe contract".
+`abba_cli.data.recipes` finds and parses recipe files; `abba_cli.data.sources` reads the rows a `Recipe` points at;
+`abba_cli.data.derive` computes the `derive` values. See docs/DEVELOPING.md, "The recipe contract".
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def _package_version(package: str) -> str | None:
 
 
 def describe_source(recipe: Any, path: str | None, where: str, rows: int) -> SourceInfo:
-    """The SourceInfo of the copy `abba_cli.sources.read_rows` read (`where` is its description)."""
+    """The SourceInfo of the copy `abba_cli.data.sources.read_rows` read (`where` is its description)."""
     if path is not None:
         return SourceInfo("local", str(Path(path).expanduser().resolve()), rows=rows)
     src = recipe.source

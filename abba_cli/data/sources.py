@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from abba_cli.data.recipe_schema import BundledSource, Derive, HubSource, Recipe
 from abba_cli.errors import UserError
 from abba_cli.hub import note_once, use_hub
-from abba_cli.recipe_schema import BundledSource, Derive, HubSource, Recipe
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 

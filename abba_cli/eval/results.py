@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +26,6 @@ PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
 PARTIAL = "predictions.jsonl.partial"
 _KEY = "_resume_key"  # the partial file's first line: {"_resume_key": {...}}
-
-
-def check_out_dir(out_dir: Path) -> None:
-    """Before any generation: `--out` must be a directory we can create or write into."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {out_dir}: is a file, not a directory; give a directory for the results")
-    existing = out_dir
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"--out {out_dir}: {existing} is a file, not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out_dir}: {existing} is not writable; choose another --out")
 
 
 def refuse_existing(task_dir: Path, *, resume: bool, overwrite: bool) -> None:
@@ -158,3 +147,25 @@ def say_kept(task_dir: Path, done: int, total: int) -> None:
         file=sys.stderr,
         flush=True,
     )
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    task: str
+    n: int
+    correct: int
+    invalid: int
+    seconds: float
+    out_dir: Path
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n if self.n else 0.0
+
+
+def format_table(results: Sequence[TaskResult]) -> str:
+    width = max([len("task")] + [len(r.task) for r in results])
+    lines = [f"{'task':<{width}}  {'n':>6}  {'accuracy':>8}  {'invalid':>7}"]
+    for r in results:
+        lines.append(f"{r.task:<{width}}  {r.n:>6}  {100 * r.accuracy:>7.2f}%  {r.invalid:>7}")
+    return "\n".join(lines)

@@ -1,5 +1,5 @@
-"""The run directory of `abba train`: checked before the model loads, locked for the run's life, never
-overwritten, and compared with the config on `--resume`.
+"""The run directory while `abba train` writes it: checked before the model loads, locked for the run's life,
+never overwritten, and compared with the config on `--resume`.
 
 A second `abba train` on a directory in use fails at once: the main process holds an exclusive flock on
 RUN_DIR/.lock (the file names the holder's pid) until the run ends, and removes it then. A kill -9 leaves the
@@ -20,10 +20,8 @@ from typing import Any
 
 from abba_cli.errors import UserError
 from abba_cli.fsutil import atomic_write_text
-from abba_cli.runs import CONFIG_FILE
+from abba_cli.run.layout import CONFIG_FILE, LOCK_FILE, latest_checkpoint, read_saved_config
 
-METRICS_FILE = "metrics.jsonl"
-LOCK_FILE = ".lock"
 # Keys that may change between a run and its --resume without breaking exactness.
 RESUME_MAY_CHANGE = (
     "train.save_every",
@@ -42,31 +40,6 @@ def resume_hint(run_dir: Path) -> str:
     return f"abba train {shlex.quote(str(run_dir / CONFIG_FILE))} --resume"
 
 
-# ----------------------------------------------------------------------------------------------- writability
-
-
-def check_output_dir(run_dir: Path) -> None:
-    """One clear line, before anything loads, when output_dir cannot be a directory we write into."""
-    if run_dir.is_symlink() and not run_dir.exists():
-        raise UserError(
-            f"output_dir {run_dir} is a dangling symlink (to {os.readlink(run_dir)}); "
-            "remove it or point output_dir elsewhere"
-        )
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"output_dir {run_dir} is a file, not a directory; choose another output_dir")
-    ancestor = run_dir
-    while not ancestor.exists():
-        if ancestor.is_symlink():
-            raise UserError(
-                f"output_dir {run_dir}: {ancestor} is a dangling symlink (to {os.readlink(ancestor)})"
-            )
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise UserError(f"output_dir {run_dir}: {ancestor} is a file, not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise UserError(f"output_dir {run_dir}: no permission to write in {ancestor}")
-
-
 def output_dir_error(run_dir: Path, err: OSError) -> UserError:
     """What an OSError while creating or writing the run directory means, in one line."""
     reasons = {
@@ -81,9 +54,6 @@ def output_dir_error(run_dir: Path, err: OSError) -> UserError:
     reason = reasons.get(err.errno, err.strerror or type(err).__name__)
     where = f" ({err.filename})" if err.filename and str(err.filename) != str(run_dir) else ""
     return UserError(f"output_dir {run_dir}: {reason}{where}; choose another output_dir")
-
-
-# ----------------------------------------------------------------------------------------------- lock
 
 
 class RunLock:
@@ -145,35 +115,11 @@ class RunLock:
             self._fd = None
 
 
-# ----------------------------------------------------------------------------------------------- resume
-
-
 def is_empty_run_dir(run_dir: Path) -> bool:
     """True when there is nothing in run_dir but (possibly) a lock file: nothing to overwrite."""
     if not run_dir.exists():
         return True
     return run_dir.is_dir() and all(p.name == LOCK_FILE for p in run_dir.iterdir())
-
-
-def read_saved_config(run_dir: Path) -> dict:
-    """RUN_DIR/config.yaml as a mapping; a broken file is one line naming it."""
-    import yaml
-
-    path = run_dir / CONFIG_FILE
-    try:
-        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise UserError(
-            f"--resume: {path}: YAML syntax error{where}: {getattr(e, 'problem', None) or e}; "
-            "the run's saved config must be fixed (or restored) before it can resume"
-        ) from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"--resume: {path}: not UTF-8 text (byte {e.start})") from None
-    if not isinstance(saved, dict):
-        raise UserError(f"--resume: {path}: expected a mapping of config sections")
-    return saved
 
 
 @dataclass
@@ -188,8 +134,6 @@ class Resume:
 def check_run_dir(cfg_json: dict, run_dir: Path, resume: bool) -> Resume | None:
     """Refuse to overwrite a run (None: a fresh run); for --resume, check the config matches the saved one and
     pick the latest checkpoint."""
-    from abba_cli.checkpoint import latest_checkpoint
-
     if not resume:
         if not is_empty_run_dir(run_dir):
             raise UserError(

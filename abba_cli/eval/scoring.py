@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
-from abba_cli.latex import last_boxed
+from abba_cli.data.latex import last_boxed
 
 ANSWER_TYPES = ("number", "math", "choice")
 

@@ -1,4 +1,4 @@
-"""Training checkpoints: everything needed to continue a run bit for bit.
+"""Training checkpoints (saved and loaded here; found by run/layout.py): everything needed to continue a run bit for bit.
 
 RUN_DIR/checkpoints/step-N/ holds
     adapter_model.safetensors   the trainable adapter factors (fp32), keyed like the run's final adapter
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import pickle
 import random
-import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,9 +23,7 @@ import torch
 
 from abba_cli.errors import UserError
 from abba_cli.fsutil import atomic_directory, atomic_save_safetensors
-
-CHECKPOINTS = "checkpoints"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+from abba_cli.run.layout import ADAPTER_WEIGHTS, CHECKPOINT_STATE, CHECKPOINTS, list_checkpoints
 
 
 @dataclass
@@ -69,43 +66,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of a run, oldest first (temporary `.step-N.*.partial` dirs never match)."""
-    root = Path(run_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        m = _STEP_DIR.match(child.name)
-        if m and child.is_dir() and (child / "state.json").is_file():
-            found.append((int(m.group(1)), child))
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    ckpts = list_checkpoints(run_dir)
-    return ckpts[-1][1] if ckpts else None
-
-
-def last_finite_checkpoint(run_dir: str | Path, before_step: int) -> Path | None:
-    """The newest complete checkpoint written before `before_step` whose weights and optimizer state are all
-    finite: the one to resume from after a divergence (a newer one may hold the overflow that caused it)."""
-    from safetensors.torch import load_file
-
-    for step, path in reversed(list_checkpoints(run_dir)):
-        if step >= before_step:
-            continue
-        try:
-            tensors = list(load_file(path / "adapter_model.safetensors").values())
-            optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError):
-            continue  # unreadable: not a checkpoint to recommend
-        tensors += [t for s in optimizer.get("state", {}).values() for t in s.values() if torch.is_tensor(t)]
-        if all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point()):
-            return path
-    return None
-
-
 def save_checkpoint(
     run_dir: str | Path,
     state: TrainState,
@@ -119,12 +79,12 @@ def save_checkpoint(
     final = Path(run_dir) / CHECKPOINTS / f"step-{state.step}"
     with atomic_directory(final, overwrite=True) as tmp:
         atomic_save_safetensors(
-            {k: v.detach().cpu() for k, v in adapter_tensors.items()}, tmp / "adapter_model.safetensors"
+            {k: v.detach().cpu() for k, v in adapter_tensors.items()}, tmp / ADAPTER_WEIGHTS
         )
         torch.save(optimizer_state, tmp / "optimizer.pt")
         torch.save(scheduler_state, tmp / "scheduler.pt")
         torch.save(rng_states, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
+        (tmp / CHECKPOINT_STATE).write_text(json.dumps(asdict(state), indent=2) + "\n")
     if keep is not None:
         for _, old in list_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -141,8 +101,8 @@ def load_checkpoint(path: str | Path) -> tuple[TrainState, dict[str, torch.Tenso
 
     path = Path(path)
     try:
-        state = TrainState(**json.loads((path / "state.json").read_text()))
-        tensors = load_file(path / "adapter_model.safetensors")
+        state = TrainState(**json.loads((path / CHECKPOINT_STATE).read_text()))
+        tensors = load_file(path / ADAPTER_WEIGHTS)
         # weights_only=True: a checkpoint is data, never code; a pickle holding an arbitrary object is refused.
         optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         scheduler_state = torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True)

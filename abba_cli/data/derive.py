@@ -1,6 +1,6 @@
 """The `derive` mini-language: a named value read from a raw row (or formatted) and passed through ops.
 
-The ops and their arguments are validated by `abba_cli.recipe_schema.Derive`; this module applies them.
+The ops and their arguments are validated by `abba_cli.data.recipe_schema.Derive`; this module applies them.
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from abba_cli.latex import last_boxed  # one implementation for golds (here) and answers (scoring)
-from abba_cli.recipe_schema import Derive
+from abba_cli.data.latex import last_boxed  # one implementation for golds (here) and answers (scoring)
+from abba_cli.data.recipe_schema import Derive
 
 
 class DeriveMissing(Exception):

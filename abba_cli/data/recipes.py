@@ -5,8 +5,8 @@ dataset-specific lives in the YAML: the sources, `derive` (named values computed
 short chain of generic ops), and `render` (Python `str.format` templates over the row plus the derived
 values). This module holds only the generic machinery, so adding a task means adding a YAML file.
 
-Modules: `abba_cli.recipe_schema` (the pydantic schema), `abba_cli.sources` (reading rows: local, hub,
-bundled), `abba_cli.derive` (the derive ops); this one finds recipes and turns rows into `Example`s.
+Modules: `abba_cli.data.recipe_schema` (the pydantic schema), `abba_cli.data.sources` (reading rows: local, hub,
+bundled), `abba_cli.data.derive` (the derive ops); this one finds recipes and turns rows into `Example`s.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from abba_cli.derive import DeriveMissing, derive_value, last_boxed
-from abba_cli.errors import UserError
-from abba_cli.formats import ChatExample, TextExample, TokenizedExample, parse_row
-from abba_cli.recipe_schema import (
+from abba_cli.data.derive import DeriveMissing, derive_value, last_boxed
+from abba_cli.data.formats import ChatExample, TextExample, TokenizedExample, parse_row
+from abba_cli.data.recipe_schema import (
     Answer,
     BundledSource,
     Derive,
@@ -34,7 +33,8 @@ from abba_cli.recipe_schema import (
     Render,
     Sources,
 )
-from abba_cli.sources import LOCAL_SUFFIXES, read_rows
+from abba_cli.data.sources import LOCAL_SUFFIXES, read_rows
+from abba_cli.errors import UserError
 
 __all__ = [
     "LOCAL_SUFFIXES",
@@ -60,7 +60,8 @@ __all__ = [
     "parse_recipe",
 ]
 
-RECIPES_DIR = Path(__file__).parent / "recipes"
+# The recipe YAML ships as package data in abba_cli/recipes/ (a top-level recipes/ symlink shows it to users).
+RECIPES_DIR = Path(__file__).parent.parent / "recipes"
 
 
 @dataclass(frozen=True)
@@ -284,8 +285,8 @@ def load_split(
         except (IndexError, AttributeError, TypeError, ValueError) as e:
             raise UserError(f"recipe {recipe.name}, row {i} of {where}: cannot render: {e}") from None
     examples, held_examples = [rendered[i] for i in indices], [rendered[i] for i in held]
-    if with_source:  # eval records which copy ran as metrics.json data_source (abba_cli.provenance)
-        from abba_cli.provenance import describe_source
+    if with_source:  # eval records which copy ran as metrics.json data_source (abba_cli.data.provenance)
+        from abba_cli.data.provenance import describe_source
 
         return examples, held_examples, describe_source(recipe, path, where, n)
     return examples, held_examples

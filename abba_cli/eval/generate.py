@@ -1,0 +1,172 @@
+"""Greedy batched generation: a fully specified GenerationConfig (nothing inherited from the checkpoint), left
+padding with an attention mask, stop strings, progress with tokens/s.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from abba_cli.eval.scoring import truncate_at_stop
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    """Every token that ends a response: the checkpoint's eos ids (Llama 3 has several) and the tokenizer's."""
+    ids: list[int] = []
+    for source in (model.generation_config.eos_token_id, model.config.eos_token_id, tokenizer.eos_token_id):
+        for i in source if isinstance(source, (list, tuple)) else [source]:
+            if i is not None and int(i) not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def greedy_generation_config(model, tokenizer, max_new_tokens: int, stop: Sequence[str]):
+    """Greedy decoding with every decoding knob set explicitly to its neutral value.
+
+    transformers fills any field left None from the checkpoint's generation_config.json, so a checkpoint's
+    repetition_penalty or no_repeat_ngram_size would silently survive; `generate` also swaps this config in as
+    the model's own while it runs, so nothing of the checkpoint's is left to inherit (issue 13.6).
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        num_beam_groups=1,
+        num_return_sequences=1,
+        temperature=1.0,
+        top_k=50,  # the library default: greedy ignores it (0 would draw a warning per batch)
+        top_p=1.0,
+        min_p=None,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        encoder_no_repeat_ngram_size=0,
+        length_penalty=1.0,
+        min_new_tokens=0,
+        max_new_tokens=max_new_tokens,
+        stop_strings=list(stop) or None,
+        eos_token_id=_eos_ids(model, tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        use_cache=True,
+    )
+
+
+# What metrics.json records under `generation`: every field of the config that changes which tokens come out.
+GENERATION_FIELDS = (
+    "do_sample",
+    "num_beams",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "length_penalty",
+    "min_new_tokens",
+    "max_new_tokens",
+    "eos_token_id",
+    "pad_token_id",
+    "stop_strings",
+)
+
+
+def generation_settings(gen_cfg) -> dict[str, Any]:
+    """The effective decoding settings of a GenerationConfig, for metrics.json."""
+    return {k: getattr(gen_cfg, k) for k in GENERATION_FIELDS} | {
+        "bad_words_ids": gen_cfg.bad_words_ids,
+        "suppress_tokens": gen_cfg.suppress_tokens,
+        "forced_bos_token_id": gen_cfg.forced_bos_token_id,
+        "forced_eos_token_id": gen_cfg.forced_eos_token_id,
+    }
+
+
+@contextlib.contextmanager
+def _as_model_generation_config(model, gen_cfg) -> Iterator[None]:
+    """generate() fills unset fields from `model.generation_config`: make that ours while generating."""
+    saved = model.generation_config
+    model.generation_config = gen_cfg
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+def generate_batches(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+    device=None,
+    desc: str = "generate",
+) -> Iterator[list[tuple[int, str]]]:
+    """Greedy completions, yielded one batch at a time as [(prompt index, text cut at its first stop string)].
+
+    Prompts are sorted by token length (longest first, so memory problems show in the first batch) and batched
+    with left padding and an attention mask.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    if not prompts:  # e.g. --resume of a task whose every example is done
+        return
+    device = device or next(model.parameters()).device
+    gen_cfg = greedy_generation_config(model, tokenizer, max_new_tokens, stop)
+    encoded = tokenizer(list(prompts))["input_ids"]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
+    new_tokens = 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(prompts), desc=desc, unit="ex", file=sys.stderr, dynamic_ncols=True)
+    try:
+        with torch.inference_mode(), _as_model_generation_config(model, gen_cfg):
+            for b in range(0, len(order), batch_size):
+                idx = order[b : b + batch_size]
+                batch = tokenizer.pad(
+                    {"input_ids": [encoded[i] for i in idx]}, padding=True, return_tensors="pt"
+                )
+                batch = {k: v.to(device) for k, v in batch.items()}
+                out = model.generate(**batch, generation_config=gen_cfg, tokenizer=tokenizer)
+                gen_ids = out[:, batch["input_ids"].shape[1] :]
+                new_tokens += int((gen_ids != tokenizer.pad_token_id).sum())
+                texts = tokenizer.batch_decode(gen_ids, skip_special_tokens=True)
+                bar.update(len(idx))
+                bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - start, 1e-9):.1f}")
+                yield [(i, truncate_at_stop(text, stop)) for i, text in zip(idx, texts, strict=True)]
+    finally:
+        bar.close()
+
+
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    batch_size: int,
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+    device=None,
+    desc: str = "generate",
+) -> list[str]:
+    """Greedy completions of `prompts`, in input order, each cut at its first stop string."""
+    outputs: list[str] = [""] * len(prompts)
+    for batch in generate_batches(
+        model,
+        tokenizer,
+        prompts,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        stop=stop,
+        device=device,
+        desc=desc,
+    ):
+        for i, text in batch:
+            outputs[i] = text
+    return outputs

@@ -1,0 +1,73 @@
+"""`abba train`: `run_training` builds the run in dependency order, then runs one loop, then finishes.
+
+Setup (each step a named function of train/setup.py, in the order it must happen): output_dir checked ->
+accelerator + seed -> run directory locked and checked (run/training_dir.py) -> base model and adapters ->
+data -> optimizer + schedule -> run directory files -> resume state (train/state.py). Then `fit`
+(train/loop.py) and `finish` (train/finish.py).
+
+Exact resume (bitwise on CPU) rests on three choices:
+- the data order of epoch e is a permutation drawn from its own generator seeded by (train.seed, e)
+  (data/order.py), so it never depends on how much global RNG was consumed before, and resuming means
+  skipping micro-batches;
+- no DataLoader iterator is created (creating one draws from the global torch RNG); batches are collated
+  directly from the tokenized dataset;
+- a checkpoint holds adapter weights, optimizer, scheduler, every RNG state and the data position, and the RNG
+  states are restored last, just before the loop continues.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+from abba_cli.config import RunConfig
+from abba_cli.fsutil import check_output_dir
+from abba_cli.run.training_dir import RunLock, check_run_dir
+from abba_cli.signals import GracefulStop
+from abba_cli.train.context import Run
+from abba_cli.train.finish import finish
+from abba_cli.train.loop import fit
+from abba_cli.train.setup import (
+    print_plan,
+    run_extension,
+    setup_accelerator,
+    setup_data,
+    setup_model,
+    setup_optimizer,
+    start_run_dir,
+)
+from abba_cli.train.state import restore
+
+
+def run_training(
+    cfg: RunConfig, config_path: str | Path, resume: bool = False, dry_run: bool = False
+) -> Path | None:
+    """Train per `cfg`; returns the run directory (None for a dry run)."""
+    from abba_cli.train import checkpoint as ckpt
+
+    run_dir = Path(cfg.output_dir)
+    check_output_dir(run_dir, key="output_dir")
+    accelerator = setup_accelerator(cfg, run_dir)
+    # The main process locks the run directory for the whole run: a second `abba train` on it fails at once.
+    with RunLock(run_dir) if accelerator.is_main_process and not dry_run else nullcontext():
+        resume_plan = None if dry_run else check_run_dir(cfg.model_dump(mode="json"), run_dir, resume)
+        model, tokenizer, params = setup_model(cfg)
+        data = setup_data(cfg, tokenizer, accelerator)
+        if accelerator.is_main_process:
+            print_plan(cfg, model, data, accelerator.num_processes)
+        if dry_run:
+            print("dry run: nothing trained, nothing written")
+            return None
+        optimizer, scheduler = setup_optimizer(cfg, params, data)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        run = Run(cfg, run_dir, accelerator, model, tokenizer, params, data, optimizer, scheduler)
+        run.extends_from = run_extension(cfg, resume_plan, data)
+        start_run_dir(run, fresh=resume_plan is None)
+        rng = restore(run, resume_plan.checkpoint if resume_plan else None)
+        if rng is not None:
+            ckpt.set_rng_state(rng)  # last, so nothing between here and the first batch draws from it
+        # SIGINT/SIGTERM do not kill the loop mid-step: it finishes the step, checkpoints, says how to resume.
+        with GracefulStop() as run.stop:
+            fit(run)
+        finish(run)
+    return run_dir

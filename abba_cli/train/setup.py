@@ -1,0 +1,186 @@
+"""The setup steps of `run_training`, one function each, in the order it calls them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from abba_cli.config import RunConfig, dump_config
+from abba_cli.errors import UserError
+from abba_cli.fsutil import atomic_write_text
+from abba_cli.run.layout import CONFIG_FILE
+from abba_cli.run.training_dir import Resume
+from abba_cli.train.context import Run, TrainData
+from abba_cli.train.validation import describe_validation
+
+
+def setup_accelerator(cfg: RunConfig, run_dir: Path) -> Any:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    t = cfg.train
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision, log_with=tracker_names(t.report_to), project_dir=str(run_dir)
+    )
+    # Adapter init (SVD, Kaiming) and dropout draw from these generators: one seed makes the run repeatable.
+    set_seed(t.seed)
+    return accelerator
+
+
+def setup_model(cfg: RunConfig) -> tuple[Any, Any, list]:
+    """(model with its adapters, tokenizer, trainable parameters)."""
+    from abba_cli.adapters import inject_adapters
+    from abba_cli.models import load_configured_base
+
+    model, tokenizer = load_configured_base(cfg.model)
+    tokenizer.padding_side = "right"  # training pads on the right; evaluation sets its own side
+    if cfg.adapter.type == "full":
+        # No adapter: every weight of the base trains (keep model.dtype float32 for fp32 master weights).
+        model.requires_grad_(True)
+    else:
+        inject_adapters(model, cfg.adapter, seed=cfg.train.seed)
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs; input grads keep the graph connected anyway.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.config.use_cache = False
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError(
+            f"adapter.target_modules {cfg.adapter.target_modules}: no trainable parameters were created"
+        )
+    return model, tokenizer, params
+
+
+def setup_data(cfg: RunConfig, tokenizer: Any, accelerator: Any) -> TrainData:
+    t = cfg.train
+    dataset, val_dataset, collate, sha256 = build_dataset(cfg, tokenizer, accelerator.main_process_first)
+    per_epoch = micro_batches_per_epoch(len(dataset), t.micro_batch_size, accelerator.num_processes)
+    total_steps = count_total_steps(t.max_steps, t.epochs, per_epoch, t.grad_accum_steps)
+    warmup = math.ceil(t.warmup_ratio * total_steps)
+    return TrainData(dataset, val_dataset, collate, per_epoch, total_steps, warmup, sha256)
+
+
+def run_extension(cfg: RunConfig, resume: Resume | None, data: TrainData) -> int | None:
+    """The run's old total of steps when this --resume extends it (a larger train.max_steps / epochs)."""
+    if resume is None or resume.extends is None:
+        return None
+    saved, t = resume.extends, cfg.train
+    old = count_total_steps(
+        saved.get("max_steps"), saved.get("epochs", 1.0), data.per_epoch, t.grad_accum_steps
+    )
+    if data.total_steps < old:
+        raise UserError(
+            f"--resume: train.max_steps/train.epochs give {data.total_steps} steps, fewer than the run's {old}; "
+            "a run can be extended to a larger total, not shortened (its checkpoints are kept: evaluate one)"
+        )
+    return old if data.total_steps > old else None
+
+
+def print_plan(cfg: RunConfig, model: Any, data: TrainData, world: int) -> None:
+    from abba_cli.adapters import trainable_summary
+    from abba_cli.adapters.abba import describe_paths
+
+    t = cfg.train
+    print(trainable_summary(model), file=sys.stderr)
+    plan = describe_paths(model, t.micro_batch_size * cfg.data.max_seq_len)
+    if plan:
+        print(f"{plan} (full-length micro-batch; `auto` re-decides per batch)", file=sys.stderr)
+    print(
+        f"{len(data.train)} training examples, {data.per_epoch} micro-batches of {t.micro_batch_size} per epoch "
+        f"x {world} process(es); {data.total_steps} optimizer steps of {t.grad_accum_steps} micro-batches "
+        f"({data.total_steps * t.grad_accum_steps / data.per_epoch:.2f} epochs), {data.warmup} warmup steps",
+        file=sys.stderr,
+    )
+    if data.val is not None:
+        print(describe_validation(cfg, len(data.val)), file=sys.stderr)
+
+
+def setup_optimizer(cfg: RunConfig, params: list, data: TrainData) -> tuple[Any, Any]:
+    import torch
+    from transformers import get_scheduler
+
+    t = cfg.train
+    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    # The scheduler stays unprepared: AcceleratedScheduler would step once per process, and total_steps is
+    # already counted per process here.
+    scheduler = get_scheduler(
+        "constant_with_warmup" if t.scheduler == "constant" else t.scheduler,
+        optimizer,
+        num_warmup_steps=data.warmup,
+        num_training_steps=data.total_steps,
+    )
+    return optimizer, scheduler
+
+
+def start_run_dir(run: Run, fresh: bool) -> None:
+    if run.main:
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        if fresh or run.extends_from is not None:  # an extended run's config states its new total
+            atomic_write_text(run.run_dir / CONFIG_FILE, dump_config(run.cfg))
+    if run.cfg.train.report_to:
+        run.accelerator.init_trackers("abba", config=flatten_config(run.cfg.model_dump(mode="json")))
+
+
+def build_dataset(
+    cfg: RunConfig, tokenizer: Any, main_process_first: Any = None
+) -> tuple[Any, Any, Callable, str]:
+    """(training dataset, validation dataset or None, collator). data.val_samples examples are held out of the
+    training source before the training subset is drawn (recipes.load_split), so the two never overlap."""
+    from abba_cli.data.collate import make_collator
+    from abba_cli.data.training_set import prepare_train_dataset
+
+    d = cfg.data
+    dataset, val_dataset = prepare_train_dataset(d, tokenizer, cfg.model.name_or_path, main_process_first)
+    if len(dataset) == 0:
+        raise UserError(
+            f"data.recipe {d.recipe!r}: no training examples left (check data.num_samples/skip_samples)"
+        )
+    return dataset, val_dataset, make_collator(tokenizer), examples_sha256(dataset)
+
+
+def examples_sha256(dataset: Any) -> str:
+    """A content hash of the tokenized training examples (ids and labels, in order), checked on --resume."""
+    digest = hashlib.sha256()
+    for column in ("input_ids", "labels"):
+        digest.update(json.dumps(list(dataset[column])).encode())
+    return digest.hexdigest()
+
+
+def micro_batches_per_epoch(n: int, micro_batch_size: int, world: int) -> int:
+    return math.ceil(n / (micro_batch_size * world))
+
+
+def count_total_steps(max_steps: int | None, epochs: float, per_epoch: int, accum: int) -> int:
+    if max_steps is not None:
+        return max_steps
+    # Steps consume micro-batches from one continuous stream of epochs, so the last step may reach a few
+    # micro-batches into the next (reshuffled) epoch rather than dropping examples.
+    return max(1, math.ceil(epochs * per_epoch / accum))
+
+
+def tracker_names(report_to: list[str]) -> list[str] | None:
+    if not report_to:
+        return None
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    for name in report_to:
+        if not available[name]():
+            raise UserError(f"train.report_to: {name!r} is not installed (pip install 'abba-cli[{name}]')")
+    return list(report_to)
+
+
+def flatten_config(d: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out

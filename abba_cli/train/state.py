@@ -1,0 +1,192 @@
+"""A run's resumable state: restoring it on --resume (checkpoint, same-data check, an extended schedule),
+writing checkpoints when due or on a stop signal, and the trainable tensors they hold (gathered whole under
+FSDP and DeepSpeed).
+"""
+
+from __future__ import annotations
+
+import errno
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from abba_cli.errors import UserError
+from abba_cli.run.layout import CHECKPOINTS, METRICS_FILE, latest_checkpoint
+from abba_cli.run.training_dir import resume_hint, truncate_metrics
+from abba_cli.signals import TrainingStopped, signal_name
+from abba_cli.train.context import Run
+from abba_cli.train.validation import best_val_so_far
+
+
+def restore(run: Run, resume_from: Path | None) -> dict | None:
+    """Set run.state (from the checkpoint when resuming) and return this process's RNG state to restore."""
+    from abba_cli.train import checkpoint as ckpt
+
+    run.state = ckpt.TrainState(
+        step=0, epoch=0, batch_in_epoch=0, micro_batches_seen=0, elapsed_s=0.0, tokens_seen=0
+    )
+    rng = None
+    if resume_from is not None:
+        run.state, tensors, opt_state, sched_state, rng_states = ckpt.load_checkpoint(resume_from)
+        _check_same_data(run, resume_from)
+        load_trainable_tensors(run.accelerator.unwrap_model(run.model), tensors, resume_from, run.full)
+        run.optimizer.load_state_dict(opt_state)
+        run.scheduler.load_state_dict(sched_state)
+        if run.extends_from is not None:
+            _extend_schedule(run)
+        world, rank = run.accelerator.num_processes, run.accelerator.process_index
+        # One RNG state per process, and the data position counts global micro-batches of this many processes.
+        if len(rng_states) != world:
+            raise UserError(
+                f"{resume_from}: saved by {len(rng_states)} process(es), resumed with {world}; "
+                "resume with the same number of processes"
+            )
+        rng = rng_states[rank]
+        if run.main:
+            print(
+                f"resuming from {resume_from} (step {run.state.step}/{run.data.total_steps})", file=sys.stderr
+            )
+    run.state.data_sha256 = run.data.sha256
+    if run.main:  # only the main process writes the metrics and the validation summary
+        metrics = run.run_dir / METRICS_FILE
+        truncate_metrics(metrics, run.state.step)
+        run.best_val = best_val_so_far(metrics) if run.data.val is not None else None
+    return rng
+
+
+def _check_same_data(run: Run, checkpoint: Path) -> None:
+    saved = run.state.data_sha256
+    if saved is not None and saved != run.data.sha256:
+        d = run.cfg.data
+        source = f"data.path {d.path}" if d.path else f"data.recipe {d.recipe}"
+        raise UserError(
+            f"--resume: the training examples of {source} changed since {checkpoint} was written (sha256 "
+            f"{run.data.sha256[:12]}, was {saved[:12]}); an exact resume needs the same data: restore it, or "
+            "start a new run"
+        )
+
+
+def _extend_schedule(run: Run) -> None:
+    """Continue an extended run on the schedule recomputed for its new total (warmup and decay over M steps):
+    from the checkpoint's step on, the learning rate is what an M-step run would use there."""
+    sched, step = run.scheduler, run.scheduler.last_epoch
+    for group, base, fn in zip(run.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+        group["lr"] = base * fn(step)
+    sched._last_lr = [group["lr"] for group in run.optimizer.param_groups]
+    if run.main:
+        print(
+            f"extending the run from {run.extends_from} to {run.data.total_steps} steps (from step "
+            f"{run.state.step}); the learning-rate schedule is recomputed for {run.data.total_steps} steps",
+            file=sys.stderr,
+        )
+
+
+def checkpoint_or_stop(run: Run) -> None:
+    """Checkpoint when due; after a SIGINT/SIGTERM, checkpoint (if not just done) and raise TrainingStopped."""
+
+    t, step, total = run.cfg.train, run.state.step, run.data.total_steps
+    saved = bool(t.save_every) and (step % t.save_every == 0 or step == total)
+    if saved:
+        write_checkpoint(run)
+    if step < total and run.stop_requested():
+        path = write_checkpoint(run) if not saved else latest_checkpoint(run.run_dir)
+        stop = run.stop
+        signum = stop.signum if stop is not None and stop.signum is not None else signal.SIGTERM
+        raise TrainingStopped(
+            f"stopped by {signal_name(signum)} after step {step}/{total}; checkpoint {path}; "
+            f"resume with: {resume_hint(run.run_dir)}",
+            signum,
+        )
+
+
+def write_checkpoint(run: Run) -> Path | None:
+    """Write checkpoints/step-N (main process); a collective, so every process calls it."""
+    from accelerate.utils import gather_object
+
+    from abba_cli.train import checkpoint as ckpt
+
+    world = run.accelerator.num_processes
+    rngs = gather_object([ckpt.rng_state()]) if world > 1 else [ckpt.rng_state()]
+    tensors = gathered_trainable_state(run.accelerator, run.model, run.full)
+    path = None
+    if run.main:
+        target = run.run_dir / CHECKPOINTS / f"step-{run.state.step}"
+        with disk_full_is_a_user_error(f"checkpoint {target}", run.run_dir):
+            path = ckpt.save_checkpoint(
+                run.run_dir,
+                run.state,
+                tensors,
+                run.optimizer.state_dict(),
+                run.scheduler.state_dict(),
+                rngs,
+                run.cfg.train.save_total_limit,
+            )
+    run.accelerator.wait_for_everyone()
+    return path
+
+
+@contextmanager
+def disk_full_is_a_user_error(what: str, run_dir: Path) -> Iterator[None]:
+    """A full disk while writing `what`: one line naming it; the writes are atomic, so what was there stays."""
+
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        last = latest_checkpoint(run_dir)
+        kept = f"the last checkpoint {last} is intact; " if last else ""
+        raise UserError(
+            f"no space left on device writing {what} ({err.strerror}); {kept}free space, then resume: "
+            f"{resume_hint(run_dir)}"
+        ) from None
+
+
+def trainable_state_dict(model: Any, full: bool) -> dict:
+    """What a checkpoint stores: the adapter factors, or every (deduplicated) parameter for full fine-tuning."""
+    if full:
+        return {name: p.detach() for name, p in model.named_parameters()}
+    from abba_cli.adapters import adapter_state_dict
+
+    return adapter_state_dict(model)
+
+
+def gathered_trainable_state(accelerator: Any, model: Any, full: bool) -> dict | None:
+    """The trainable tensors to save, whole. Every process must call it; the main process gets the tensors.
+
+    Under FSDP and DeepSpeed the local parameters are shards (ZeRO-3: empty), so the full state dict is gathered
+    with `accelerator.get_state_dict` (a collective) and the trainable keys are kept.
+    """
+    from accelerate.utils import DistributedType
+
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        keys = list(trainable_state_dict(unwrapped, full))
+        whole = accelerator.get_state_dict(model)
+        if not accelerator.is_main_process:
+            return None
+        missing = [k for k in keys if k not in whole]
+        if missing:
+            raise RuntimeError(f"gathered state dict lacks trainable tensors, e.g. {missing[:3]}")
+        return {k: whole[k] for k in keys}
+    return trainable_state_dict(unwrapped, full)
+
+
+def load_trainable_tensors(model: Any, tensors: dict, source: Path, full: bool = False) -> None:
+    import torch
+
+    expected = trainable_state_dict(model, full)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise UserError(
+            f"{source}: adapter tensors do not match this config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    # PiSSA keeps its frozen residual factors as buffers; they are part of the adapter state too.
+    params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
+    with torch.no_grad():
+        for key, value in tensors.items():
+            params[key].copy_(value)

@@ -1,0 +1,35 @@
+"""`abba validate`: the resolved config, the trainable parameters and the ABBA path per layer, without weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from abba_cli.config import RunConfig, dump_config
+
+
+def validate_run(cfg: RunConfig, config_path: str | Path) -> None:
+    """Print the resolved config and the trainable-parameter summary.
+
+    The model is built from its config on the meta device: no weights are read, so validating a 9B config is
+    instant and needs no GPU (shapes, target matching and rank limits are all checked the same way).
+    """
+    from abba_cli.adapters import inject_adapters, trainable_summary
+    from abba_cli.adapters.abba import describe_paths
+    from abba_cli.data.training_set import check_examples, load_train_examples
+    from abba_cli.models import load_configured_base
+
+    print(f"# resolved config from {config_path}")
+    print(dump_config(cfg), end="")
+    _, examples, _ = load_train_examples(cfg.data)  # every row read and checked before the model is built
+    model, tokenizer = load_configured_base(cfg.model, empty_weights=True)
+    if cfg.adapter.type == "full":
+        model.requires_grad_(True)
+        print(f"# full fine-tuning of every parameter of {cfg.model.name_or_path}")
+    else:
+        adapted = inject_adapters(model, cfg.adapter, seed=cfg.train.seed, init=False)
+        print(f"# {cfg.adapter.type} adapters on {len(adapted)} linear layers of {cfg.model.name_or_path}")
+    print(trainable_summary(model))
+    plan = describe_paths(model, cfg.train.micro_batch_size * cfg.data.max_seq_len)
+    if plan:
+        print(f"{plan} (full-length micro-batch; `auto` re-decides per batch)")
+    print(check_examples(cfg.data, examples, tokenizer, cfg.model.name_or_path))

@@ -1,0 +1,118 @@
+"""Validation loss during training: every train.eval_every steps and at the end, the best so far, and
+RUN_DIR/val_summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from abba_cli.config import RunConfig
+from abba_cli.data.collate import to_device
+from abba_cli.fsutil import atomic_write_text
+from abba_cli.run.layout import VAL_SUMMARY_FILE
+from abba_cli.train.context import Run
+from abba_cli.train.loss import count_targets, target_loss_sum
+
+
+def validate_if_due(run: Run, bar: Any) -> dict | None:
+    """Every train.eval_every steps and at the last: val_loss, the best so far, RUN_DIR/val_summary.json."""
+    every, step = run.cfg.train.eval_every, run.state.step
+    if run.data.val is None or not (step == run.data.total_steps or (every and step % every == 0)):
+        return None
+    val = validation_loss(
+        run.accelerator,
+        run.model,
+        run.data.val,
+        run.data.collate,
+        run.cfg.train.micro_batch_size,
+        run.loss_fn,
+    )
+    if run.best_val is None or val["val_loss"] < run.best_val["best_val_loss"]:
+        run.best_val = {"best_val_loss": val["val_loss"], "best_val_step": step}
+    if run.main:
+        write_val_summary(run.run_dir, step, val, run.best_val)
+        bar.write(
+            f"step {step}: val_loss {val['val_loss']:.4f} "
+            f"(best {run.best_val['best_val_loss']:.4f} at step {run.best_val['best_val_step']})",
+            file=sys.stderr,
+        )
+    return val
+
+
+def validation_loss(
+    accelerator: Any,
+    model: Any,
+    val_dataset: Any,
+    collate: Callable,
+    micro_batch_size: int,
+    loss_fn: Callable = target_loss_sum,
+) -> dict[str, float | int]:
+    """{"val_loss": mean next-token loss per target token of the validation set, "val_tokens": their count}.
+
+    Sums over tokens, then divides by all processes' target count (each process takes every world-th example).
+    Eval mode and no_grad, and nothing here draws randomness (no DataLoader iterator, dropout off), so a run
+    with validation resumes bit for bit. Every process runs the same number of forwards, as sharded (FSDP)
+    models need: one whose shard ran out repeats an example without counting it.
+    """
+    import torch
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    shard = list(range(rank, len(val_dataset), world))
+    n_batches = math.ceil(math.ceil(len(val_dataset) / world) / micro_batch_size)
+    loss_sum, targets = 0.0, 0
+    model.eval()
+    try:
+        with torch.no_grad():
+            for b in range(n_batches):
+                idx = shard[b * micro_batch_size : (b + 1) * micro_batch_size]
+                batch = to_device(collate([val_dataset[i] for i in idx or [0]]), accelerator.device)
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                if idx:
+                    loss_sum += float(loss_fn(logits, batch["labels"]))
+                    targets += count_targets(batch["labels"])
+    finally:
+        model.train()
+    if world > 1:
+        totals = accelerator.reduce(
+            torch.tensor([loss_sum, targets], dtype=torch.float64, device=accelerator.device), "sum"
+        )
+        loss_sum, targets = float(totals[0]), int(totals[1])
+    return {"val_loss": loss_sum / max(targets, 1), "val_tokens": targets}
+
+
+def best_val_so_far(metrics: Path) -> dict[str, float | int] | None:
+    """The best val_loss logged so far (on resume, metrics.jsonl is already cut back to the checkpoint)."""
+    if not metrics.is_file():
+        return None
+    best = None
+    for line in metrics.read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if "val_loss" in record and (best is None or record["val_loss"] < best["best_val_loss"]):
+            best = {"best_val_loss": record["val_loss"], "best_val_step": record["step"]}
+    return best
+
+
+def write_val_summary(run_dir: Path, step: int, val: dict, best: dict) -> None:
+    summary = {
+        **best,
+        "last_val_loss": val["val_loss"],
+        "last_val_step": step,
+        "val_tokens": val["val_tokens"],
+    }
+    atomic_write_text(run_dir / VAL_SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+
+
+def describe_validation(cfg: RunConfig, n: int) -> str:
+    d, every = cfg.data, cfg.train.eval_every
+    source = "held out of the training source (data.val_samples)" if d.val_samples else f"from {d.val_path}"
+    when = (
+        f"every {every} steps and at the end"
+        if every
+        else "at the end only (set train.eval_every for a curve)"
+    )
+    return f"validation: {n} examples {source}; val_loss {when}"
