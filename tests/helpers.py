@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from abba_cli.adapters import adapter_layers, inject_adapters, save_adapter
@@ -71,3 +73,88 @@ def request_stop(monkeypatch) -> None:
     from abba_cli.train.context import Run
 
     monkeypatch.setattr(Run, "stop_requested", lambda self: True)
+
+
+# ----------------------------------------------------------------------------------------------- runs and the CLI
+
+
+def gsm8k_rows(n: int, offset: int = 0, answer_offset: int = 0) -> list[dict]:
+    """GSM8K-shaped rows the tiny model trains on (question, answer ending in '#### N')."""
+    return [
+        {
+            "question": f"Tom has {i} apples and buys {i + 2}. How many?",
+            "answer": f"#### {2 * i + 2 + answer_offset}",
+        }
+        for i in range(offset, offset + n)
+    ]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# A section key set to UNSET is left out of the config, so the config's own default applies.
+UNSET = object()
+
+
+def _without_unset(section: dict) -> dict:
+    return {k: v for k, v in section.items() if v is not UNSET}
+
+
+def tiny_raw_config(
+    tmp_path: Path,
+    model_dir: Path,
+    out: str = "run",
+    *,
+    model: dict | None = None,
+    adapter: dict | None = None,
+    data: dict | None = None,
+    train: dict | None = None,
+) -> dict:
+    """The one run config the tests train the tiny model with; each section given is merged over its defaults.
+
+    Defaults: fp32, ABBA r1 = r2 = 2 on q_proj and v_proj, 8 GSM8K-shaped rows from tmp_path/train.jsonl (written
+    unless `data` names its own `path`), 2 steps of micro-batch 2 at lr 1e-2 without warmup. `out` is a folder
+    under tmp_path, or an absolute or ~ path kept as given.
+    """
+    data = dict(data or {})
+    if "path" not in data:  # (a recipe with its own source passes "path": UNSET)
+        rows_file = tmp_path / "train.jsonl"
+        if not rows_file.exists():
+            write_jsonl(rows_file, gsm8k_rows(8))
+        data["path"] = str(rows_file)
+    return {
+        "model": _without_unset({"name_or_path": str(model_dir), "dtype": "float32", **(model or {})}),
+        "adapter": _without_unset(
+            {"type": "abba", "r1": 2, "r2": 2, "target_modules": ["q_proj", "v_proj"], **(adapter or {})}
+        ),
+        "data": _without_unset({"recipe": "gsm8k", "max_seq_len": 256, **data}),
+        "train": _without_unset(
+            {"max_steps": 2, "micro_batch_size": 2, "lr": 1e-2, "warmup_ratio": 0.0, **(train or {})}
+        ),
+        "output_dir": out if out.startswith(("~", "/")) else str(tmp_path / out),
+    }
+
+
+def tiny_config(tmp_path: Path, model_dir: Path, out: str = "run", **sections: dict | None) -> Path:
+    """`tiny_raw_config` written as tmp_path/<out's name>.yaml; returns its path."""
+    path = tmp_path / f"{Path(out).name}.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw_config(tmp_path, model_dir, out, **sections)))
+    return path
+
+
+def cli(*args: str | Path):
+    """`abba ARGS...` in this process (Typer's CliRunner): the result has exit_code, stdout, stderr, output."""
+    from typer.testing import CliRunner
+
+    from abba_cli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def cli_error_line(result) -> str:
+    """The one `error: ...` line a refused command printed (and no traceback)."""
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    return lines[0]

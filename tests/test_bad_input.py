@@ -19,11 +19,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
+from helpers import cli
 
 from abba_cli.cli import app
-
-runner = CliRunner()
 
 # tqdm bars (model loading, tokenising) also go to stderr; they are progress, not error lines.
 _PROGRESS = re.compile(r"\d+%\|.*\|")
@@ -478,7 +476,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(world: World, build, e
     args = build(world)
     before = _tree(world.root, world.model, world.other_model)
 
-    result = runner.invoke(app, args)
+    result = cli(*args)
 
     errors = _error_lines(result.stderr)
     assert result.exit_code == 2, (result.exit_code, result.output, repr(result.exception))

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import cli, tiny_raw_config, write_jsonl
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from abba_cli.cli import app
 from abba_cli.config import RunConfig
 from abba_cli.errors import UserError
 from abba_cli.train.recipe import run_training
@@ -34,15 +33,11 @@ ROWS = [
 
 
 def _raw(tmp_path: Path, model_dir: Path, out: str, **train) -> dict:
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return {
-        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
-        "adapter": {"type": "abba", "r1": 2, "r2": 2, "target_modules": ["q_proj", "v_proj", "down_proj"]},
-        "data": {"recipe": "gsm8k", "path": str(data), "max_seq_len": 256},
-        "train": {"micro_batch_size": 2, "max_steps": 2, "lr": 1e-2, "warmup_ratio": 0.0, **train},
-        "output_dir": str(tmp_path / out),
-    }
+    data = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    targets = ["q_proj", "v_proj", "down_proj"]
+    return tiny_raw_config(
+        tmp_path, model_dir, out, adapter={"target_modules": targets}, data={"path": str(data)}, train=train
+    )
 
 
 def _reset_accelerate() -> None:
@@ -113,7 +108,7 @@ def test_report_to_tensorboard(tmp_path, tiny_model_dir):
     raw = _raw(tmp_path, tiny_model_dir, "run", report_to=["tensorboard"])
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(raw))
-    result = CliRunner().invoke(app, ["train", str(path)])
+    result = cli(*["train", str(path)])
     if importlib.util.find_spec("tensorboard") is None:
         # Not installed (it is an extra): one line naming the key and how to install it, nothing written.
         assert result.exit_code == 2, result.output

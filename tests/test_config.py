@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from typer.testing import CliRunner
+from helpers import cli
 
-from abba_cli.cli import app
 from abba_cli.config import load_config, read_yaml
 from abba_cli.errors import UserError
 
@@ -26,7 +25,7 @@ def _write(tmp_path: Path, raw: dict | str, name: str = "cfg.yaml") -> Path:
 
 
 def _cli_error(args: list[str]) -> str:
-    result = CliRunner().invoke(app, args)
+    result = cli(*args)
     assert result.exit_code == 2, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -113,7 +112,7 @@ def test_set_override_is_validated(tmp_path):
 
 def test_validate_prints_resolved_config_and_trainable_summary(tmp_path, tiny_model_dir):
     raw = {**MINIMAL, "model": {"name_or_path": str(tiny_model_dir)}, "adapter": {"r1": 2, "r2": 2}}
-    result = CliRunner().invoke(app, ["validate", str(_write(tmp_path, raw)), "--set", "train.lr=2e-4"])
+    result = cli(*["validate", str(_write(tmp_path, raw)), "--set", "train.lr=2e-4"])
     assert result.exit_code == 0, result.output
     resolved = yaml.safe_load(result.stdout.split("# abba adapters")[0])
     assert resolved["train"]["lr"] == pytest.approx(2e-4)
@@ -225,7 +224,7 @@ def test_validate_reads_no_weights_and_counts_like_a_real_load(tmp_path, tiny_mo
     weightless = tmp_path / "no-weights"
     shutil.copytree(tiny_model_dir, weightless, ignore=shutil.ignore_patterns("*.safetensors"))
     raw = {**MINIMAL, "model": {"name_or_path": str(weightless)}, "adapter": {"r1": 3, "r2": 5}}
-    result = CliRunner().invoke(app, ["validate", str(_write(tmp_path, raw))])
+    result = cli(*["validate", str(_write(tmp_path, raw))])
     assert result.exit_code == 0, result.output
 
     model, _ = load_base(str(tiny_model_dir))
@@ -233,7 +232,7 @@ def test_validate_reads_no_weights_and_counts_like_a_real_load(tmp_path, tiny_mo
     assert str(trainable_summary(model)) in result.stdout
 
     raw["adapter"] = {"r1": 65, "r2": 2}  # rank limits are still checked on the meta model
-    result = CliRunner().invoke(app, ["validate", str(_write(tmp_path, raw))])
+    result = cli(*["validate", str(_write(tmp_path, raw))])
     assert result.exit_code == 2 and "adapter.r1=65 is larger" in result.stderr
 
 
@@ -380,7 +379,7 @@ def test_train_with_tilde_output_dir_writes_under_home(tmp_path, monkeypatch, ti
         "train": {"max_steps": 1},
         "output_dir": "~/runs/t",
     }
-    result = CliRunner().invoke(app, ["train", str(_write(tmp_path, raw))])
+    result = cli(*["train", str(_write(tmp_path, raw))])
     assert result.exit_code == 0, result.output
     assert (home / "runs" / "t" / "adapter_model.safetensors").is_file()
     assert not (cwd / "~").exists()

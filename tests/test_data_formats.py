@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import build_tiny_tokenizer
-from typer.testing import CliRunner
+from helpers import cli
 
-from abba_cli.cli import app
 from abba_cli.config import DataConfig
 from abba_cli.data.cache import cache_dir
 from abba_cli.data.formats import ChatExample, TextExample, TokenizedExample
@@ -60,7 +59,7 @@ def _targets(ds, row: int = 0) -> list[int]:
 
 
 def _cli_error(args: list[str]) -> str:
-    result = CliRunner().invoke(app, args)
+    result = cli(*args)
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr  # one line, no traceback
@@ -391,10 +390,10 @@ def test_chat_run_trains_grouped_reuses_the_cache_and_evaluates_through_its_temp
         path.write_text(yaml.safe_dump(raw))
         return path
 
-    first = CliRunner().invoke(app, ["train", str(config("a"))])
+    first = cli(*["train", str(config("a"))])
     assert first.exit_code == 0, first.output
     assert "cached in" in first.stderr
-    second = CliRunner().invoke(app, ["train", str(config("b"))])
+    second = cli(*["train", str(config("b"))])
     assert second.exit_code == 0, second.output
     assert "reusing the cache" in second.stderr
     target = resolve_target(tmp_path / "b", None, None)

@@ -8,9 +8,7 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
-from abba_cli.cli import app
+from helpers import cli
 
 # The first problems of the bundled test sets (golds 18, 3, 70000, 540 and 2, 10, \dfrac{9}{7}, i), keyed by a
 # phrase of the problem: (scripted output, hand-decided correct, hand-decided invalid).
@@ -70,7 +68,7 @@ def scripted_generate(monkeypatch):
 def test_stored_verdicts_are_the_hand_decided_ones(tmp_path, tiny_model_dir, scripted_generate, task, script):
     out_dir = tmp_path / "results"
     args = ["eval", "--task", task, "--model", str(tiny_model_dir), "--limit", "4", "--batch-size", "3"]
-    result = CliRunner().invoke(app, [*args, "--out", str(out_dir)])
+    result = cli(*[*args, "--out", str(out_dir)])
     assert result.exit_code == 0, result.output
     assert len(scripted_generate) == 4  # every problem went through the (scripted) model once
 
@@ -93,7 +91,7 @@ def test_gsm8k_extracted_answers_are_the_numbers_after_the_last_marker(
 ):
     out_dir = tmp_path / "results"
     args = ["eval", "--task", "gsm8k", "--model", str(tiny_model_dir), "--limit", "4", "--out", str(out_dir)]
-    assert CliRunner().invoke(app, args).exit_code == 0
+    assert cli(*args).exit_code == 0
     preds = [json.loads(line) for line in (out_dir / "gsm8k" / "predictions.jsonl").read_text().splitlines()]
     assert [p["extracted"] for p in preds] == ["18", "4", None, "540.0"]
     assert [p["gold"] for p in preds] == ["18", "3", "70000", "540"]

@@ -8,15 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from abba_cli.cli import app
-
-runner = CliRunner()
+from helpers import cli
 
 
 def _invoke(*args: str):
-    result = runner.invoke(app, ["eval", *args])
+    result = cli(*["eval", *args])
     return result, result.output + (getattr(result, "stderr", "") or "")
 
 
@@ -226,9 +222,8 @@ def test_limit_larger_than_what_is_left_says_so(tiny_model_dir, tmp_path):
 
 
 def test_hub_unavailable_is_said_once_per_process(tiny_model_dir, tmp_path):
-    result = runner.invoke(
-        app,
-        ["eval", "--task", "boolq,piqa,gsm8k", "--model", str(tiny_model_dir), "--limit", "1"]
+    result = cli(
+        *["eval", "--task", "boolq,piqa,gsm8k", "--model", str(tiny_model_dir), "--limit", "1"]
         + ["--max-new-tokens", "1", "--out", str(tmp_path / "o")],
     )
     assert result.exit_code == 0, result.output

@@ -12,17 +12,15 @@ import time
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from helpers import cli
 
 import abba_cli.eval.runner as evaluate
-from abba_cli.cli import app
 
-runner = CliRunner()
 N = 6  # examples per run, batch size 2: three batches
 
 
 def _invoke(*args: str):
-    result = runner.invoke(app, ["eval", *args])
+    result = cli(*["eval", *args])
     return result, result.output + (getattr(result, "stderr", "") or "")
 
 

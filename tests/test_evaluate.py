@@ -6,19 +6,16 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from helpers import cli
 
-from abba_cli.cli import app
 from abba_cli.eval.generate import generate
 from abba_cli.eval.results import format_table
 from abba_cli.eval.target import load_model_for_eval
 from abba_cli.eval.tasks import COMMONSENSE_TASKS, resolve_tasks
 
-runner = CliRunner()
-
 
 def _invoke(*args: str):
-    result = runner.invoke(app, ["eval", *args])
+    result = cli(*["eval", *args])
     return result, result.output + (getattr(result, "stderr", "") or "")
 
 

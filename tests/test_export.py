@@ -8,15 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import logits, make_run, max_rel
+from helpers import cli, logits, make_run, max_rel
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
-from typer.testing import CliRunner
 
 from abba_cli.adapters import adapter_layers, inject_adapters, load_adapter, save_adapter
 from abba_cli.adapters.abba import khatri_rao_factors
-from abba_cli.cli import app
 from abba_cli.config import AdapterConfig
 from abba_cli.errors import UserError
 from abba_cli.export import export_run, peft_alpha
@@ -110,9 +108,7 @@ def test_lora_export_matches(tiny_model_dir, tmp_path, extra):
 
 def test_hira_export_is_refused_with_the_reason(tiny_model_dir, tmp_path):
     run = make_run(tmp_path / "run", tiny_model_dir, type="hira", r=4)
-    result = CliRunner().invoke(
-        app, ["export", "--format", "peft-lora", "--out", str(tmp_path / "o"), "--run", str(run)]
-    )
+    result = cli(*["export", "--format", "peft-lora", "--out", str(tmp_path / "o"), "--run", str(run)])
     assert result.exit_code == 2
     assert "HiRA" in result.output and "W0" in result.output
     assert not (tmp_path / "o").exists()
@@ -120,9 +116,7 @@ def test_hira_export_is_refused_with_the_reason(tiny_model_dir, tmp_path):
 
 def test_unknown_format_lists_valid_formats(tiny_model_dir, tmp_path):
     run = make_run(tmp_path / "run", tiny_model_dir, type="abba", r1=2, r2=2)
-    result = CliRunner().invoke(
-        app, ["export", "--format", "gguf", "--out", str(tmp_path / "o"), "--run", str(run)]
-    )
+    result = cli(*["export", "--format", "gguf", "--out", str(tmp_path / "o"), "--run", str(run)])
     assert result.exit_code == 2
     assert "gguf" in result.output and "peft-lora" in result.output
 
@@ -133,12 +127,12 @@ def test_non_empty_output_is_kept_without_overwrite(tiny_model_dir, tmp_path):
     out.mkdir()
     (out / "adapter_config.json").write_text("{}")
     digest = hashlib.sha256((out / "adapter_config.json").read_bytes()).hexdigest()
-    result = CliRunner().invoke(app, ["export", "--out", str(out), "--run", str(run)])
+    result = cli(*["export", "--out", str(out), "--run", str(run)])
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert hashlib.sha256((out / "adapter_config.json").read_bytes()).hexdigest() == digest
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json"]
 
-    result = CliRunner().invoke(app, ["export", "--out", str(out), "--run", str(run), "--overwrite"])
+    result = cli(*["export", "--out", str(out), "--run", str(run), "--overwrite"])
     assert result.exit_code == 0, result.output
     assert "rank 4" in result.output and "KiB" in result.output
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
@@ -173,7 +167,7 @@ def test_non_finite_adapter_is_refused(tiny_model_dir, tmp_path, bad):
     tensors = load_file(run / "adapter_model.safetensors")
     tensors = {k: torch.full_like(v, bad) if k.endswith(".B2") else v for k, v in tensors.items()}
     save_file(tensors, run / "adapter_model.safetensors")
-    result = CliRunner().invoke(app, ["export", "--out", str(tmp_path / "o"), "--run", str(run)])
+    result = cli(*["export", "--out", str(tmp_path / "o"), "--run", str(run)])
     assert result.exit_code == 2, result.output
     assert "NaN or infinite" in result.output and ".B2" in result.output
     assert len(result.output.strip().splitlines()) == 1
@@ -242,7 +236,7 @@ def test_export_through_a_symlink_writes_into_its_target(tiny_model_dir, tmp_pat
     target.mkdir()
     link = tmp_path / "link"
     link.symlink_to(target)
-    result = CliRunner().invoke(app, ["export", "--out", str(link), "--run", str(run)])
+    result = cli(*["export", "--out", str(link), "--run", str(run)])
     assert result.exit_code == 0, result.output
     assert link.is_symlink() and link.resolve() == target.resolve()
     assert (target / "adapter_config.json").is_file() and (link / "adapter_model.safetensors").is_file()
@@ -251,7 +245,7 @@ def test_export_through_a_symlink_writes_into_its_target(tiny_model_dir, tmp_pat
 
 def test_export_inside_the_run_is_refused(tiny_model_dir, tmp_path):
     run = make_run(tmp_path / "run", tiny_model_dir, type="abba", r1=2, r2=2)
-    result = CliRunner().invoke(app, ["export", "--out", str(run / "peft"), "--run", str(run)])
+    result = cli(*["export", "--out", str(run / "peft"), "--run", str(run)])
     assert result.exit_code == 2 and "inside the run directory" in result.output
     assert not (run / "peft").exists()
 

@@ -8,12 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from helpers import replace_training_loss
+from helpers import UNSET, cli, replace_training_loss, tiny_config
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from abba_cli.cli import app
 from abba_cli.config import validate_config
 from abba_cli.errors import UserError
 from abba_cli.run.latest import resolve_run
@@ -21,20 +18,24 @@ from abba_cli.train.loss import target_loss_sum
 
 
 def _config(tmp_path: Path, model_dir: Path, out: str = "full", **train) -> Path:
-    raw = {
-        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
-        "adapter": {"type": "full"},
-        "data": {"recipe": "gsm8k_bundled_train", "skip_samples": 50, "num_samples": 8, "max_seq_len": 512},
-        "train": {"micro_batch_size": 2, "max_steps": 2, "lr": 1e-3, "warmup_ratio": 0.0, **train},
-        "output_dir": str(tmp_path / out),
-    }
-    path = tmp_path / f"{out}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return tiny_config(
+        tmp_path,
+        model_dir,
+        out,
+        adapter={"type": "full", "r1": UNSET, "r2": UNSET, "target_modules": UNSET},
+        data={
+            "recipe": "gsm8k_bundled_train",
+            "path": UNSET,
+            "skip_samples": 50,
+            "num_samples": 8,
+            "max_seq_len": 512,
+        },
+        train={"lr": 1e-3, **train},
+    )
 
 
 def _invoke(*args: str):
-    return CliRunner().invoke(app, list(args))
+    return cli(*args)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PROMPTS, logits, make_run, max_rel
+from helpers import PROMPTS, cli, logits, make_run, max_rel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
@@ -112,12 +112,12 @@ def test_non_empty_output_is_kept_without_overwrite(abba_run, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     before = tree_hashes(out)
-    result = CliRunner().invoke(app, ["merge", "--out", str(out), "--run", str(abba_run)])
+    result = cli(*["merge", "--out", str(out), "--run", str(abba_run)])
     assert result.exit_code == 2
     assert "--overwrite" in result.output
     assert tree_hashes(out) == before
 
-    result = CliRunner().invoke(app, ["merge", "--out", str(out), "--run", str(abba_run), "--overwrite"])
+    result = cli(*["merge", "--out", str(out), "--run", str(abba_run), "--overwrite"])
     assert result.exit_code == 0, result.output
     assert not (out / "notes.txt").exists() and (out / METADATA).is_file()
 
@@ -171,7 +171,7 @@ def test_failed_self_check_publishes_nothing(abba_run, tmp_path, monkeypatch):
 
     monkeypatch.setattr(merge_mod, "_fold_layers", fold_but_forget_one)
     out = tmp_path / "merged"
-    result = CliRunner().invoke(app, ["merge", "--out", str(out), "--run", str(abba_run)])
+    result = cli(*["merge", "--out", str(out), "--run", str(abba_run)])
     assert result.exit_code != 0
     assert "self-check failed" in result.output
     assert not out.exists()
@@ -198,7 +198,7 @@ def test_bf16_merge_that_forgets_one_layer_fails_on_that_layer(abba_run, tmp_pat
     forgotten = _forget_one_layer(monkeypatch)
     monkeypatch.setitem(merge_mod.TOLERANCE, "bf16", 10.0)  # the logits would let anything through
     out = tmp_path / "merged"
-    result = CliRunner().invoke(app, ["merge", "--out", str(out), "--run", str(abba_run), "--dtype", "bf16"])
+    result = cli(*["merge", "--out", str(out), "--run", str(abba_run), "--dtype", "bf16"])
     assert result.exit_code == 2
     assert f"merged layer {forgotten[0]} is not W0 + dW rounded to torch.bfloat16" in result.output
     assert not out.exists()
@@ -241,7 +241,7 @@ def test_latest_run_is_the_default(abba_run, tmp_path):
     from abba_cli.run.latest import record_latest
 
     record_latest(abba_run)
-    result = CliRunner().invoke(app, ["merge", "--out", str(tmp_path / "m")])
+    result = cli(*["merge", "--out", str(tmp_path / "m")])
     assert result.exit_code == 0, result.output
     assert "self-check passed" in result.output
     assert json.loads((tmp_path / "m" / METADATA).read_text())["run"] == str(abba_run.resolve())
@@ -312,13 +312,13 @@ def test_eval_in_memory_merge_on_a_bf16_base_rounds_once(bf16_base, tmp_path):
 
 
 def test_merge_out_inside_the_run_or_through_a_link(abba_run, tmp_path):
-    result = CliRunner().invoke(app, ["merge", "--out", str(abba_run / "model"), "--run", str(abba_run)])
+    result = cli(*["merge", "--out", str(abba_run / "model"), "--run", str(abba_run)])
     assert result.exit_code == 2 and "inside the run directory" in result.output
     assert not (abba_run / "model").exists()
     target = tmp_path / "served"
     target.mkdir()
     (tmp_path / "link").symlink_to(target)
-    result = CliRunner().invoke(app, ["merge", "--out", str(tmp_path / "link"), "--run", str(abba_run)])
+    result = cli(*["merge", "--out", str(tmp_path / "link"), "--run", str(abba_run)])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "link").is_symlink() and (target / "config.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "served"]
@@ -332,7 +332,7 @@ def test_missing_base_says_where_it_came_from_and_base_points_elsewhere(tiny_mod
     run = make_run(tmp_path / "run", copy, type="abba", r1=2, r2=2)
     moved = tmp_path / "base-moved"
     copy.rename(moved)
-    result = CliRunner().invoke(app, ["merge", "--out", str(tmp_path / "m"), "--run", str(run)])
+    result = cli(*["merge", "--out", str(tmp_path / "m"), "--run", str(run)])
     assert result.exit_code == 2
     assert f"recorded in {run / 'adapter_config.json'}" in result.output and "--base" in result.output
     result = CliRunner().invoke(

@@ -246,9 +246,7 @@ def test_revision_and_attn_implementation_reach_from_pretrained(tiny_model_dir, 
     what the tokenizer and model loaders get (the hub is replaced by the tiny local folder)."""
     import transformers
     import yaml
-    from typer.testing import CliRunner
-
-    from abba_cli.cli import app
+    from helpers import cli
 
     real_tok, real_model = (
         transformers.AutoTokenizer.from_pretrained,
@@ -276,7 +274,7 @@ def test_revision_and_attn_implementation_reach_from_pretrained(tiny_model_dir, 
         "output_dir": str(tmp_path / "out"),
     }
     cfg.write_text(yaml.safe_dump(raw))
-    result = CliRunner().invoke(app, ["train", str(cfg), "--dry-run"])
+    result = cli(*["train", str(cfg), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert calls["tokenizer"][0] == calls["model"][0] == "some-org/tiny"
     assert calls["tokenizer"][1]["revision"] == calls["model"][1]["revision"] == "v1.2"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from helpers import tiny_config
 from safetensors.torch import load_file
 
 # Seconds before a hung run fails the test (each run takes a few seconds; gloo hangs forever on a lost peer).
@@ -34,24 +34,21 @@ def _config(tmp_path: Path, model_dir: Path, out: str, accum: int) -> Path:
         for i in range(11)  # 3 held out for validation (data.val_samples), 8 trained on
     ]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    raw = {
-        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
-        "adapter": {"type": "abba", "r1": 2, "r2": 2, "target_modules": ["q_proj", "v_proj", "down_proj"]},
-        "data": {"recipe": "gsm8k", "path": str(data), "max_seq_len": 256, "val_samples": 3},
-        "train": {
-            "max_steps": 3,
-            "micro_batch_size": 1,
-            "grad_accum_steps": accum,
-            "lr": 1e-2,
-            "warmup_ratio": 0.0,
-            "save_every": 3,
-            "eval_every": 1,
-        },
-        "output_dir": str(tmp_path / out),
+    train = {
+        "max_steps": 3,
+        "micro_batch_size": 1,
+        "grad_accum_steps": accum,
+        "save_every": 3,
+        "eval_every": 1,
     }
-    path = tmp_path / f"{out}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return tiny_config(
+        tmp_path,
+        model_dir,
+        out,
+        adapter={"target_modules": ["q_proj", "v_proj", "down_proj"]},
+        data={"path": str(data), "val_samples": 3},
+        train=train,
+    )
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:

@@ -7,10 +7,9 @@ import json
 import shutil
 
 import torch
-from typer.testing import CliRunner
+from helpers import cli
 
 from abba_cli import models
-from abba_cli.cli import app
 from abba_cli.models import SMOLLM2_ID, load_base
 
 
@@ -38,7 +37,7 @@ def test_eval_of_the_hub_id_offline_runs_on_the_bundled_copy(tmp_path, tiny_mode
     _plant_bundled_copy(tmp_path, tiny_model_dir, monkeypatch)
     out = tmp_path / "results"
     args = ["eval", "--task", "boolq", "--model", SMOLLM2_ID, "--limit", "1", "--max-new-tokens", "2"]
-    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    result = cli(*[*args, "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "bundled copy" in result.stderr
     metrics = json.loads((out / "boolq" / "metrics.json").read_text())

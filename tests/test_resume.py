@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import tiny_config
 from safetensors.torch import load_file
 
 # Every test here runs `abba train` in subprocesses (about a minute in all): `make test-fast` skips them.
@@ -61,24 +61,10 @@ def data(tmp_path_factory) -> Path:
 
 
 def _config(tmp_path: Path, model_dir: Path, data: Path, out: str) -> Path:
-    raw = {
-        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
-        "adapter": {"type": "abba", "r1": 2, "r2": 2, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
-        "data": {"recipe": "gsm8k", "path": str(data), "max_seq_len": 256},
-        "train": {
-            "max_steps": MAX_STEPS,
-            "micro_batch_size": 2,
-            "grad_accum_steps": 2,
-            "lr": 1e-2,
-            "warmup_ratio": 0.0,
-            "save_every": SAVE_EVERY,
-            "save_total_limit": 2,
-        },
-        "output_dir": str(tmp_path / out),
-    }
-    path = tmp_path / f"{out}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    train = {"max_steps": MAX_STEPS, "grad_accum_steps": 2, "save_every": SAVE_EVERY, "save_total_limit": 2}
+    return tiny_config(
+        tmp_path, model_dir, out, adapter={"dropout": 0.1}, data={"path": str(data)}, train=train
+    )
 
 
 def _cmd(cfg: Path, *args: str) -> list[str]:

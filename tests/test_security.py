@@ -9,12 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
-
-from abba_cli.cli import app
+from helpers import cli
 
 PACKAGE = Path(__file__).resolve().parents[1] / "abba_cli"
-runner = CliRunner()
 
 
 class _Payload:
@@ -135,7 +132,7 @@ def test_resume_from_a_poisoned_checkpoint_is_exit_2_and_runs_nothing(tmp_path, 
     marker = tmp_path / "pwned"
     _checkpoint(run, "rng.pt", marker)
 
-    result = runner.invoke(app, ["train", str(cfg), "--resume"])
+    result = cli(*["train", str(cfg), "--resume"])
     assert result.exit_code == 2, result.output
     assert "unreadable checkpoint" in result.stderr and "Traceback" not in result.output
     assert not marker.exists()
@@ -188,7 +185,7 @@ def test_yaml_python_tags_are_rejected_with_exit_2(tmp_path, tiny_model_dir, whe
         cfg.write_text(yaml.safe_dump(good))
         args += ["--set", f"model.name_or_path={evil}"]
 
-    result = runner.invoke(app, args)
+    result = cli(*args)
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output
     assert not marker.exists(), "a YAML tag ran code"

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from helpers import replace_training_loss
+from helpers import UNSET, cli, replace_training_loss, tiny_config
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -27,30 +26,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(tmp_path: Path, model_dir: Path, out: str = "run", **train) -> Path:
-    raw = {
-        "model": {"name_or_path": str(model_dir)},
-        # Dropout on, so an exact resume also needs the restored torch RNG.
-        "adapter": {"type": "abba", "r1": 2, "r2": 2, "dropout": 0.1},
-        # The tiny tokenizer spends many tokens per GSM8K problem, hence the long max_seq_len.
-        "data": {"recipe": "gsm8k_bundled_train", "skip_samples": 50, "num_samples": 10, "max_seq_len": 512},
-        "train": {
-            "micro_batch_size": 2,
-            "grad_accum_steps": 1,
-            "max_steps": 2,
-            "lr": 1e-2,
-            "warmup_ratio": 0.0,
-            **train,
+    # Dropout on, so an exact resume also needs the restored torch RNG; all seven projections (the default
+    # targets). The tiny tokenizer spends many tokens per GSM8K problem, hence the long max_seq_len.
+    return tiny_config(
+        tmp_path,
+        model_dir,
+        out,
+        model={"dtype": UNSET},
+        adapter={"dropout": 0.1, "target_modules": UNSET},
+        data={
+            "recipe": "gsm8k_bundled_train",
+            "path": UNSET,
+            "skip_samples": 50,
+            "num_samples": 10,
+            "max_seq_len": 512,
         },
-        "output_dir": str(tmp_path / out),
-    }
-    path = tmp_path / f"{out}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+        train={"grad_accum_steps": 1, **train},
+    )
 
 
 def _train(path: Path, *args: str):
-    result = CliRunner().invoke(app, ["train", str(path), *args])
-    return result
+    return cli("train", path, *args)
 
 
 def test_two_steps_write_a_loadable_run_dir(tmp_path, tiny_model_dir):

@@ -14,51 +14,24 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import replace_training_loss, request_stop
+from helpers import cli, cli_error_line, gsm8k_rows, replace_training_loss, request_stop, tiny_config
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 from abba_cli import models
-from abba_cli.cli import app
 from abba_cli.run.layout import last_finite_checkpoint
 from abba_cli.train import checkpoint as ckpt_mod
 from abba_cli.train.loss import target_loss_sum
 
 
-def _rows(n: int, answer_offset: int = 0) -> list[dict]:
-    return [
-        {
-            "question": f"Tom has {i} apples and buys {i + 2}. How many?",
-            "answer": f"#### {2 * i + 2 + answer_offset}",
-        }
-        for i in range(n)
-    ]
-
-
 def _config(tmp_path: Path, model_dir: Path, out: str = "run", **train) -> Path:
-    data = tmp_path / "train.jsonl"
-    if not data.exists():
-        data.write_text("".join(json.dumps(r) + "\n" for r in _rows(8)))
-    raw = {
-        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
-        "adapter": {"type": "abba", "r1": 2, "r2": 2, "target_modules": ["q_proj", "v_proj"]},
-        "data": {"recipe": "gsm8k", "path": str(data), "max_seq_len": 256},
-        "train": {"max_steps": 2, "micro_batch_size": 2, "lr": 1e-2, "warmup_ratio": 0.0, **train},
-        "output_dir": out if out.startswith(("~", "/")) else str(tmp_path / out),
-    }
-    path = tmp_path / f"{Path(out).name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    return tiny_config(tmp_path, model_dir, out, train=train)
 
 
 def _train(path: Path, *args: str):
-    return CliRunner().invoke(app, ["train", str(path), *args])
+    return cli("train", path, *args)
 
 
-def _error_line(result) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.output, result.output
-    return lines[0]
+_error_line = cli_error_line
 
 
 def _snapshot(run: Path) -> dict[str, bytes]:
@@ -229,7 +202,7 @@ def test_resume_after_the_training_data_changed_is_refused(tmp_path, tiny_model_
     (run / "checkpoints" / "step-3").rename(run / "checkpoints" / "gone3")
     data = tmp_path / "train.jsonl"
     data.write_text(
-        "".join(json.dumps(r) + "\n" for r in _rows(8, answer_offset=1))
+        "".join(json.dumps(r) + "\n" for r in gsm8k_rows(8, answer_offset=1))
     )  # same rows, new answers
     before = _snapshot(run)
     result = _train(cfg, "--resume")

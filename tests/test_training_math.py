@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_raw_config, write_jsonl
 from safetensors.torch import load_file
 
 from abba_cli.config import RunConfig
@@ -30,27 +31,23 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
 def _cfg(tmp_path: Path, model_dir: Path, out: str, **train) -> RunConfig:
-    data = tmp_path / "rows.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    settings = dict(
-        micro_batch_size=4,
-        grad_accum_steps=1,
-        max_steps=1,
-        lr=1e-2,
-        scheduler="constant",
-        warmup_ratio=0.0,
-        max_grad_norm=None,
+    data = write_jsonl(tmp_path / "rows.jsonl", ROWS)
+    settings = {
+        "micro_batch_size": 4,
+        "max_steps": 1,
+        "scheduler": "constant",
+        "max_grad_norm": None,
+        **train,
+    }
+    raw = tiny_raw_config(
+        tmp_path,
+        model_dir,
+        out,
+        adapter={"target_modules": TARGETS},
+        data={"path": str(data)},
+        train=settings,
     )
-    settings.update(train)
-    return RunConfig.model_validate(
-        {
-            "model": {"name_or_path": str(model_dir), "dtype": "float32"},
-            "adapter": {"type": "abba", "r1": 2, "r2": 2, "target_modules": TARGETS},
-            "data": {"recipe": "gsm8k", "path": str(data), "max_seq_len": 256},
-            "train": settings,
-            "output_dir": str(tmp_path / out),
-        }
-    )
+    return RunConfig.model_validate(raw)
 
 
 def _train(cfg: RunConfig) -> tuple[list[dict], dict[str, torch.Tensor]]:

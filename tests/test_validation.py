@@ -15,58 +15,36 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from helpers import replace_training_loss
+from helpers import cli, gsm8k_rows, replace_training_loss, tiny_config, write_jsonl
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from abba_cli.cli import app
 from abba_cli.data.recipes import load_split
 from abba_cli.train.loss import target_loss_sum
 from abba_cli.train.validation import validation_loss
 
-
-def _rows(n: int, offset: int = 0) -> list[dict]:
-    return [
-        {"question": f"Tom has {i} apples and buys {i + 2}. How many?", "answer": f"#### {2 * i + 2}"}
-        for i in range(offset, offset + n)
-    ]
+_rows = gsm8k_rows
 
 
-def _jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+_jsonl = write_jsonl
 
 
 def _config(
     tmp_path: Path, model_dir: Path, out: str = "run", data: dict | None = None, dropout: float = 0.1, **train
 ) -> Path:
-    raw = {
-        "model": {"name_or_path": str(model_dir), "dtype": "float32"},
-        # Dropout on: validation must run in eval mode (and draw nothing) to match the reference below.
-        "adapter": {
-            "type": "abba",
-            "r1": 2,
-            "r2": 2,
-            "dropout": dropout,
-            "target_modules": ["q_proj", "v_proj"],
-        },
-        "data": {
-            "recipe": "gsm8k",
-            "path": str(_jsonl(tmp_path / "train.jsonl", _rows(12))),
-            "max_seq_len": 256,
-            **(data or {}),
-        },
-        "train": {"max_steps": 3, "micro_batch_size": 2, "lr": 1e-2, "warmup_ratio": 0.0, **train},
-        "output_dir": str(tmp_path / out),
-    }
-    path = tmp_path / f"{out}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    # Dropout on: validation must run in eval mode (and draw nothing) to match the reference below.
+    rows = str(write_jsonl(tmp_path / "train.jsonl", gsm8k_rows(12)))
+    return tiny_config(
+        tmp_path,
+        model_dir,
+        out,
+        adapter={"dropout": dropout},
+        data={"path": rows, **(data or {})},
+        train={"max_steps": 3, **train},
+    )
 
 
 def _train(path: Path, *args: str):
-    return CliRunner().invoke(app, ["train", str(path), *args])
+    return cli("train", path, *args)
 
 
 def _records(run: Path) -> list[dict]:
