@@ -16,6 +16,7 @@ Peak memory:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -226,23 +227,51 @@ def md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def arg_parser(doc: str | None) -> argparse.ArgumentParser:
+    """Every script's parser: its module docstring (what it measures, how to run it) is its --help."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def finish(result: Any, out: Path | None, markdown: str | None = None) -> Any:
+    """A script's last step: the JSON result to `out` (atomically, when --out was given) and its table on
+    stdout. Returns `result`, so a script's main() can hand it to a caller."""
+    if out is not None:
+        write_json(out, result)
+    if markdown:
+        print(markdown)
+    return result
+
+
+def replace_marked_block(
+    path: Path, begin: str, end: str, text: str, section: str, section_marks: tuple[str, str] | None = None
+) -> None:
+    """The one RESULTS.md writer: replace the text between `begin` and `end`; else add the marked block to the end
+    of `section` (inside its `section_marks` when it has them; right under its title when not); else add the
+    section at the end of the file. Nothing else in the file changes, and the file is replaced atomically."""
+    block = f"{begin}\n{text.strip()}\n{end}"
+    doc = path.read_text() if path.exists() else "# Results\n"
+    if begin in doc and end in doc:
+        head, rest = doc.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        doc = head + block + tail
+    elif section_marks is not None and section_marks[1] in doc:
+        head, tail = doc.split(section_marks[1], 1)
+        doc = head.rstrip() + "\n\n" + block + "\n" + section_marks[1] + tail
+    elif section_marks is None and section in doc:
+        head, tail = doc.split(section, 1)
+        doc = f"{head}{section}\n\n{block}\n{tail}"
+    else:
+        body = block if section_marks is None else f"{section_marks[0]}\n{block}\n{section_marks[1]}"
+        doc = doc.rstrip() + f"\n\n{section}\n\n{body}\n"
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text(doc)
+    os.replace(tmp, path)
+
+
 def update_results_block(key: str, text: str) -> None:
     """Replace (or append) the block `<!-- perf:KEY:begin -->...end` inside the "## Performance" section.
 
     Only this section is touched; other sections of RESULTS.md (e.g. "## Reproduction") stay as they are.
     """
     begin, end = f"<!-- perf:{key}:begin -->", f"<!-- perf:{key}:end -->"
-    block = f"{begin}\n{text.strip()}\n{end}"
-    doc = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Results\n"
-    if begin in doc and end in doc:
-        head, rest = doc.split(begin, 1)
-        _, tail = rest.split(end, 1)
-        doc = head + block + tail
-    elif PERF_END in doc:
-        head, tail = doc.split(PERF_END, 1)
-        doc = head.rstrip() + "\n\n" + block + "\n" + PERF_END + tail
-    else:
-        doc = doc.rstrip() + f"\n\n{PERF_TITLE}\n\n{PERF_BEGIN}\n{block}\n{PERF_END}\n"
-    tmp = RESULTS_MD.with_suffix(".md.tmp")
-    tmp.write_text(doc)
-    os.replace(tmp, RESULTS_MD)
+    replace_marked_block(RESULTS_MD, begin, end, text, PERF_TITLE, (PERF_BEGIN, PERF_END))

@@ -13,7 +13,6 @@ Every cell comes from these files; nothing is typed in by hand.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -22,6 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lm_repro_table import majority_share, read_eval, read_train  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import common  # noqa: E402
 
 METHODS = {"abba": "ABBA (sweep's s)", "abba_default": "ABBA (default s)", "lora": "LoRA", "hira": "HiRA"}
 TASKS = ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa")
@@ -179,7 +181,7 @@ def plot(root: Path, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.arg_parser(__doc__)
     p.add_argument("--root", type=Path, default=Path("runs/compare"))
     p.add_argument("--out", type=Path, help="also write the markdown here")
     p.add_argument(

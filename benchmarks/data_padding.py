@@ -17,7 +17,6 @@ round-robin (benchmarks/common.interleaved), reporting non-pad tokens/s.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -134,7 +133,7 @@ def train_tokens_per_s(tokenizer, batch: int, max_seq_len: int, steps: int) -> d
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = common.arg_parser(__doc__)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--cache-rounds", type=int, default=2)

@@ -230,7 +230,7 @@ def to_markdown(res: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.arg_parser(__doc__)
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (each: one run per variant)")
     p.add_argument("--dropouts", type=float, nargs="+", default=[0.0, 0.05])
     p.add_argument("--steps", type=int, default=6)
@@ -251,10 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     res = measure(args.rounds, args.dropouts, args.steps, args.skip, args.model, args.extra, args.threads)
     res["wall_min"] = (time.perf_counter() - t0) / 60
-    if args.out:
-        common.write_json(args.out, res)
-    print(to_markdown(res))
-    return res
+    return common.finish(res, args.out, to_markdown(res))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ exactly --new-tokens tokens per prompt (min_new_tokens = max_new_tokens), so tok
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
@@ -49,7 +48,7 @@ def adapted(base, merge: bool):
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.arg_parser(__doc__)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", choices=list(common.DTYPES), default="fp32")
@@ -103,10 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": common.machine_info(),
         "rows": rows,
     }
-    if args.out:
-        common.write_json(args.out, res)
-    print(to_markdown(res))
-    return res
+    return common.finish(res, args.out, to_markdown(res))
 
 
 def to_markdown(res: dict[str, Any]) -> str:

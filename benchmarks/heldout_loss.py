@@ -11,13 +11,15 @@ through abba_cli.train, so it also cross-checks the `val_loss` that training log
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import common  # noqa: E402
 
 TASKS = ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa"]
 
@@ -72,7 +74,7 @@ def run_loss(run_dir: Path, examples, max_seq_len: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.arg_parser(__doc__)
     p.add_argument("runs", nargs="+", type=Path, help="run directories (with config.yaml)")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--skip", type=int, default=150)

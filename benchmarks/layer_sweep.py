@@ -285,7 +285,7 @@ def to_markdown(cells: list[dict[str, Any]], costs: dict[str, float] | None = No
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.arg_parser(__doc__)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=list(common.DTYPES), default="fp32")
     p.add_argument("--quick", action="store_true", help="the subset make bench runs")

@@ -11,10 +11,13 @@ Nothing is typed in by hand: every cell comes from these files, and a missing fi
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import common  # noqa: E402
 
 METHODS = ("base", "abba", "lora", "hira", "full")
 LABELS = {"base": "base", "abba": "ABBA", "lora": "LoRA", "hira": "HiRA", "full": "full FT"}
@@ -172,7 +175,7 @@ def setting_tables(root: Path, setting: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = common.arg_parser(__doc__)
     parser.add_argument("--root", type=Path, default=Path("runs/repro"))
     parser.add_argument("--settings", nargs="+", default=["math", "commonsense"])
     parser.add_argument("--out", type=Path, default=None, help="Also write the markdown here.")

@@ -83,7 +83,7 @@ def end_to_end(dtype: torch.dtype) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.arg_parser(__doc__)
     p.add_argument("--dtype", choices=list(common.DTYPES), default="fp32")
     p.add_argument("--only", choices=["in_memory", "end_to_end"], help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path)
@@ -97,10 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for what in ("in_memory", "end_to_end")
     ]
     res = {"config": {"dtype": args.dtype}, "machine": common.machine_info(), "rows": rows}
-    if args.out:
-        common.write_json(args.out, res)
-    print(to_markdown(res))
-    return res
+    return common.finish(res, args.out, to_markdown(res))
 
 
 def to_markdown(res: dict[str, Any]) -> str:

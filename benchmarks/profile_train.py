@@ -12,7 +12,6 @@ and on a shared machine absolute times mean little.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import sys
 import tempfile
@@ -134,7 +133,7 @@ def to_markdown(res: dict, title: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.arg_parser(__doc__)
     p.add_argument("--method", choices=list(e2e_step.METHODS), default="abba")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--steps", type=int, default=6)
@@ -145,10 +144,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, help="write the shares as JSON here")
     args = p.parse_args(argv)
     res = profile(args.method, args.dropout, args.steps, args.skip, args.model, args.extra, args.trace)
-    if args.out:
-        common.write_json(args.out, res)
-    print(to_markdown(res, f"{args.method}, dropout {args.dropout:g}: steps {args.skip + 1}-{args.steps}"))
-    return res
+    return common.finish(
+        res,
+        args.out,
+        to_markdown(res, f"{args.method}, dropout {args.dropout:g}: steps {args.skip + 1}-{args.steps}"),
+    )
 
 
 if __name__ == "__main__":

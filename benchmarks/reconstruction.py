@@ -14,11 +14,11 @@ Reported errors are relative Frobenius errors ||M - X||_F / ||M||_F.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib.util
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,8 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import common  # noqa: E402
+
+RESULTS_DIR = common.RESULTS_DIR
+RESULTS_MD = common.RESULTS_MD
 SECTION_TITLE = "## Reproduction: matrix reconstruction and toy transfer"
 BEGIN_MARK = "<!-- reconstruction:begin -->"
 END_MARK = "<!-- reconstruction:end -->"
@@ -474,26 +477,12 @@ def plot_convergence(convergence: dict[str, dict[str, list[float]]], r: int, pat
 
 
 def update_results_md(block: str, path: Path = RESULTS_MD) -> None:
-    """Replace the text between our markers in RESULTS.md (creating our section if needed); other
-    engineers' sections are left byte-for-byte alone."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    wrapped = f"{BEGIN_MARK}\n{block}\n{END_MARK}"
-    if BEGIN_MARK in text and END_MARK in text:
-        head, rest = text.split(BEGIN_MARK, 1)
-        _, tail = rest.split(END_MARK, 1)
-        text = head + wrapped + tail
-    elif SECTION_TITLE in text:
-        head, tail = text.split(SECTION_TITLE, 1)
-        text = f"{head}{SECTION_TITLE}\n\n{wrapped}\n{tail}"
-    else:
-        text = text.rstrip("\n") + f"\n\n{SECTION_TITLE}\n\n{wrapped}\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    """Our block of RESULTS.md (common.replace_marked_block: other sections are left byte for byte alone)."""
+    common.replace_marked_block(path, BEGIN_MARK, END_MARK, block, SECTION_TITLE)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.arg_parser(__doc__)
     p.add_argument("--rows", type=int, default=512, help="synthetic matrices: rows m")
     p.add_argument("--cols", type=int, default=256, help="synthetic matrices: columns n")
     p.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32], help="budget ranks r (even)")

@@ -12,7 +12,6 @@ sections are left alone). The full layer sweep is not part of this set: `python 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -89,7 +88,7 @@ def record(key: str, shown: str, out: Path, minutes: float | None = None) -> Non
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.arg_parser(__doc__)
     p.add_argument("--skip", nargs="*", default=[], choices=list(JOBS))
     p.add_argument("--no-results-md", action="store_true", help="do not touch RESULTS.md")
     p.add_argument("--record", nargs=3, metavar=("KEY", "COMMAND", "JSON"), help="only (re)write one block")

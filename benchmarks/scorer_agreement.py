@@ -17,7 +17,6 @@ what each extracted). Where they disagree, README "Evaluation" says which verdic
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -208,7 +207,7 @@ def compare(path: Path, show: int = 10) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = common.arg_parser(__doc__)
     p.add_argument("predictions", nargs="+", type=Path, help="predictions.jsonl files written by `abba eval`")
     p.add_argument("--show", type=int, default=10, help="disagreeing rows to print per file (-1: all)")
     p.add_argument("--out", type=Path, help="also write the results as JSON")

@@ -237,7 +237,7 @@ def to_markdown(res: dict[str, Any]) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.arg_parser(__doc__)
     p.add_argument("--model", choices=["smollm2", "stack4096"], default="smollm2")
     p.add_argument("--layers", type=int, default=4, help="decoder blocks of the stack4096 model")
     p.add_argument("--device", default="cpu")
@@ -264,10 +264,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(measure_memory(args, args.memory_only)))
         return {}
     res = run(args)
-    if args.out:
-        common.write_json(args.out, res)
-    print(to_markdown(res))
-    return res
+    return common.finish(res, args.out, to_markdown(res))
 
 
 if __name__ == "__main__":

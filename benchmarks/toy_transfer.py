@@ -22,11 +22,11 @@ Task design:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import common  # noqa: E402
+
+RESULTS_DIR = common.RESULTS_DIR
 METHODS = ("abba", "lora", "hira", "full")
 LR_GRID = {
     "abba": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
@@ -294,7 +297,7 @@ def plot_curves(runs: dict[str, list[RunResult]], path: Path, title: str) -> Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = common.arg_parser(__doc__)
     p.add_argument("--r", type=int, default=4, help="budget rank: LoRA/HiRA r, ABBA r1 = r2 = r/2")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--steps", type=int, default=150, help="transfer steps (batch 32)")
