@@ -251,13 +251,3 @@ def _next_pow2(n: int) -> int:
     while p < n:
         p *= 2
     return p
-
-
-def describe_dataset(ds) -> str:
-    """One line for `abba validate` and `abba train`: examples, tokens, targets, longest."""
-    lengths = ds["length"]
-    targets = sum(sum(x != IGNORE_INDEX for x in labels[1:]) for labels in ds["labels"])
-    return (
-        f"{len(ds)} training examples, {sum(lengths)} tokens ({targets} with loss), "
-        f"longest {max(lengths)}, mean {sum(lengths) / len(lengths):.1f}"
-    )
