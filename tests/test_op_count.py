@@ -23,8 +23,9 @@ def test_every_abba_path_launches_at_most_1_25x_our_loras_ops():
     assert rows["none"]["total"] < lora
     for variant in ("abba_auto", "abba_khatri_rao", "abba_merged", "abba_hybrid"):
         assert rows[variant]["total"] <= 1.25 * lora, (variant, rows[variant]["total"], lora)
-        # the factors are cast once per layer call (one cat), not per use: no more dtype copies than no adapter
-        assert rows[variant]["ops"].get("aten._to_copy", 0) <= rows["none"]["ops"].get("aten._to_copy", 0)
+        # the factors are cast once per adapted layer call (the pack), not per use, and not in backward
+        casts = rows[variant]["ops"].get("aten._to_copy", 0) - rows["none"]["ops"].get("aten._to_copy", 0)
+        assert casts <= len(op_count.TARGETS) * 2, (variant, casts)
     table = op_count.to_markdown(res)
     assert table.count("\n") == len(rows) + 1 and "| lora |" in table
 

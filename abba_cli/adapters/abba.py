@@ -66,12 +66,13 @@ def khatri_rao_a(A1: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
     return (A1[:, None, :] * A2[None, :, :]).reshape(r1 * A2.shape[0], n)
 
 
-# -- the factors in the compute dtype, cast in one kernel ---------------------------------------------------------
+# -- the factors in the compute dtype, cast once per layer call ---------------------------------------------------
 # Under autocast the factors are fp32 and the matmuls bf16. Casting each factor where it is used cost 8 casts per
 # layer and step, and 4 more for the gradients: on a GPU at 512 tokens each is a launch about as dear as a matmul.
-# Instead one `cat` writes all four into one buffer in the compute dtype (it casts as it copies), forward saves
-# that buffer (the bf16 copies LoRA's autograd saves too) and backward writes the four gradients into one buffer
-# that a single `mul` scales by s and casts back.
+# Instead one `cat` packs all four (fp32, one kernel) and one cast converts the pack; forward saves it (the bf16
+# copies LoRA's autograd saves too) and backward writes the four gradients into one buffer that a single `mul`
+# scales by s and casts back. (`cat(out=<bf16 buffer>)` would look like one op, but CUDA's cat runs one copy
+# kernel per input when the dtypes differ.)
 
 
 class _Cast(NamedTuple):
@@ -88,12 +89,11 @@ class _Cast(NamedTuple):
 
 
 def _pack(B1, A1, B2, A2, dtype: torch.dtype, stacked: bool) -> torch.Tensor:
-    """[B1, B2, A1, A2] flattened in `dtype`, in one kernel. `stacked` (r1 == r2 only) repeats B1 and A1 after
-    B2 and A2, so that both orders of the pairs are (2, m, r) / (2, r, n) views for batched matmuls."""
+    """[B1, B2, A1, A2] flattened in `dtype` (two kernels: the cat, and the cast unless `dtype` is the factors').
+    `stacked` (r1 == r2 only) repeats B1 and A1 after B2 and A2, so that both orders of the pairs are (2, m, r) /
+    (2, r, n) views for batched matmuls."""
     parts = [B1, B2, B1, A1, A2, A1] if stacked else [B1, B2, A1, A2]
-    buf = B1.new_empty(sum(p.numel() for p in parts), dtype=dtype)
-    torch.cat([p.reshape(-1) for p in parts], out=buf)
-    return buf
+    return torch.cat([p.reshape(-1) for p in parts]).to(dtype)
 
 
 def _views(buf: torch.Tensor, m: int, n: int, r1: int, r2: int, stacked: bool) -> _Cast:
@@ -179,7 +179,8 @@ class _KhatriRaoABBA(Function):
         xa = x if x_adapter is None else x_adapter
         h = xa.reshape(-1, n) @ khatri_rao_a(f.a1, f.a2).T  # (T, r1r2)
         y = F.linear(x.reshape(-1, n), weight.to(dtype), None if bias is None else bias.to(dtype))  # (T, m)
-        y = torch.addmm(y, h, khatri_rao_b(f.b1, f.b2).T, alpha=scaling)
+        # in place: CUDA's out-of-place addmm copies its input into the result first (a second launch)
+        y.addmm_(h, khatri_rao_b(f.b1, f.b2).T, alpha=scaling)
         ctx.save_for_backward(x, x_adapter, h, weight, bias, buf)
         ctx.scaling, ctx.ranks, ctx.factor_dtype = scaling, (r1, r2), B1.dtype
         return y.view(*x.shape[:-1], m)
@@ -196,7 +197,7 @@ class _KhatriRaoABBA(Function):
         dx = dxa = None
         if x_adapter is None:
             if ctx.needs_input_grad[0]:
-                dx = torch.addmm(dy2 @ weight.to(dtype), dh, a_kr, alpha=s).view(x.shape)
+                dx = (dy2 @ weight.to(dtype)).addmm_(dh, a_kr, alpha=s).view(x.shape)
         else:
             if ctx.needs_input_grad[0]:
                 dx = (dy2 @ weight.to(dtype)).view(x.shape)
@@ -224,8 +225,8 @@ class _MergedABBA(Function):
         if x_adapter is None:
             y = F.linear(x2, torch.addcmul(weight.to(dtype), p1, p2, value=scaling), b)
         else:
-            y = torch.addmm(
-                F.linear(x2, weight.to(dtype), b), x_adapter.reshape(-1, n), p1.mul_(p2).T, alpha=scaling
+            y = F.linear(x2, weight.to(dtype), b).addmm_(
+                x_adapter.reshape(-1, n), p1.mul_(p2).T, alpha=scaling
             )
         ctx.save_for_backward(x, x_adapter, weight, bias, buf)
         ctx.scaling, ctx.ranks, ctx.factor_dtype = scaling, (r1, r2), B1.dtype
