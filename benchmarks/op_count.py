@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ABBA_PATHS = ["auto", "khatri_rao", "merged", "hybrid"]
-VARIANTS = ["none", "lora", *(f"abba_{p}" for p in ABBA_PATHS)]
+VARIANTS = ["none", "peft_lora", "lora", *(f"abba_{p}" for p in ABBA_PATHS)]
 
 # Ops that allocate, alias or describe a tensor without running a kernel (views are recognised by their schema).
 _NO_KERNEL = {
@@ -95,6 +95,16 @@ def make_variant(base, variant: str, r: int = 32, dropout: float = 0.0):
     from abba_cli.config import AdapterConfig
 
     model = copy.deepcopy(base)
+    if variant == "peft_lora":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=TARGETS)
+        model = get_peft_model(model, cfg)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 1e-3)
+        return model
     if variant == "none":
         # The frozen model's own backward (dx through every layer, as under an adapter): the input embedding is
         # the one trainable tensor, so the gradient has to flow all the way down.
@@ -120,7 +130,7 @@ def count_micro_batch(model, batch: int, seq: int, dtype: torch.dtype = torch.bf
     """Ops of forward + backward of one micro-batch (after one warm-up pass, so lazy set-up is not counted)."""
     model.train()
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=gen)
+    ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (batch, seq), generator=gen)
 
     def step() -> None:
         with torch.autocast("cpu", dtype=dtype):
