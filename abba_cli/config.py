@@ -187,6 +187,11 @@ class TrainConfig(_Strict):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast dtype.")
     seed: int = Field(42, description="Seed of adapter init, dropout and data order.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    compile: bool = Field(
+        False,
+        description="torch.compile the model in place before training (every ABBA path traces; off until a GPU "
+        "measurement says it pays).",
+    )
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps.")
     save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")
     log_every: int = Field(1, ge=1, description="Write metrics.jsonl every N optimizer steps.")

@@ -1,240 +1,157 @@
-"""One GPU call that needs no model transfer (issue 23.4): ABBA against LoRA where users run them.
+"""One GPU call that needs no model transfer: a random-initialised Mistral-7B-shaped bf16 model (issue 23.4).
 
-A random-initialised Mistral-7B-shaped bf16 model (4096 wide, 14336 MLP, GQA 32/8, `--layers` decoder blocks;
-32 is the real depth), so nothing but this checkout travels. Stages, each written to OUT/gpu_check.json as soon as
-it finishes (a stage that fails or runs past `--budget-s` is recorded as such and the next one runs):
+Stages, each written to the results JSON as it finishes (a timeout loses at most the stage it was in; a stage that
+fails records its error and the next one runs):
+- bf16_error: per-path bf16-autocast error of one adapted layer against float64 (output, dx, every factor
+  gradient) at the 4096 x 4096 and 14336 x 4096 shapes, 512 tokens; our LoRA for comparison.
+- step_1x512: the shipped regime (micro-batch 1 x 512, gradient checkpointing, accumulation 4): ms per micro-batch,
+  peak memory and the fraction of the step the GPU is busy (kernel time / wall time, from the profiler), for no
+  adapter, our LoRA, PEFT LoRA, ABBA `auto` and each forced path; the --compile variants also compiled.
+- step_8x512: micro-batch 8 x 512 without checkpointing, the same rows.
+- layers: one layer forward + backward per path at 512, 4096 and 8192 tokens, timed with CUDA events (>= 10
+  repeats), the launches each path ran, and the `auto` constants fitted on them (layer_sweep's fitter).
+- decode: greedy decode ms per step at batch 8, 16 and 64 (as `abba eval` generates, adapter merged: plain
+  Linear layers), and the GSM8K time it implies (1319 questions, every batch to 512 new tokens: an upper bound).
 
-  errors    bf16 error of every ABBA path against float64 on the device: output, input gradient and every factor
-            gradient, for 4096 x 4096 and 14336 x 4096 layers at 512 tokens
-  shipped   the shipped 7B regime: micro-batch 1 x 512, gradient checkpointing, accumulation 4: ms per micro-batch,
-            peak memory and the fraction of the step the GPU is busy, for no adapter, our LoRA, PEFT LoRA, ABBA
-            `auto` and each forced path, each eager and under torch.compile
-  batch8    micro-batch 8 x 512 without checkpointing, the same rows
-  layers    the layer sweep (benchmarks/layer_sweep.py) at 512, 4096 and 8192 tokens, 10 repeats, with the fitted
-            constants of `auto`'s cost model for this device
-  decode    `abba eval`'s greedy generation: ms per decoded token at batch 8, 16 and 64, and the GSM8K time
-            (1319 questions, 256 new tokens at most) that implies
+`--smoke` runs every stage on the CPU at tiny sizes (tests/test_gpu_check.py), so GPU time is never spent on a
+script that has not run.
 
-    python benchmarks/gpu_check.py --out gpu_results            # on the GPU machine (about 8 minutes on an H200)
-    python benchmarks/gpu_check.py --smoke --out /tmp/gpu_smoke  # the same stages on a CPU at tiny sizes (tests)
-
-The device image lacks pydantic (abba_cli's config): carry its wheels as the device README says.
+    python benchmarks/gpu_check.py --out gpu_check.json                  # on the GPU: needs torch, transformers, peft
+    python benchmarks/gpu_check.py --smoke --out /tmp/smoke.json         # CPU, about a minute
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
-import json
+import gc
 import math
 import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common, layer_sweep  # noqa: E402
+from benchmarks import common  # noqa: E402
+from benchmarks import layer_sweep as sweep  # noqa: E402
+from benchmarks.op_count import OpCounter  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-ABBA_PATHS = ["auto", "khatri_rao", "merged", "hybrid"]
-VARIANTS = ["none", "lora", "peft_lora", *(f"abba_{p}" for p in ABBA_PATHS)]
-# Full size: Mistral-7B's shapes. Smoke: the same stages on a model a CPU steps in milliseconds.
+VARIANTS = ["none", "lora", "peft_lora", "abba", "abba_merged", "abba_khatri_rao", "abba_hybrid"]
+GSM8K_QUESTIONS, GSM8K_NEW_TOKENS = 1319, 512
+
 SIZES = {
-    "full": dict(hidden=4096, inter=14336, heads=32, kv=8, vocab=32000, seq=512, r1=16, r2=16, r=32),
-    "smoke": dict(hidden=64, inter=128, heads=4, kv=2, vocab=256, seq=16, r1=2, r2=2, r=4),
-}
-GSM8K_QUESTIONS, GSM8K_NEW_TOKENS = 1319, 256
+    "full": dict(
+        width=4096, inter=14336, heads=32, kv=8, layers=32, vocab=32000, seq=512, big_batch=8, accum=4,
+        rounds=5, err_shapes=[(4096, 4096), (14336, 4096)], err_tokens=512,
+        layer_shapes={"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)},
+        layer_ranks=[16, 32, 64], layer_tokens=[512, 4096, 8192], layer_repeats=10,
+        decode_batches=[8, 16, 64], decode_prompt=128, decode_new=32,
+    ),
+    "smoke": dict(
+        width=64, inter=160, heads=4, kv=2, layers=2, vocab=256, seq=32, big_batch=2, accum=2,
+        rounds=1, err_shapes=[(64, 64), (160, 64)], err_tokens=32,
+        layer_shapes={"q/o": (64, 64), "gate/up": (160, 64)},
+        layer_ranks=[8], layer_tokens=[16, 64], layer_repeats=2,
+        decode_batches=[2, 4], decode_prompt=8, decode_new=4,
+    ),
+}  # fmt: skip
 
 
-# ----------------------------------------------------------------------------------------------- the model
+def build_base(sz: dict, device: str, layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-
-def build_model(size: dict, layers: int, device: str) -> Any:
-    from transformers import MistralConfig, MistralForCausalLM
-
-    cfg = MistralConfig(
-        hidden_size=size["hidden"],
-        intermediate_size=size["inter"],
-        num_attention_heads=size["heads"],
-        num_key_value_heads=size["kv"],
+    cfg = LlamaConfig(
+        hidden_size=sz["width"],
+        intermediate_size=sz["inter"],
+        num_attention_heads=sz["heads"],
+        num_key_value_heads=sz["kv"],
         num_hidden_layers=layers,
-        vocab_size=size["vocab"],
+        vocab_size=sz["vocab"],
         max_position_embeddings=4096,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=None,
     )
     torch.manual_seed(0)
     with torch.device(device):
-        model = MistralForCausalLM(cfg)
-    dtype = torch.bfloat16 if device != "cpu" else torch.float32
-    return model.to(dtype)
+        return LlamaForCausalLM(cfg).to(torch.bfloat16)
 
 
-def with_variant(base: Any, variant: str, size: dict) -> tuple[Any, Callable[[], Any]]:
-    """(model carrying `variant`'s trainable parameters, a function that takes them off again)."""
+def make_variant(base, name: str):
+    """(model, trainable params): ABBA r1 = r2 = 16 against LoRA r = 32 (the same parameter budget)."""
     from abba_cli.adapters import inject_adapters
-    from abba_cli.adapters.inject import remove_adapters
     from abba_cli.config import AdapterConfig
 
-    if variant == "none":  # no adapter: the frozen model's own forward and backward (through its input grads)
-        base.requires_grad_(False)
-        hook = base.get_input_embeddings().register_forward_hook(
-            lambda mod, inp, out: out.requires_grad_(True)
-        )
-        return base, hook.remove
-    if variant == "peft_lora":
+    model = copy.deepcopy(base)
+    if name == "none":
+        model.requires_grad_(False)
+        model.get_input_embeddings().weight.requires_grad_(True)  # the frozen model's own full backward
+    elif name == "peft_lora":
         from peft import LoraConfig, get_peft_model
 
-        peft_cfg = LoraConfig(r=size["r"], lora_alpha=2 * size["r"], target_modules=TARGETS)
-        model = get_peft_model(base, peft_cfg)
-        return model, lambda: model.unload()
-    originals = dict(base.named_modules())
-    if variant == "lora":
-        cfg = AdapterConfig(type="lora", r=size["r"], target_modules=TARGETS)
+        model = get_peft_model(model, LoraConfig(r=32, lora_alpha=64, target_modules=TARGETS))
     else:
-        path = variant.removeprefix("abba_")
-        cfg = AdapterConfig(type="abba", r1=size["r1"], r2=size["r2"], path=path, target_modules=TARGETS)
-    inject_adapters(base, cfg, seed=0)
-    with torch.no_grad():  # a trained-looking B2 (0 at init changes no cost, but keep the update generic)
-        for name, p in base.named_parameters():
-            if name.endswith(".B2"):
+        kind = "abba" if name.startswith("abba") else "lora"
+        extra: dict[str, Any] = {"r1": 16, "r2": 16} if kind == "abba" else {"r": 32}
+        if name.startswith("abba_"):
+            extra["path"] = name.removeprefix("abba_")
+        inject_adapters(model, AdapterConfig(type=kind, target_modules=TARGETS, **extra), seed=0)
+    with torch.no_grad():  # a generic update: B2 / B random (zero at init changes no cost, but be general)
+        for n, p in model.named_parameters():
+            if n.endswith(("B2", ".B")) or "lora_B" in n:
                 p.normal_(0, 1e-3)
-    return base, lambda: remove_adapters(base, originals)
+    model.train()
+    return model, [p for p in model.parameters() if p.requires_grad]
 
 
-# ----------------------------------------------------------------------------------------------- stages
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((got.double() - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
 
 
-def stage_errors(args: Any, size: dict) -> dict[str, Any]:
-    """bf16 autocast against a float64 evaluation of the same layer, for each exact path."""
-    from abba_cli.adapters import ABBALinear
+def stage_bf16_error(sz: dict, device: str) -> list[dict[str, Any]]:
+    from torch import nn
 
-    shapes = [(size["hidden"], size["hidden"]), (size["inter"], size["hidden"])]
-    out = {}
-    for m, n in shapes:
-        gen = torch.Generator().manual_seed(0)
-        base = torch.nn.Linear(n, m, bias=False)
-        with torch.no_grad():
-            base.weight.copy_(torch.randn(m, n, generator=gen) / math.sqrt(n))
-        x = torch.randn(1, size["seq"], n, generator=gen)
-        dy = torch.randn(1, size["seq"], m, generator=gen)
-        cell = {}
-        for path in ABBA_PATHS[1:]:
-            layer = ABBALinear(copy.deepcopy(base), size["r1"], size["r2"], scaling=16.0, path=path, seed=0)
+    from abba_cli.adapters import ABBALinear, LoRALinear
+
+    rows = []
+    for m, n in sz["err_shapes"]:
+        gen = torch.Generator().manual_seed(m + n)
+        x = torch.randn(sz["err_tokens"], n, generator=gen).to(device)
+        dy = torch.randn(sz["err_tokens"], m, generator=gen).to(device)
+        for path in ["lora", "khatri_rao", "merged", "hybrid"]:
+            torch.manual_seed(0)
+            base = nn.Linear(n, m, bias=False, device=device).to(torch.bfloat16)
+            layer = LoRALinear(base, 32, 2.0) if path == "lora" else ABBALinear(base, 16, 16, 1.0, path=path)
             with torch.no_grad():
-                layer.B2.normal_(0, 1e-2, generator=gen)
-            cell[path] = _path_error(layer, x, dy, args.device)
-        out[f"{m}x{n}"] = cell
-    return out
+                for p in layer.factors().values():
+                    p.copy_(torch.randn(p.shape, generator=gen).to(device) * n**-0.25)
+            xb = x.clone().requires_grad_(True)
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+                y = layer(xb)
+            y.backward(dy.to(y.dtype))
+            f = {k: v.detach().double().requires_grad_(True) for k, v in layer.factors().items()}
+            if path == "lora":
+                dw = layer.scaling * f["B"] @ f["A"]
+            else:
+                dw = layer.scaling * (f["B1"] @ f["A1"]) * (f["B2"] @ f["A2"])
+            xr = x.double().requires_grad_(True)
+            yr = xr @ (layer.weight.double() + dw).T
+            yr.backward(dy.double())
+            errs = {"y": _rel(y, yr), "dx": _rel(xb.grad, xr.grad)}
+            errs |= {f"d{k}": _rel(v.grad, f[k].grad) for k, v in layer.factors().items()}
+            rows.append({"m": m, "n": n, "tokens": sz["err_tokens"], "path": path, "rel_err": errs})
+            del layer, base
+    return rows
 
 
-def _path_error(layer: Any, x: torch.Tensor, dy: torch.Tensor, device: str) -> dict[str, float]:
-    ref = copy.deepcopy(layer).double().to(device)
-    got = layer.to(device)
-    got.weight.data = got.weight.data.to(torch.bfloat16)  # frozen weights in bf16, factors fp32, as trained
-    results = {}
-    for name, mod, dtype in (("ref", ref, torch.float64), ("bf16", got, torch.bfloat16)):
-        xi = x.to(device=device, dtype=dtype).requires_grad_(True)  # bf16 activations, as between bf16 layers
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            y = mod(xi)
-        y.backward(dy.to(device=device, dtype=y.dtype))
-        grads = {k: p.grad.double() for k, p in mod.factors().items()}
-        results[name] = {"y": y.detach().double(), "dx": xi.grad.double(), **grads}
-    rel = {
-        k: float((results["bf16"][k] - v).norm() / v.norm().clamp_min(1e-30))
-        for k, v in results["ref"].items()
-    }
-    return {
-        "output": rel["y"],
-        "input_grad": rel["dx"],
-        "worst_factor_grad": max(rel[k] for k in ("B1", "A1", "B2", "A2")),
-    }
-
-
-def stage_steps(args: Any, size: dict, base: Any, batch: int, checkpointing: bool) -> dict[str, Any]:
-    """ms per micro-batch, peak memory and GPU-busy fraction of one optimizer step of `args.accum` micro-batches."""
-    if checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        base.gradient_checkpointing_disable()
-    base.config.use_cache = False
-    rows = {}
-    for compiled in (False, True) if not args.no_compile else (False,):
-        for variant in VARIANTS:
-            name = f"{variant}{' compiled' if compiled else ''}"
-            if time.perf_counter() - args.started > args.budget_s:
-                rows[name] = {"skipped": f"budget of {args.budget_s} s spent"}
-                continue
-            try:
-                rows[name] = _time_variant(args, size, base, variant, batch, compiled)
-            except Exception as err:  # noqa: BLE001 - one variant's failure is a result, not the end of the stage
-                rows[name] = {
-                    "error": f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                }
-            print(f"  {name}: {rows[name]}", file=sys.stderr, flush=True)
-    lora = rows.get("lora", {}).get("ms_per_micro_batch")
-    for row in rows.values():
-        if lora and "ms_per_micro_batch" in row:
-            row["vs_our_lora"] = round(row["ms_per_micro_batch"] / lora, 3)
-    return {
-        "batch": batch,
-        "seq": size["seq"],
-        "accum": args.accum,
-        "checkpointing": checkpointing,
-        "rows": rows,
-    }
-
-
-def _time_variant(
-    args: Any, size: dict, base: Any, variant: str, batch: int, compiled: bool
-) -> dict[str, Any]:
-    model, undo = with_variant(base, variant, size)
-    try:
-        model.train()
-        runner = torch.compile(model, backend=args.compile_backend) if compiled else model
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-5) if params else None
-        gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, size["vocab"], (batch, size["seq"]), generator=gen).to(args.device)
-        autocast = torch.autocast(
-            torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.device != "cpu"
-        )
-
-        def step() -> None:
-            for _ in range(args.accum):
-                with autocast:
-                    loss = runner(input_ids=ids, labels=ids).loss / args.accum
-                loss.backward()
-            if opt is not None:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-        t0 = time.perf_counter()
-        step()  # warm-up: compilation, optimizer state, allocator
-        common.sync(args.device)
-        first_s = time.perf_counter() - t0
-        resting = common.reset_peak(args.device)
-        times = [common.time_once(step, args.device) for _ in range(args.repeats)]
-        peak = common.read_peak(args.device)
-        busy = _busy_fraction(step, args.device)
-    finally:
-        undo()
-    ms = statistics.median(times) * 1e3 / args.accum
-    return {
-        "ms_per_micro_batch": round(ms, 3),
-        "min_max_ms": [round(min(times) * 1e3 / args.accum, 3), round(max(times) * 1e3 / args.accum, 3)],
-        "first_step_s": round(first_s, 2),
-        "peak_mib": round(common.mib(peak), 1),
-        "peak_above_resting_mib": round(common.mib(max(peak - resting, 0)), 1),
-        "gpu_busy": busy,
-    }
-
-
-def _busy_fraction(step: Callable[[], None], device: str) -> float | None:
-    """Kernel time over wall time of one step (None on a CPU): well under 1 means launch-bound."""
-    if device == "cpu":
+def _busy_fraction(step, device: str) -> float | None:
+    """Kernel time / wall time of one step, from the profiler (None on the CPU: no kernels to time apart)."""
+    if torch.device(device).type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
 
@@ -243,123 +160,179 @@ def _busy_fraction(step: Callable[[], None], device: str) -> float | None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
         common.sync(device)
-    wall_us = (time.perf_counter() - t0) * 1e6
-    kernel_us = sum(e.self_device_time_total for e in prof.key_averages())
-    return round(min(kernel_us / wall_us, 1.0), 3)
+    wall = time.perf_counter() - t0
+    kernel_us = sum(e.self_device_time_total for e in prof.events())
+    return kernel_us * 1e-6 / wall
 
 
-def stage_layers(args: Any, out_dir: Path) -> dict[str, Any]:
-    """The layer sweep at the token counts users run, and this device's fitted cost-model constants."""
-    import os
+def step_rows(sz: dict, device: str, base, batch: int, ckpt: bool, compile_variants: list[str], backend: str):
+    """ms per micro-batch, peak memory and GPU busy fraction of each variant, eager and (some) compiled."""
+    from abba_cli.adapters import compile_model
 
-    # On a CPU layer_sweep re-executes itself to fix glibc's allocation thresholds (for its memory figures);
-    # inside this process the thresholds only move those figures, so say they are set.
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-    argv = ["--device", args.device, "--dtype", "bf16" if args.device != "cpu" else "fp32", "--fit"]
-    if args.smoke:
-        argv += ["--shapes", "smollm2.q/o", "--ranks", "8", "--tokens", "16", "--repeats", "1"]
-    else:
-        argv += ["--shapes", "llama1b.q/o", "mistral7b.q/o", "mistral7b.gate/up", "--ranks", "16", "32", "64"]
-        argv += ["--tokens", "512", "4096", "8192", "--repeats", "10"]
-    res = layer_sweep.main([*argv, "--out", str(out_dir / "layer_sweep.json")])
-    return {
-        "fit": res.get("fit"),
-        "auto_worst_regret_now": res["auto_worst_regret"],
-        "cells": len(res["cells"]),
-    }
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, sz["vocab"], (sz["accum"], batch, sz["seq"]), generator=gen).to(device)
+    dev_type = torch.device(device).type
+    rows = []
+    for name in VARIANTS:
+        for compiled in [False, True] if name in compile_variants else [False]:
+            model, params = make_variant(base, name)
+            if ckpt:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.enable_input_require_grads()
+            if compiled:
+                compile_model(model, backend=backend)
+            opt = torch.optim.AdamW(params, lr=1e-5)
 
+            def step(model=model, opt=opt) -> None:
+                for micro in ids:  # accumulation: one optimizer step per `accum` micro-batches
+                    with torch.autocast(dev_type, dtype=torch.bfloat16):
+                        loss = model(input_ids=micro, labels=micro).loss / len(ids)
+                    loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
 
-def stage_decode(args: Any, size: dict, base: Any) -> dict[str, Any]:
-    """Greedy decoding as `abba eval` runs it (KV cache, left-padded batch): ms per new token per batch size."""
-    base.eval()
-    base.config.use_cache = True
-    rows = {}
-    prompt_len, new = (200, 32) if not args.smoke else (8, 4)
-    for batch in (8, 16, 64) if not args.smoke else (2,):
-        ids = torch.randint(0, size["vocab"], (batch, prompt_len), generator=torch.Generator().manual_seed(0))
-        ids = ids.to(args.device)
-        kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-        with torch.inference_mode():
-            base.generate(input_ids=ids, **kw)  # warm-up
-            one = {**kw, "max_new_tokens": 1, "min_new_tokens": 1}
-            prefill = common.time_once(
-                lambda ids=ids, one=one: base.generate(input_ids=ids, **one), args.device
-            )
-            total = common.time_once(lambda ids=ids, kw=kw: base.generate(input_ids=ids, **kw), args.device)
-        per_token = (total - prefill) / (new - 1) * 1e3
-        batches = math.ceil(GSM8K_QUESTIONS / batch)
-        rows[str(batch)] = {
-            "ms_per_decode_step": round(per_token, 3),
-            "prefill_ms": round(prefill * 1e3, 1),
-            "gsm8k_minutes_at_most": round(batches * (prefill + GSM8K_NEW_TOKENS * per_token / 1e3) / 60, 2),
-        }
-    return {"prompt_tokens": prompt_len, "rows": rows}
-
-
-# ----------------------------------------------------------------------------------------------- driver
-
-
-def run_stages(args: Any) -> dict[str, Any]:
-    size = SIZES["smoke" if args.smoke else "full"]
-    args.out.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {
-        "machine": common.machine_info(args.device),
-        "size": size,
-        "layers": args.layers,
-    }
-    started = args.started = time.perf_counter()
-
-    def record(name: str, fn: Callable[[], Any]) -> None:
-        if time.perf_counter() - started > args.budget_s:
-            report[name] = {"skipped": f"budget of {args.budget_s} s spent"}
-        else:
             t0 = time.perf_counter()
-            try:
-                report[name] = {"result": fn(), "seconds": round(time.perf_counter() - t0, 1)}
-            except Exception as err:  # noqa: BLE001 - keep the other stages' results
-                report[name] = {"error": traceback.format_exc(limit=3), "type": type(err).__name__}
-        common.write_json(
-            args.out / "gpu_check.json", report
-        )  # after every stage: nothing is lost to a timeout
-        print(f"== {name}: {json.dumps(report[name])[:400]}", file=sys.stderr, flush=True)
+            step()  # warm-up (and compilation)
+            first_s = time.perf_counter() - t0
+            resting = common.reset_peak(device)
+            times = [common.time_once(step, device) for _ in range(sz["rounds"])]
+            peak = common.read_peak(device) - resting
+            busy = _busy_fraction(step, device)
+            ms = statistics.median(times) * 1e3 / sz["accum"]
+            rows.append(
+                {"variant": name, "compiled": compiled, "ms_per_micro_batch": ms, "peak_step_bytes": peak,
+                 "gpu_busy": busy, "first_step_s": first_s, "times_s": times}
+            )  # fmt: skip
+            print(f"  {name}{' compiled' if compiled else ''}: {ms:.1f} ms/micro-batch", file=sys.stderr)
+            del model, opt, params, step
+            gc.collect()
+            if dev_type == "cuda":
+                torch.cuda.empty_cache()
+    lora = {r["compiled"]: r["ms_per_micro_batch"] for r in rows if r["variant"] == "peft_lora"}
+    for r in rows:
+        r["vs_peft_lora"] = r["ms_per_micro_batch"] / lora[False] if lora else None
+    return rows
 
-    record("errors", lambda: stage_errors(args, size))
-    base = build_model(size, args.layers, args.device)
-    record("shipped", lambda: stage_steps(args, size, base, batch=1, checkpointing=True))
-    record("batch8", lambda: stage_steps(args, size, base, batch=8, checkpointing=False))
-    record("layers", lambda: stage_layers(args, args.out))
-    record("decode", lambda: stage_decode(args, size, base))
-    return report
+
+def _event_timer(device: str):
+    if torch.device(device).type != "cuda":
+        return lambda fn: common.time_once(fn, device)
+
+    def timed(fn) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) * 1e-3
+
+    return timed
+
+
+def stage_layers(sz: dict, device: str) -> dict[str, Any]:
+    """Layer cells in layer_sweep's format (so `layer_sweep.py --refit` reads them), timed with CUDA events."""
+    timed = _event_timer(device)
+    cells = []
+    for shape, (m, n) in sz["layer_shapes"].items():
+        for r in sz["layer_ranks"]:
+            for tokens in sz["layer_tokens"]:
+                w, x, dy, abba_f, lora_f = sweep._cell_inputs(m, n, r, tokens, device, torch.bfloat16)
+                fns = sweep._runners(w, x, dy, abba_f, lora_f)
+                launches = {}
+                for key, fn in fns.items():
+                    fn()  # warm-up
+                    with OpCounter() as counter:
+                        fn()
+                    launches[key] = counter.total
+                times = common.round_robin(
+                    {k: (lambda fn=fn: timed(fn)) for k, fn in fns.items()}, sz["layer_repeats"]
+                )
+                med = {k: statistics.median(v) for k, v in times.items()}
+                cells.append(
+                    {"shape": shape, "m": m, "n": n, "r": r, "r1": r // 2, "r2": r // 2, "tokens": tokens,
+                     "dropout": False, "repeats": sz["layer_repeats"], "times": times, "median": med,
+                     "peak_bytes": {k: 0 for k in med}, "launches": launches}
+                )  # fmt: skip
+                del w, x, dy, abba_f, lora_f, fns
+    fit = sweep.fit_costs(cells)
+    return {"cells": cells, "fit": fit, "table": sweep.to_markdown(cells, fit)}
+
+
+def stage_decode(sz: dict, device: str, base) -> list[dict[str, Any]]:
+    model = base.eval()
+    rows = []
+    for batch in sz["decode_batches"]:
+        gen = torch.Generator().manual_seed(batch)
+        ids = torch.randint(1, sz["vocab"], (batch, sz["decode_prompt"]), generator=gen).to(device)
+
+        def run(new: int, ids=ids) -> None:
+            with torch.inference_mode():
+                model.generate(
+                    input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                    do_sample=False, pad_token_id=0,
+                )  # fmt: skip
+
+        run(2)  # warm-up
+        one = statistics.median(common.time_once(lambda: run(1), device) for _ in range(3))
+        full = statistics.median(common.time_once(lambda: run(sz["decode_new"]), device) for _ in range(3))
+        step_ms = (full - one) * 1e3 / (sz["decode_new"] - 1)
+        batches = math.ceil(GSM8K_QUESTIONS / batch)
+        gsm8k_min = batches * (one + GSM8K_NEW_TOKENS * step_ms * 1e-3) / 60
+        rows.append(
+            {"batch": batch, "prefill_s": one, "decode_ms_per_step": step_ms, "gsm8k_upper_min": gsm8k_min}
+        )
+        print(f"  decode batch {batch}: {step_ms:.1f} ms/step, GSM8K <= {gsm8k_min:.1f} min", file=sys.stderr)
+    return rows
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = common.arg_parser(__doc__)
+    p.add_argument("--smoke", action="store_true", help="every stage on the CPU at tiny sizes")
+    p.add_argument("--device", help="default: cuda, or cpu with --smoke")
+    p.add_argument(
+        "--layers", type=int, help="decoder layers of the model (default 32; fewer if memory demands)"
+    )
+    p.add_argument(
+        "--stages", nargs="+", default=["bf16_error", "step_1x512", "step_8x512", "layers", "decode"]
+    )
+    p.add_argument(
+        "--compile", nargs="*", help="variants also timed compiled (default: lora abba; --smoke: abba)"
+    )
+    p.add_argument("--backend", help="torch.compile backend (default inductor; aot_eager with --smoke)")
+    p.add_argument("--out", type=Path, required=True)
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = common.arg_parser(__doc__)
-    p.add_argument("--out", type=Path, required=True, help="folder for gpu_check.json and the sweep's JSON")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (what the test suite runs)")
-    p.add_argument("--device", default=None, help="default: cuda, or cpu with --smoke")
-    p.add_argument("--layers", type=int, default=None, help="decoder blocks (default 32; 2 with --smoke)")
-    p.add_argument(
-        "--accum", type=int, default=4, help="micro-batches per optimizer step (the shipped configs: 4)"
+    args = parse_args(argv)
+    sz = SIZES["smoke" if args.smoke else "full"]
+    device = args.device or ("cpu" if args.smoke else "cuda")
+    backend = args.backend or ("aot_eager" if args.smoke else "inductor")
+    layers = args.layers or sz["layers"]
+    compile_variants = (
+        args.compile if args.compile is not None else (["abba"] if args.smoke else ["lora", "abba"])
     )
-    p.add_argument(
-        "--repeats", type=int, default=None, help="timed optimizer steps per row (default 5; 1 smoke)"
-    )
-    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    p.add_argument(
-        "--compile-backend",
-        default=None,
-        help="torch.compile backend (default inductor; aot_eager with --smoke)",
-    )
-    p.add_argument("--budget-s", type=float, default=480, help="start no stage after this many seconds")
-    args = p.parse_args(argv)
-    args.device = args.device or ("cpu" if args.smoke else "cuda")
-    args.layers = args.layers or (2 if args.smoke else 32)
-    args.repeats = args.repeats or (1 if args.smoke else 5)
-    # Smoke: every stage and row runs, at the least work that still runs it (one micro-batch; dynamo and AOT
-    # autograd trace the compiled rows without inductor's C++ build).
-    args.accum = args.accum or (1 if args.smoke else 4)
-    args.compile_backend = args.compile_backend or ("aot_eager" if args.smoke else "inductor")
-    return run_stages(args)
+    res: dict[str, Any] = {"config": {**vars(args), "out": str(args.out), "layers": layers, "sizes": sz},
+                           "machine": common.machine_info(device), "stages": {}}  # fmt: skip
+    common.write_json(args.out, res)
+    base = build_base(sz, device, layers) if set(args.stages) - {"bf16_error", "layers"} else None
+    stages = {
+        "bf16_error": lambda: stage_bf16_error(sz, device),
+        "step_1x512": lambda: step_rows(sz, device, base, 1, True, compile_variants, backend),
+        "step_8x512": lambda: step_rows(sz, device, base, sz["big_batch"], False, compile_variants, backend),
+        "layers": lambda: stage_layers(sz, device),
+        "decode": lambda: stage_decode(sz, device, base),
+    }
+    for name in args.stages:
+        print(f"stage {name}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            res["stages"][name] = {"result": stages[name](), "seconds": time.perf_counter() - t0}
+        except Exception as err:  # noqa: BLE001 - one failed stage must not lose the others
+            res["stages"][name] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()}
+            print(f"stage {name} failed: {err}", file=sys.stderr)
+        common.write_json(args.out, res)  # after every stage: a timeout loses at most the current one
+    return res
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from abba_cli.adapters import abba  # noqa: E402
+from abba_cli.adapters import abba, cost  # noqa: E402
 from benchmarks import common  # noqa: E402
+from benchmarks.op_count import OpCounter  # noqa: E402
 
 SHAPES = {
     "smollm2.q/o": (576, 576),
@@ -94,7 +95,7 @@ def _runners(w, x, dy, abba_f, lora_f, s: float = 1.0, dropout: bool = False):
 
     def kr() -> None:
         clear()
-        y = F.linear(x, w) + abba._KhatriRaoDelta.apply(adapter_input(), s, *abba_f)
+        y = abba._KhatriRaoABBA.apply(x, adapter_input() if dropout else None, w, None, s, *abba_f)
         y.backward(dy)
 
     def merged() -> None:
@@ -127,6 +128,11 @@ def run_cell(
     # Big cells are slow on a 2-core CPU: fewer repeats (budget in multiply-adds per cell).
     repeats = max(1, min(args.repeats, int(args.budget / max(1.0, _cell_flops(m, n, r, tokens)))))
     times = common.interleaved(fns, repeats, args.device, warmup=1)
+    launches = {}
+    for key, fn in fns.items():  # what the fit's launch term prices: deterministic, counted once
+        with OpCounter() as counter:
+            fn()
+        launches[key] = counter.total
     mem = {}
     for key, fn in fns.items():
         base = common.reset_peak(args.device)
@@ -147,24 +153,36 @@ def run_cell(
         "median": med,
         "spread": {k: [min(v), max(v)] for k, v in times.items()},
         "peak_bytes": mem,
+        "launches": launches,
     }
 
 
-COST_NAMES = abba.COST_CONSTANTS
+COST_NAMES = cost.COST_CONSTANTS
 PATHS = abba.PATHS
+# Kernel-launching ops of one cell's forward + backward per path, for sweeps recorded before the sweep counted
+# them (`launches` in each cell): the code up to commit e68102f, counted with benchmarks/op_count.py's OpCounter
+# on these runners (bf16, fp32 factors; the same for every shape and rank).
+LEGACY_LAUNCHES = {
+    False: {"lora": 16, "khatri_rao": 40, "merged": 35, "hybrid": 43},
+    True: {"lora": 20, "khatri_rao": 44, "merged": 45},
+}
 
 
-def current_costs() -> dict[str, float]:
-    return abba.cost_constants()
+def current_costs(device: str = "cpu") -> dict[str, float]:
+    return cost.cost_constants(torch.device(device).type)
 
 
-def auto_choice(cell: dict[str, Any], costs: dict[str, float] | None = None) -> str:
-    """What `auto` picks in this cell with the given constants (default: the ones abba.py uses now)."""
-    constants = {k: v for k, v in (costs or {}).items() if k in COST_NAMES} or None
-    if constants is not None and set(constants) != set(COST_NAMES):  # a sweep recorded with an older model
-        constants = {**abba.cost_constants(), **constants}
+def cell_launches(cell: dict[str, Any]) -> dict[str, int]:
+    return cell.get("launches") or LEGACY_LAUNCHES[bool(cell.get("dropout"))]
+
+
+def auto_choice(cell: dict[str, Any], costs: dict[str, float] | None = None, device: str = "cpu") -> str:
+    """What `auto` picks in this cell with the given constants (default: the ones abba.py uses on `device`),
+    pricing the launches of the code the cell measured."""
+    constants = {**current_costs(device), **{k: v for k, v in (costs or {}).items() if k in COST_NAMES}}
     args = (cell["m"], cell["n"], cell["r1"], cell["r2"], cell["tokens"], cell.get("dropout", False))
-    return abba.choose_path(*args, constants=constants)
+    costs_by_path = cost.path_costs(*args, constants=constants, launches=cell_launches(cell))
+    return min(costs_by_path, key=costs_by_path.__getitem__)
 
 
 def measured_paths(cell: dict[str, Any]) -> list[str]:
@@ -176,13 +194,16 @@ def regret(cell: dict[str, Any], choice: str) -> float:
     return med[choice] / min(med[p] for p in measured_paths(cell)) - 1.0
 
 
-# Candidate calibrations: log grids around the plain multiply-add count (KR/hybrid/build = 1, no element term).
+# Candidate calibrations: log grids around the plain multiply-add count (KR/hybrid/build = 1, no element or launch
+# term). The launch axis spans a launch worth 1e5 (a CPU) to 1e11 (a GPU's ~20 us at ~500 TFLOP/s) big-matmul
+# multiply-adds; the other axes are coarser than a five-axis fit could afford, to keep the fit under a minute.
 FIT_GRID = {
-    "KR_COST": [10 ** (k / 100) for k in range(-60, 61, 3)],
-    "HYBRID_RATIO": [1.0, 1.1, 1.2, 1.3, 1.5],  # HYBRID_COST / KR_COST
-    "BUILD_COST": [10 ** (b / 100) for b in range(-100, 151, 10)],
-    "ELEMENT_COST": [0.0] + [2 ** (j / 2) for j in range(0, 20)],
-    "KR_ELEMENT_COST": [0.0] + [2 ** (j / 2) for j in range(0, 20)],
+    "KR_COST": [10 ** (k / 100) for k in range(-60, 61, 6)],
+    "HYBRID_RATIO": [1.0, 1.2, 1.5],  # HYBRID_COST / KR_COST
+    "BUILD_COST": [10 ** (b / 100) for b in range(-100, 151, 25)],
+    "ELEMENT_COST": [0.0] + [2.0**j for j in range(0, 11)],
+    "KR_ELEMENT_COST": [0.0] + [2.0**j for j in range(0, 11)],
+    "LAUNCH_COST": [0.0] + [10 ** (k / 4) for k in range(20, 45, 2)],
 }
 
 
@@ -197,20 +218,23 @@ def fit_costs(cells: list[dict[str, Any]], grid: dict[str, list[float]] | None =
     usable = [c for c in usable if c.get("dropout") or "hybrid" in c["median"]]
     if not usable:
         raise SystemExit("no cell with every path measured: nothing to fit")
-    axes = [torch.tensor(v, dtype=torch.float64) for v in (grid or FIT_GRID).values()]
-    k, ratio, b, e, ke = (t.reshape(-1) for t in torch.meshgrid(*axes, indexing="ij"))
+    grid = {"LAUNCH_COST": [0.0], **(grid or FIT_GRID)}  # a grid without a launch axis fits without the term
+    names = ["KR_COST", "HYBRID_RATIO", "BUILD_COST", "ELEMENT_COST", "KR_ELEMENT_COST", "LAUNCH_COST"]
+    axes = [torch.tensor(grid[name], dtype=torch.float64) for name in names]
+    k, ratio, b, e, ke, la = (t.reshape(-1) for t in torch.meshgrid(*axes, indexing="ij"))
     constants = {
         "KR_COST": k,
         "HYBRID_COST": k * ratio,
         "BUILD_COST": b,
         "ELEMENT_COST": e,
         "KR_ELEMENT_COST": ke,
+        "LAUNCH_COST": la,
     }
     worst = torch.zeros_like(k)
     total = torch.zeros_like(k)
     for c in usable:
-        costs = abba.path_costs(
-            c["m"], c["n"], c["r1"], c["r2"], c["tokens"], bool(c.get("dropout")), constants
+        costs = cost.path_costs(
+            c["m"], c["n"], c["r1"], c["r2"], c["tokens"], bool(c.get("dropout")), constants, cell_launches(c)
         )
         names = list(costs)
         picks = torch.stack([costs[p] for p in names]).argmin(0)  # ties: the first listed, as choose_path
@@ -226,7 +250,7 @@ def fit_costs(cells: list[dict[str, Any]], grid: dict[str, list[float]] | None =
         padded = torch.cat([robust.narrow(dim, 0, 1), robust, robust.narrow(dim, shape[dim] - 1, 1)], dim)
         robust = torch.stack([padded.narrow(dim, j, shape[dim]) for j in range(3)]).amax(0)
     robust = robust.reshape(-1)
-    simplicity = k.log().abs() + ratio.log() + b.log().abs() + e + ke
+    simplicity = k.log().abs() + ratio.log() + b.log().abs() + e + ke + la.clamp(min=1).log()
     # lexicographic: own worst (to 0.1%), neighbourhood worst, total, simplicity
     candidates = torch.arange(len(k))
     for crit in (worst.mul(1000).round(), robust.mul(1000).round(), total.mul(1000).round(), simplicity):
@@ -244,7 +268,9 @@ def fit_costs(cells: list[dict[str, Any]], grid: dict[str, list[float]] | None =
     }
 
 
-def to_markdown(cells: list[dict[str, Any]], costs: dict[str, float] | None = None) -> str:
+def to_markdown(
+    cells: list[dict[str, Any]], costs: dict[str, float] | None = None, device: str = "cpu"
+) -> str:
     """The cell table; `auto picks` uses `costs` (those the run recorded) or else the current constants."""
     short = {"khatri_rao": "KR", "merged": "merged", "hybrid": "hybrid"}
     headers = [
@@ -265,7 +291,7 @@ def to_markdown(cells: list[dict[str, Any]], costs: dict[str, float] | None = No
     rows = []
     for c in cells:
         med, mem = c["median"], c["peak_bytes"]
-        choice = auto_choice(c, costs)
+        choice = auto_choice(c, costs, device)
         known = choice in med  # a sweep recorded before the hybrid path existed cannot say
         rows.append(
             [
@@ -301,6 +327,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-plain", action="store_true", help="with --dropout: only the dropout cells")
     p.add_argument("--fit", action="store_true", help="fit the cost-model constants to the measured cells")
     p.add_argument("--refit", nargs="+", type=Path, help="fit on recorded sweep JSONs instead of measuring")
+    p.add_argument(
+        "--launch-cost",
+        type=float,
+        help="hold the launch term at this value (big-matmul multiply-adds per launch) instead of fitting it",
+    )
     p.add_argument("--out", type=Path)
     return p.parse_args(argv)
 
@@ -339,8 +370,9 @@ def refit(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    grid = FIT_GRID if args.launch_cost is None else {**FIT_GRID, "LAUNCH_COST": [args.launch_cost]}
     if args.refit:
-        return refit(args.refit, out=args.out)
+        return refit(args.refit, grid, out=args.out)
     if args.device == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         # glibc reads these at start-up: re-exec so RSS follows live tensors (see common.py).
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **common.MEASURE_ENV})
@@ -358,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for dropout in dropouts:
                     cell = run_cell(name, m, n, r, t, args, dropout)
                     cells.append(cell)
-                    c = auto_choice(cell)
+                    c = auto_choice(cell, device=args.device)
                     print(
                         f"{name} r={r} T={t}{' dropout' if dropout else ''}: "
                         + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in cell["median"].items())
@@ -371,17 +403,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res: dict[str, Any] = {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": common.machine_info(args.device),
-        "cost_model": current_costs(),
+        "cost_model": current_costs(args.device),
         "cells": cells,
-        "auto_worst_regret": max(regret(c, auto_choice(c)) for c in cells),
+        "auto_worst_regret": max(regret(c, auto_choice(c, device=args.device)) for c in cells),
     }
     if args.fit:
-        res["fit"] = fit_costs(cells)
+        res["fit"] = fit_costs(cells, grid)
         print("fit: " + ", ".join(f"{k} = {v:.3g}" for k, v in res["fit"].items()), file=sys.stderr)
     if args.out:
         common.write_json(args.out, res)
         args.out.with_suffix(".partial.json").unlink(missing_ok=True)
-    print(to_markdown(cells))
+    print(to_markdown(cells, device=args.device))
     print(f"\nauto's worst regret with the current constants: {res['auto_worst_regret']:+.1%}")
     return res
 

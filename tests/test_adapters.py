@@ -25,7 +25,7 @@ from abba_cli.adapters import (
     unwrap_adapters,
 )
 from abba_cli.adapters import abba as abba_module
-from abba_cli.adapters.abba import _HybridABBA, _KhatriRaoDelta, _MergedABBA, path_costs
+from abba_cli.adapters.abba import _HybridABBA, _KhatriRaoABBA, _MergedABBA, path_costs
 from abba_cli.config import AdapterConfig
 from abba_cli.errors import UserError
 
@@ -84,9 +84,12 @@ def test_every_path_passes_gradcheck_with_r1_ne_r2():
     w, b = torch.randn(M, N, generator=gen), torch.randn(M, generator=gen)
     xa = torch.randn(T, N, generator=gen)
     args = [t.double().requires_grad_(True) for t in (x, B1, A1, B2, A2)]
-    assert torch.autograd.gradcheck(lambda x, *f: _KhatriRaoDelta.apply(x, 0.9, *f), args)
     xs = [t.double().requires_grad_(True) for t in (x, xa)]
     wd, bd = w.double(), b.double()
+    assert torch.autograd.gradcheck(lambda x, *f: _KhatriRaoABBA.apply(x, None, wd, bd, 0.9, *f), args)
+    assert torch.autograd.gradcheck(
+        lambda x, xa, *f: _KhatriRaoABBA.apply(x, xa, wd, bd, 0.9, *f), [*xs, *args[1:]]
+    )
     assert torch.autograd.gradcheck(
         lambda x, *f: _MergedABBA.apply(x, None, wd, bd, 0.9, *f), [args[0], *args[1:]]
     )
@@ -248,7 +251,7 @@ def test_auto_dispatch_follows_the_cost_model(monkeypatch):
     layer = _abba_layer("auto", 2, 3, dtype=torch.float32)
     x = torch.randn(T, N)
     calls = []
-    for fn in (_KhatriRaoDelta, _MergedABBA, _HybridABBA):
+    for fn in (_KhatriRaoABBA, _MergedABBA, _HybridABBA):
         monkeypatch.setattr(
             fn, "apply", (lambda name, f: lambda *a: (calls.append(name), f(*a))[1])(fn.__name__, fn.apply)
         )
@@ -257,11 +260,11 @@ def test_auto_dispatch_follows_the_cost_model(monkeypatch):
         calls.clear()
         layer(x).sum().backward()
         assert calls == [
-            {"khatri_rao": "_KhatriRaoDelta", "merged": "_MergedABBA", "hybrid": "_HybridABBA"}[pick]
+            {"khatri_rao": "_KhatriRaoABBA", "merged": "_MergedABBA", "hybrid": "_HybridABBA"}[pick]
         ]
     seen = []
     monkeypatch.setattr(
-        abba_module, "choose_path", lambda m, n, r1, r2, t, dropout=False: seen.append(dropout) or "hybrid"
+        abba_module, "choose_path", lambda m, n, r1, r2, t, dropout, costs: seen.append(dropout) or "hybrid"
     )
     with torch.no_grad():
         calls.clear()
@@ -274,7 +277,7 @@ def test_auto_dispatch_follows_the_cost_model(monkeypatch):
     layer.path = "hybrid"  # forced hybrid under dropout runs the Khatri-Rao path
     calls.clear()
     layer(x).sum().backward()
-    assert calls == ["_KhatriRaoDelta"]
+    assert calls == ["_KhatriRaoABBA"]
 
 
 @pytest.mark.parametrize("kind", ["lora", "hira"])

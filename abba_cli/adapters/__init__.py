@@ -2,6 +2,7 @@
 
 from abba_cli.adapters.abba import ABBALinear, abba_scaling, choose_path
 from abba_cli.adapters.base import AdapterLinear
+from abba_cli.adapters.compile import compile_model
 from abba_cli.adapters.hira import HiRALinear
 from abba_cli.adapters.inject import (
     TrainableSummary,
@@ -33,6 +34,7 @@ __all__ = [
     "adapter_layers",
     "adapter_state_dict",
     "choose_path",
+    "compile_model",
     "inject_adapters",
     "load_adapter",
     "lora_scaling",

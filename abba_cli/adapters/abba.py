@@ -16,13 +16,18 @@ factors alive between forward and backward (they are rebuilt in backward):
 With adapter dropout the adapter sees a different input than the frozen layer, so W0 + dW cannot be applied in
 one matmul: the merged path then pays three extra m·n·T matmuls and the hybrid path does not exist (it would be
 the Khatri-Rao path). `auto` picks the cheapest path per layer and per call (T is known at forward time) from
-that cost model; `benchmarks/layer_sweep.py --fit` calibrates its constants by measurement.
+that cost model (cost.py: constants per device type, and a price per kernel launch, which decides on a GPU at
+the shipped 512 tokens); `benchmarks/layer_sweep.py --fit` calibrates its constants by measurement.
+
+Launches are kept few (benchmarks/op_count.py; tests/test_op_count.py holds every path within 1.25x our LoRA's):
+the factors are cast once per call as one packed copy that backward reuses, B1A1 and B2A2 come from one batched
+matmul when r1 == r2, s rides in addmm's alpha or in the one op that casts the gradients back.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,31 +35,7 @@ from torch import nn
 from torch.autograd import Function
 
 from abba_cli.adapters.base import AdapterLinear, kaiming_uniform, layer_generator
-
-# Cost model of `auto`, in units of one multiply-add of a big (m, n, T) matmul (calibrated by measurement, not
-# guessed: `benchmarks/layer_sweep.py --fit` fits these to the measured cells, minimising auto's worst regret; the
-# values and the machine they come from are in benchmarks/RESULTS.md "## Performance").
-# - KR_COST: one multiply-add of the Khatri-Rao path's matmuls. They are skinny (inner or outer size r1*r2), so
-#   each does less work per byte moved than the big square-ish ones.
-# - HYBRID_COST: the same for the hybrid path's four gradient matmuls (other shapes: (T, m) x (m, r1r2) and two
-#   with the token dimension inside).
-# - KR_ELEMENT_COST: per activation element T*(m+n) that a pair of skinny matmuls streams through memory (reading
-#   x or dy, writing a (T, m) or (T, n) result); at small r1*r2 this, not the multiply-adds, decides their cost.
-# - BUILD_COST: one multiply-add of building B1A1 and B2A2 (inner size r1 or r2, an (m, n) output) or of the
-#   merged path's small gradient matmuls that read an (m, n) matrix.
-# - ELEMENT_COST: per (m, n) element of one such build: the element-wise passes (W0 + s·P1⊙P2, G⊙P2) and the
-#   (m, n) writes are memory-bound, so at small ranks they, not the multiply-adds, decide what a build costs.
-# Fitted on the full layer sweep with and without dropout, 94 cells (2-core AMD EPYC, fp32, 1 torch thread):
-# auto within 0.7% of the fastest path in every cell. Other hardware (a GPU above all) has other constants:
-# re-run the sweep with --fit there.
-KR_COST = 0.708
-HYBRID_COST = 0.92
-BUILD_COST = 0.501
-ELEMENT_COST = 45.3
-KR_ELEMENT_COST = 16.0
-COST_CONSTANTS = ("KR_COST", "HYBRID_COST", "BUILD_COST", "ELEMENT_COST", "KR_ELEMENT_COST")
-
-PATHS = ("khatri_rao", "merged", "hybrid")
+from abba_cli.adapters.cost import PATHS, choose_path, cost_constants, path_costs  # noqa: F401 (re-exported)
 
 
 def abba_scaling(alpha: float, r1: int, r2: int, convention: str) -> float:
@@ -64,48 +45,6 @@ def abba_scaling(alpha: float, r1: int, r2: int, convention: str) -> float:
     if convention == "released":
         return float(alpha)
     raise ValueError(f"unknown ABBA scaling convention {convention!r}")
-
-
-def cost_constants() -> dict[str, float]:
-    """The constants `auto` uses now (module globals, so a calibration can be tried by setting them)."""
-    return {k: globals()[k] for k in COST_CONSTANTS}
-
-
-def path_costs(
-    m: int,
-    n: int,
-    r1: int,
-    r2: int,
-    tokens: int,
-    dropout: bool = False,
-    constants: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Modelled cost of each exact path for one layer and micro-batch (module docstring), in big-matmul MACs.
-
-    `constants` overrides the module's; its values may be tensors (a whole grid of candidate calibrations at
-    once, as `benchmarks/layer_sweep.py --fit` uses), the costs are then tensors of the same shape.
-    """
-    c = constants or cost_constants()
-    kr_macs = r1 * r2 * (m + n) * tokens  # one skinny matmul over all tokens
-    kr_build = 2 * r1 * r2 * (m + n)  # B* and A*
-    build = m * n * (c["BUILD_COST"] * (r1 + r2) + c["ELEMENT_COST"])  # B1A1, B2A2, W0 + s·B1A1⊙B2A2 once
-    stream = c["KR_ELEMENT_COST"] * (m + n) * tokens  # one pair of skinny matmuls' activation traffic
-    costs = {"khatri_rao": c["KR_COST"] * (3 * kr_macs + kr_build) + 3 * stream}
-    if dropout:
-        # x and dropout(x) differ: x W0ᵀ + x_a dWᵀ forward, dy W0 and dy dW backward, plus G.
-        costs["merged"] = 3 * m * n * tokens + 4 * build
-    else:
-        costs["merged"] = m * n * tokens + 4 * build
-        costs["hybrid"] = c["HYBRID_COST"] * (2 * kr_macs + kr_build) + 2 * stream + 2 * build
-    return costs
-
-
-def choose_path(
-    m: int, n: int, r1: int, r2: int, tokens: int, dropout: bool = False, constants: dict | None = None
-) -> str:
-    """The cheapest exact path for one layer and micro-batch by the cost model (ties: the listed order)."""
-    costs = path_costs(m, n, r1, r2, tokens, dropout, constants)
-    return min(costs, key=costs.__getitem__)
 
 
 def khatri_rao_factors(
@@ -120,8 +59,8 @@ def khatri_rao_factors(
 
 
 def khatri_rao_b(B1: torch.Tensor, B2: torch.Tensor) -> torch.Tensor:
-    """B* (m, r1 r2), built r-major ((m, r1, r2) contiguous): the reshape is a free view and matmuls read it
-    without a transpose copy."""
+    """B* (m, r1 r2) in one kernel, built r-major ((m, r1, r2) contiguous): the reshape is a free view and
+    matmuls read it without a transpose copy."""
     m, r1 = B1.shape
     return (B1[:, :, None] * B2[:, None, :]).reshape(m, r1 * B2.shape[1])
 
@@ -132,168 +71,253 @@ def khatri_rao_a(A1: torch.Tensor, A2: torch.Tensor) -> torch.Tensor:
     return (A1[:, None, :] * A2[None, :, :]).reshape(r1 * A2.shape[0], n)
 
 
-def _scaled_khatri_rao_b(B1, B2, dtype, scale: float) -> torch.Tensor:
-    """B* in `dtype` with `s` folded in through B1 (m, r1): cheaper than scaling a (T, m) or (T, r1r2) activation.
-    `.to(dtype)` is a no-op when the factors are already `dtype`."""
-    b1 = B1.to(dtype)
-    return khatri_rao_b(b1 * scale if scale != 1.0 else b1, B2.to(dtype))
+# -- the factors in the compute dtype, cast once per layer call ---------------------------------------------------
+# Under autocast the factors are fp32 and the matmuls bf16. Casting each factor where it is used cost 8 casts per
+# layer and step, and 4 more for the gradients: on a GPU at 512 tokens each is a launch about as dear as a matmul.
+# Instead one `cat` packs all four (fp32, one kernel) and one cast converts the pack; forward saves it (the bf16
+# copies LoRA's autograd saves too) and backward writes the four gradients into one buffer that a single `mul`
+# scales by s and casts back. (`cat(out=<bf16 buffer>)` would look like one op, but CUDA's cat runs one copy
+# kernel per input when the dtypes differ.)
 
 
-class _KhatriRaoDelta(Function):
-    """y = s · B* (A* x): the adapter's output only (the frozen base matmul runs outside, under autograd)."""
+class _Cast(NamedTuple):
+    """Views of a packed buffer: the factors, and (r1 == r2) the stacks [B1, B2], [B2, B1], [A1, A2], [A2, A1]."""
 
-    @staticmethod
-    def forward(ctx, x, scaling, B1, A1, B2, A2):
-        dtype = x.dtype
-        b_kr = _scaled_khatri_rao_b(B1, B2, dtype, scaling)
-        a_kr = khatri_rao_a(A1.to(dtype), A2.to(dtype))
-        x2 = x.reshape(-1, x.shape[-1])  # (T, n)
-        h = x2 @ a_kr.T  # (T, r1r2): an activation, saved like LoRA's (T, r)
-        y = h @ b_kr.T  # (T, m), s already in b_kr
-        ctx.save_for_backward(x, h, B1, A1, B2, A2)
-        ctx.scaling = scaling
-        return y.reshape(*x.shape[:-1], b_kr.shape[0])
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, h, B1, A1, B2, A2 = ctx.saved_tensors
-        s = ctx.scaling
-        dtype = x.dtype
-        b_kr = _scaled_khatri_rao_b(B1, B2, dtype, s)  # rebuilt, not saved; s inside b_kr
-        a_kr = khatri_rao_a(A1.to(dtype), A2.to(dtype))
-        dy2 = dy.reshape(-1, b_kr.shape[0]).to(dtype)  # (T, m)
-        x2 = x.reshape(-1, a_kr.shape[1])  # (T, n)
-        dh = dy2 @ b_kr  # (T, r1r2) = s · dy B*
-        dx = (dh @ a_kr).reshape(x.shape) if ctx.needs_input_grad[0] else None  # (T, n)
-        return (dx, None, *_khatri_rao_factor_grads(dy2, x2, h, dh, B1, A1, B2, A2, s))
+    b1: torch.Tensor
+    a1: torch.Tensor
+    b2: torch.Tensor
+    a2: torch.Tensor
+    b12: torch.Tensor | None
+    b21: torch.Tensor | None
+    a12: torch.Tensor | None
+    a21: torch.Tensor | None
 
 
-def _khatri_rao_factor_grads(dy2, x2, h, dh, B1, A1, B2, A2, s: float):
-    """dB1, dA1, dB2, dA2 from dL/dB* = s·dyᵀh and dL/dA* = dhᵀx (h = x A*ᵀ, dh = s·dy B*), in the factors' dtype.
+def _pack(B1, A1, B2, A2, dtype: torch.dtype, stacked: bool) -> torch.Tensor:
+    """[B1, B2, A1, A2] flattened in `dtype` (two kernels: the cat, and the cast unless `dtype` is the factors').
+    `stacked` (r1 == r2 only) repeats B1 and A1 after B2 and A2, so that both orders of the pairs are (2, m, r) /
+    (2, r, n) views for batched matmuls."""
+    parts = [B1, B2, B1, A1, A2, A1] if stacked else [B1, B2, A1, A2]
+    return torch.cat([p.reshape(-1) for p in parts]).to(dtype)
+
+
+def _views(buf: torch.Tensor, m: int, n: int, r1: int, r2: int, stacked: bool) -> _Cast:
+    mb = m * r1
+    if not stacked:
+        b1, b2 = buf[:mb].view(m, r1), buf[mb : mb + m * r2].view(m, r2)
+        a = buf[mb + m * r2 :]
+        return _Cast(b1, a[: r1 * n].view(r1, n), b2, a[r1 * n :].view(r2, n), None, None, None, None)
+    na = r1 * n
+    bs, as_ = buf[: 3 * mb], buf[3 * mb :]
+    b12, b21 = bs[: 2 * mb].view(2, m, r1), bs[mb:].view(2, m, r1)
+    a12, a21 = as_[: 2 * na].view(2, r1, n), as_[na:].view(2, r1, n)
+    return _Cast(b12[0], a12[0], b12[1], a12[1], b12, b21, a12, a21)
+
+
+def _grad_buffer(f: _Cast) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """An empty buffer for dB1, dB2, dA1, dA2 (that order), and views of it shaped like each."""
+    shapes = (f.b1.shape, f.b2.shape, f.a1.shape, f.a2.shape)
+    sizes = [s[0] * s[1] for s in shapes]
+    buf = f.b1.new_empty(sum(sizes))
+    return buf, tuple(v.view(s) for v, s in zip(buf.split(sizes), shapes, strict=True))
+
+
+def _factor_grads(buf: torch.Tensor, s: float, dtype: torch.dtype, f: _Cast):
+    """(dB1, dA1, dB2, dA2) in the factors' `dtype` from the unscaled gradient buffer: one kernel scales and
+    casts (a `mul` writing into a buffer of the other dtype)."""
+    out = buf.mul_(s) if buf.dtype == dtype else torch.mul(buf, s, out=torch.empty_like(buf, dtype=dtype))
+    sizes = [f.b1.numel(), f.b2.numel(), f.a1.numel(), f.a2.numel()]
+    dB1, dB2, dA1, dA2 = (
+        v.view(t.shape) for v, t in zip(out.split(sizes), (f.b1, f.b2, f.a1, f.a2), strict=True)
+    )
+    return dB1, dA1, dB2, dA2
+
+
+def _products(f: _Cast) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(P, B1 A1, B2 A2), each (m, n): one batched matmul P = [B2 A2, B1 A1] when r1 == r2, else two."""
+    if f.b21 is None:
+        return None, f.b1 @ f.a1, f.b2 @ f.a2
+    p = torch.bmm(f.b21, f.a21)  # (2, m, n)
+    return p, p[1], p[0]
+
+
+def _khatri_rao_factor_grads(dy2, x2, h, dh, f: _Cast, s: float, dtype: torch.dtype):
+    """dB1, dA1, dB2, dA2 from dL/dB* = s·dyᵀh and dL/dA* = s·dhᵀx (h = x A*ᵀ, dh = dy B*).
 
     B*[k, i r2 + j] = B1[k, i] B2[k, j] and A*[i r2 + j, c] = A1[i, c] A2[j, c]: the B sums are batched mat-vecs
-    (no (m, r1, r2) temporary), s is applied to the small (m, r) results.
+    (no (m, r1, r2) temporary). Each result is written into one buffer, which is scaled by s and cast once.
     """
-    dtype = dy2.dtype
-    m, r1 = B1.shape
-    r2, n = A2.shape
+    m, r1 = f.b1.shape
+    r2, n = f.a2.shape
+    buf, (gb1, gb2, ga1, ga2) = _grad_buffer(f)
     db_kr = (dy2.T @ h).view(m, r1, r2)  # dL/dB* / s
-    da_kr = (dh.T @ x2).view(r1, r2, n)  # dL/dA*
-    b1, b2 = B1.to(dtype), B2.to(dtype)
-    dB1 = torch.bmm(db_kr, b2[:, :, None]).squeeze(2).mul_(s)  # (m, r1)
-    dB2 = torch.bmm(b1[:, None, :], db_kr).squeeze(1).mul_(s)  # (m, r2)
-    dA1 = (da_kr * A2.to(dtype)[None, :, :]).sum(1)  # (r1, n)
-    dA2 = (da_kr * A1.to(dtype)[:, None, :]).sum(0)  # (r2, n)
-    return dB1.to(B1.dtype), dA1.to(A1.dtype), dB2.to(B2.dtype), dA2.to(A2.dtype)
+    da_kr = (dh.T @ x2).view(r1, r2, n)  # dL/dA* / s
+    torch.bmm(db_kr, f.b2[:, :, None], out=gb1[:, :, None])  # (m, r1, 1)
+    torch.bmm(f.b1[:, None, :], db_kr, out=gb2[:, None, :])  # (m, 1, r2)
+    torch.sum(da_kr * f.a2[None, :, :], 1, out=ga1)  # (r1, n)
+    torch.sum(da_kr * f.a1[:, None, :], 0, out=ga2)  # (r2, n)
+    return _factor_grads(buf, s, dtype, f)
 
 
-def _products(B1, A1, B2, A2, dtype):
-    """B1 A1 and B2 A2, each (m, n), in `dtype`."""
-    return B1.to(dtype) @ A1.to(dtype), B2.to(dtype) @ A2.to(dtype)
+def _base_grads(ctx, dy2, x, weight, bias):
+    """dW0 and db, should a caller ever unfreeze the frozen weight or bias (None otherwise)."""
+    need_w, need_b = ctx.needs_input_grad[2:4]
+    dw = (dy2.T @ x.reshape(-1, weight.shape[1])).to(weight.dtype) if need_w else None
+    db = dy2.sum(0).to(bias.dtype) if need_b and bias is not None else None
+    return dw, db
 
 
-def _merged_weight(weight, p1, p2, scaling, dtype):
-    """W0 + s (B1 A1) ⊙ (B2 A2) in `dtype`, in one fused pass (addcmul)."""
-    return torch.addcmul(weight.to(dtype), p1, p2, value=scaling)
+class _KhatriRaoABBA(Function):
+    """y = x W0ᵀ + b + s · (x_a A*ᵀ) B*ᵀ: the frozen matmul and a rank-r1r2 LoRA, s riding in addmm's alpha.
 
-
-def _merged_linear(x, weight, bias, scaling, B1, A1, B2, A2):
-    """x (W0 + dW)ᵀ + b: the frozen layer's own matmul, the update riding along for free."""
-    dtype = x.dtype
-    w = _merged_weight(weight, *_products(B1, A1, B2, A2, dtype), scaling, dtype)
-    return F.linear(x, w, None if bias is None else bias.to(dtype))
-
-
-class _MergedABBA(Function):
-    """y = x (W0 + dW)ᵀ + b in one matmul, or x W0ᵀ + b + x_a dWᵀ when dropout makes the adapter input differ.
-
-    Saves only x (and x_a) and the factors; W0 + dW and dW are rebuilt in backward.
+    x_adapter: the dropped-out input, or None when it is x. Saves x (and x_a), h = x_a A*ᵀ (T, r1r2: an
+    activation, like LoRA's (T, r)) and the packed factors; B* and A* are rebuilt in backward.
     """
 
     @staticmethod
     def forward(ctx, x, x_adapter, weight, bias, scaling, B1, A1, B2, A2):
         dtype = x.dtype
-        if x_adapter is None:
-            y = _merged_linear(x, weight, bias, scaling, B1, A1, B2, A2)
-        else:
-            p1, p2 = _products(B1, A1, B2, A2, dtype)
-            delta = p1.mul_(p2).mul_(scaling)  # (m, n), freed on return
-            b = None if bias is None else bias.to(dtype)
-            y = F.linear(x, weight.to(dtype), b) + F.linear(x_adapter, delta)
-        ctx.save_for_backward(x, x_adapter, weight, bias, B1, A1, B2, A2)
-        ctx.scaling = scaling
-        return y
+        m, n = weight.shape
+        r1, r2 = B1.shape[1], B2.shape[1]
+        buf = _pack(B1, A1, B2, A2, dtype, False)
+        f = _views(buf, m, n, r1, r2, False)
+        xa = x if x_adapter is None else x_adapter
+        h = xa.reshape(-1, n) @ khatri_rao_a(f.a1, f.a2).T  # (T, r1r2)
+        y = F.linear(x.reshape(-1, n), weight.to(dtype), None if bias is None else bias.to(dtype))  # (T, m)
+        # in place: CUDA's out-of-place addmm copies its input into the result first (a second launch)
+        y.addmm_(h, khatri_rao_b(f.b1, f.b2).T, alpha=scaling)
+        ctx.save_for_backward(x, x_adapter, h, weight, bias, buf)
+        ctx.scaling, ctx.ranks, ctx.factor_dtype = scaling, (r1, r2), B1.dtype
+        return y.view(*x.shape[:-1], m)
 
     @staticmethod
     def backward(ctx, dy):
-        x, x_adapter, weight, bias, B1, A1, B2, A2 = ctx.saved_tensors
-        s = ctx.scaling
+        x, x_adapter, h, weight, bias, buf = ctx.saved_tensors
+        s, dtype = ctx.scaling, buf.dtype
+        m, n = weight.shape
+        f = _views(buf, m, n, *ctx.ranks, False)
+        dy2 = dy.reshape(-1, m).to(dtype)  # (T, m)
+        a_kr = khatri_rao_a(f.a1, f.a2)
+        dh = dy2 @ khatri_rao_b(f.b1, f.b2)  # (T, r1r2) = dy B*, without s
+        dx = dxa = None
+        if x_adapter is None:
+            if ctx.needs_input_grad[0]:
+                dx = (dy2 @ weight.to(dtype)).addmm_(dh, a_kr, alpha=s).view(x.shape)
+        else:
+            if ctx.needs_input_grad[0]:
+                dx = (dy2 @ weight.to(dtype)).view(x.shape)
+            if ctx.needs_input_grad[1]:
+                dxa = (dh @ a_kr).mul_(s).view(x_adapter.shape)
+        xa = x if x_adapter is None else x_adapter
+        grads = _khatri_rao_factor_grads(dy2, xa.reshape(-1, n), h, dh, f, s, ctx.factor_dtype)
+        return (dx, dxa, *_base_grads(ctx, dy2, x, weight, bias), None, *grads)
+
+
+class _MergedABBA(Function):
+    """y = x (W0 + dW)ᵀ + b in one matmul, or x W0ᵀ + b + s·x_a (P1⊙P2)ᵀ when dropout makes the adapter input
+    differ (x_adapter not None). Saves x (and x_a) and the packed factors; P1, P2, W0 + dW are rebuilt in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_adapter, weight, bias, scaling, B1, A1, B2, A2):
         dtype = x.dtype
         m, n = weight.shape
-        need_x, need_xa, need_w, need_b = ctx.needs_input_grad[:4]
-        dy2 = dy.reshape(-1, m).to(dtype)  # (T, m)
-        dx = dxa = dw = db = None
-        p1, p2 = _products(B1, A1, B2, A2, dtype)  # rebuilt (m, n) each
+        r1, r2 = B1.shape[1], B2.shape[1]
+        buf = _pack(B1, A1, B2, A2, dtype, r1 == r2)
+        _, p1, p2 = _products(_views(buf, m, n, r1, r2, r1 == r2))
+        b = None if bias is None else bias.to(dtype)
+        x2 = x.reshape(-1, n)
         if x_adapter is None:
-            if need_x:  # skipped (and W0 + dW not rebuilt) when x needs no gradient, e.g. the first layer's
-                dx = (dy2 @ _merged_weight(weight, p1, p2, s, dtype)).reshape(x.shape)
+            y = F.linear(x2, torch.addcmul(weight.to(dtype), p1, p2, value=scaling), b)
+        else:
+            y = F.linear(x2, weight.to(dtype), b).addmm_(
+                x_adapter.reshape(-1, n), p1.mul_(p2).T, alpha=scaling
+            )
+        ctx.save_for_backward(x, x_adapter, weight, bias, buf)
+        ctx.scaling, ctx.ranks, ctx.factor_dtype = scaling, (r1, r2), B1.dtype
+        return y.view(*x.shape[:-1], m)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, x_adapter, weight, bias, buf = ctx.saved_tensors
+        s, dtype = ctx.scaling, buf.dtype
+        m, n = weight.shape
+        r1, r2 = ctx.ranks
+        f = _views(buf, m, n, r1, r2, r1 == r2)
+        dy2 = dy.reshape(-1, m).to(dtype)  # (T, m)
+        w0 = weight.to(dtype)
+        dx = dxa = None
+        p, p1, p2 = _products(f)  # rebuilt (m, n) each
+        if x_adapter is None:
+            if ctx.needs_input_grad[
+                0
+            ]:  # skipped (W0 + dW not built) when x needs no gradient (the first layer)
+                dx = (dy2 @ torch.addcmul(w0, p1, p2, value=s)).view(x.shape)
             src = x.reshape(-1, n)
         else:
-            if need_x:
-                dx = (dy2 @ weight.to(dtype)).reshape(x.shape)
-            if need_xa:
-                dxa = (dy2 @ (p1 * p2).mul_(s)).reshape(x_adapter.shape)
+            if ctx.needs_input_grad[0]:
+                dx = (dy2 @ w0).view(x.shape)
+            if ctx.needs_input_grad[1]:
+                dxa = (dy2 @ (p1 * p2)).mul_(s).view(x_adapter.shape)
             src = x_adapter.reshape(-1, n)
-        grad = dy2.T @ src  # dL/dW' / s, (m, n); s is applied to the small (m, r) and (r, n) results
-        if need_w:
-            dw = (dy2.T @ x.reshape(-1, n)).to(weight.dtype)
-        if need_b and bias is not None:
-            db = dy2.sum(0).to(bias.dtype)
-        g1 = p2.mul_(grad)  # dL/d(B1 A1) / s, in p2's buffer (p2 is not needed any more)
-        dB1 = (g1 @ A1.to(dtype).T).mul_(s).to(B1.dtype)
-        dA1 = (B1.to(dtype).T @ g1).mul_(s).to(A1.dtype)
-        del g1, p2
-        g2 = grad.mul_(p1)  # dL/d(B2 A2) / s
-        dB2 = (g2 @ A2.to(dtype).T).mul_(s).to(B2.dtype)
-        dA2 = (B2.to(dtype).T @ g2).mul_(s).to(A2.dtype)
-        return dx, dxa, dw, db, None, dB1, dA1, dB2, dA2
+        grad = dy2.T @ src  # dL/dW' / s, (m, n)
+        gbuf, (gb1, gb2, ga1, ga2) = _grad_buffer(f)
+        if p is not None:  # p = [P2, P1] -> [G⊙P2, G⊙P1] = [dL/dP1, dL/dP2] / s, in p's buffer
+            g = p.mul_(grad)
+            torch.bmm(g, f.a12.mT, out=gbuf[: gb1.numel() + gb2.numel()].view(2, m, r1))  # [g1 A1ᵀ, g2 A2ᵀ]
+            torch.bmm(f.b12.mT, g, out=gbuf[gb1.numel() + gb2.numel() :].view(2, r1, n))  # [B1ᵀ g1, B2ᵀ g2]
+        else:
+            g1, g2 = p2.mul_(grad), p1.mul_(grad)  # in P2's and P1's buffers (not needed any more)
+            torch.mm(g1, f.a1.T, out=gb1)
+            torch.mm(f.b1.T, g1, out=ga1)
+            torch.mm(g2, f.a2.T, out=gb2)
+            torch.mm(f.b2.T, g2, out=ga2)
+        grads = _factor_grads(gbuf, s, ctx.factor_dtype, f)
+        return (dx, dxa, *_base_grads(ctx, dy2, x, weight, bias), None, *grads)
 
 
 class _HybridABBA(Function):
     """y = x (W0 + dW)ᵀ + b in one matmul, dx through W0 + dW; factor gradients the Khatri-Rao way (no G = dyᵀx).
 
-    Saves x, h = x A*ᵀ (T, r1r2; what the Khatri-Rao path saves too) and the factors; W0 + dW, B*, A* are rebuilt
-    in backward. Only for the no-dropout case (x is the adapter's input too).
+    Saves x, h = x A*ᵀ (T, r1r2; what the Khatri-Rao path saves too) and the packed factors; W0 + dW and B* are
+    rebuilt in backward. Only for the no-dropout case (x is the adapter's input too).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, scaling, B1, A1, B2, A2):
         dtype = x.dtype
-        y = _merged_linear(x, weight, bias, scaling, B1, A1, B2, A2)
-        a_kr = khatri_rao_a(A1.to(dtype), A2.to(dtype))  # B* is not needed until backward
-        h = x.reshape(-1, x.shape[-1]) @ a_kr.T  # (T, r1r2)
-        ctx.save_for_backward(x, h, weight, bias, B1, A1, B2, A2)
-        ctx.scaling = scaling
-        return y
+        m, n = weight.shape
+        r1, r2 = B1.shape[1], B2.shape[1]
+        buf = _pack(B1, A1, B2, A2, dtype, r1 == r2)
+        f = _views(buf, m, n, r1, r2, r1 == r2)
+        _, p1, p2 = _products(f)
+        x2 = x.reshape(-1, n)
+        w = torch.addcmul(weight.to(dtype), p1, p2, value=scaling)
+        y = F.linear(x2, w, None if bias is None else bias.to(dtype))
+        h = x2 @ khatri_rao_a(f.a1, f.a2).T  # (T, r1r2); B* is not needed until backward
+        ctx.save_for_backward(x, h, weight, bias, buf)
+        ctx.scaling, ctx.ranks, ctx.factor_dtype = scaling, (r1, r2), B1.dtype
+        return y.view(*x.shape[:-1], m)
 
     @staticmethod
     def backward(ctx, dy):
-        x, h, weight, bias, B1, A1, B2, A2 = ctx.saved_tensors
-        s = ctx.scaling
-        dtype = x.dtype
+        x, h, weight, bias, buf = ctx.saved_tensors
+        s, dtype = ctx.scaling, buf.dtype
         m, n = weight.shape
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        r1, r2 = ctx.ranks
+        f = _views(buf, m, n, r1, r2, r1 == r2)
         dy2 = dy.reshape(-1, m).to(dtype)  # (T, m)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            _, p1, p2 = _products(f)
+            dx = (dy2 @ torch.addcmul(weight.to(dtype), p1, p2, value=s)).view(x.shape)
+        dh = dy2 @ khatri_rao_b(f.b1, f.b2)  # (T, r1r2) = dy B*, without s; A* not needed
         x2 = x.reshape(-1, n)
-        dx = dw = db = None
-        if need_x:
-            dx = (dy2 @ _merged_weight(weight, *_products(B1, A1, B2, A2, dtype), s, dtype)).reshape(x.shape)
-        if need_w:
-            dw = (dy2.T @ x2).to(weight.dtype)
-        if need_b and bias is not None:
-            db = dy2.sum(0).to(bias.dtype)
-        dh = dy2 @ _scaled_khatri_rao_b(B1, B2, dtype, s)  # (T, r1r2) = s · dy B*; A* not needed
-        return (dx, dw, db, None, *_khatri_rao_factor_grads(dy2, x2, h, dh, B1, A1, B2, A2, s))
+        grads = _khatri_rao_factor_grads(dy2, x2, h, dh, f, s, ctx.factor_dtype)
+        # needs_input_grad of (x, weight, bias) sits at 0..2 here: shift by one for _base_grads' indices
+        dw = (dy2.T @ x2).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        db = dy2.sum(0).to(bias.dtype) if ctx.needs_input_grad[2] and bias is not None else None
+        return (dx, dw, db, None, *grads)
 
 
 class ABBALinear(AdapterLinear):
@@ -349,7 +373,9 @@ class ABBALinear(AdapterLinear):
         """The path a forward over `tokens` tokens runs. With dropout active there is no hybrid path: a forced
         `hybrid` then runs as `khatri_rao`, its gradient half (training with dropout stays exact, just not fused)."""
         if self.path == "auto":
-            return choose_path(self.out_features, self.in_features, self.r1, self.r2, tokens, dropout)
+            # The constants of the device the layer's weight is on now (a dict lookup: torch.compile traces it).
+            costs = cost_constants(self.weight.device.type)
+            return choose_path(self.out_features, self.in_features, self.r1, self.r2, tokens, dropout, costs)
         if self.path == "hybrid" and dropout:
             return "khatri_rao"
         return self.path
@@ -361,12 +387,12 @@ class ABBALinear(AdapterLinear):
         factors = (self.B1, self.A1, self.B2, self.A2)
         with torch.autocast(x.device.type, enabled=False):
             path = self.resolved_path(x.numel() // self.in_features, dropout)
+            x_adapter = x_adapter if dropout else None
             if path == "khatri_rao":
-                return self.base_forward(x, dtype) + _KhatriRaoDelta.apply(x_adapter, self.scaling, *factors)
+                return _KhatriRaoABBA.apply(x, x_adapter, self.weight, self.bias, self.scaling, *factors)
             if path == "hybrid" and torch.is_grad_enabled():
                 return _HybridABBA.apply(x, self.weight, self.bias, self.scaling, *factors)
             # (hybrid without gradients: its forward is the merged one, minus the h it would save)
-            x_adapter = x_adapter if dropout else None
             return _MergedABBA.apply(x, x_adapter, self.weight, self.bias, self.scaling, *factors)
 
 

@@ -49,6 +49,10 @@ def setup_model(cfg: RunConfig) -> tuple[Any, Any, list]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.config.use_cache = False
+    if cfg.train.compile:
+        from abba_cli.adapters import compile_model
+
+        compile_model(model)  # in place: state-dict keys, saving and resume are unchanged
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError(

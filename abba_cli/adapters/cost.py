@@ -1,0 +1,130 @@
+"""The cost model `auto` picks ABBA's execution path with, per device type (see abba.py for the paths).
+
+Costs are in units of one multiply-add of a big (m, n, T) matmul in the compute dtype. Terms:
+- KR_COST: one multiply-add of the Khatri-Rao path's skinny matmuls (inner or outer size r1*r2: less work per
+  byte moved than the big square-ish ones).
+- HYBRID_COST: the same for the hybrid path's gradient matmuls.
+- BUILD_COST: one multiply-add of building B1A1 and B2A2 (an (m, n) output) or of the merged path's small
+  gradient matmuls that read an (m, n) matrix.
+- Memory traffic, per element moved: ELEMENT_COST per (m, n) element of one build (the element-wise passes
+  W0 + s·P1⊙P2, G⊙P and the (m, n) writes are memory-bound) and KR_ELEMENT_COST per activation element
+  T·(m + n) that a pair of skinny matmuls streams (reads x or dy, writes a (T, m) or (T, n) result).
+- LAUNCH_COST: per kernel launch (`LAUNCHES`: the ops each path's forward + backward runs). On a GPU at the
+  shipped micro-batch (1 x 512 tokens) a layer's matmuls take tens of microseconds and each launch several, so
+  this term, not the arithmetic, decides.
+
+The constants are held per device type in plain dicts resolved by the layer's weight device on each call (a dict
+lookup: `torch.compile` traces it as a constant). `benchmarks/layer_sweep.py --fit` fits them on a device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+COST_CONSTANTS = ("KR_COST", "HYBRID_COST", "BUILD_COST", "ELEMENT_COST", "KR_ELEMENT_COST", "LAUNCH_COST")
+
+# CPU: fitted on the full layer sweep with and without dropout, 94 cells (2-core AMD EPYC, fp32, 1 torch
+# thread): auto within 0.7% of the fastest path in every cell (benchmarks/RESULTS.md "## Performance"). A launch
+# there costs a few microseconds against matmuls of milliseconds: no launch term.
+CPU_COSTS = {
+    "KR_COST": 0.708,
+    "HYBRID_COST": 0.92,
+    "BUILD_COST": 0.501,
+    "ELEMENT_COST": 45.3,
+    "KR_ELEMENT_COST": 16.0,
+    "LAUNCH_COST": 0.0,
+}
+# CUDA: fitted on an NVIDIA H200 (bf16, torch 2.11+cu130; 70 cells at 512 and 4096 tokens, recorded in
+# benchmarks/results/gpu/layer_sweep_fit_h200_bf16.json with the code before launches were cut) by
+# `layer_sweep.py --refit that.json --launch-cost 3.16e9`: worst regret 28.5%, mean 1.9% on those cells. The launch
+# cost is held at ~10 us of big-matmul work (3e14 multiply-adds/s), what an eager op costs there: the free fit
+# (3.2e8, worst regret 17.9%) picks hybrid for Mistral's MLP layers at 512 tokens, which the whole-step
+# measurement on the same GPU contradicts (1 x 512 tokens, 8 Mistral-7B layers: merged 46 ms, hybrid 54 ms).
+# These picks agree with it: merged on every layer at 512 tokens, hybrid on the MLP layers at 4096 (8 x 512:
+# Khatri-Rao 47, hybrid 49, merged 58 ms). The cells are single-repeat and noisy: refit on a new sweep.
+# Other accelerators use these too: they are launch-bound in the same regime.
+CUDA_COSTS = {
+    "KR_COST": 1.148,
+    "HYBRID_COST": 1.148,
+    "BUILD_COST": 0.316,
+    "ELEMENT_COST": 64.0,
+    "KR_ELEMENT_COST": 1024.0,
+    "LAUNCH_COST": 3.16e9,
+}
+DEVICE_COSTS = {"cpu": CPU_COSTS, "cuda": CUDA_COSTS}
+
+PATHS = ("khatri_rao", "merged", "hybrid")
+
+# Kernel-launching ops of one forward + backward of an adapted layer (its frozen matmuls included, x needing a
+# gradient, fp32 factors in a bf16 computation; with dropout, its own 3 ops and the sum of x's two gradients too),
+# per path and by (dropout, r1 == r2): what abba.py runs, as benchmarks/layer_sweep.py counts it, checked by
+# tests/test_op_count.py. The merged and hybrid paths build B1A1 and B2A2 in one batched matmul when r1 == r2.
+LAUNCHES = {
+    (False, True): {"khatri_rao": 21, "merged": 13, "hybrid": 21},
+    (False, False): {"khatri_rao": 21, "merged": 18, "hybrid": 23},
+    (True, True): {"khatri_rao": 27, "merged": 21},
+    (True, False): {"khatri_rao": 27, "merged": 26},
+}
+
+
+def cost_constants(device_type: str = "cpu") -> dict[str, float]:
+    """The constants `auto` uses on a device type (a copy; accelerators other than CUDA use CUDA's)."""
+    return dict(DEVICE_COSTS.get(device_type, CUDA_COSTS))
+
+
+def path_launches(r1: int, r2: int, dropout: bool = False) -> dict[str, int]:
+    return LAUNCHES[(dropout, r1 == r2)]
+
+
+def path_costs(
+    m: int,
+    n: int,
+    r1: int,
+    r2: int,
+    tokens: int,
+    dropout: bool = False,
+    constants: Mapping[str, Any] | None = None,
+    launches: Mapping[str, int] | None = None,
+) -> dict[str, Any]:
+    """Modelled cost of each exact path for one layer and micro-batch, in big-matmul multiply-adds.
+
+    `constants` (default: the CPU's) may hold tensors: a whole grid of candidate calibrations at once, as
+    `benchmarks/layer_sweep.py --fit` uses; the costs are then tensors of that shape. `launches` (default:
+    `LAUNCHES`, today's code) lets a fit price the launches of the code a sweep measured.
+    """
+    c = CPU_COSTS if constants is None else constants
+    ops = path_launches(r1, r2, dropout) if launches is None else launches
+    launch = c.get("LAUNCH_COST", 0.0)
+    kr_macs = r1 * r2 * (m + n) * tokens  # one skinny matmul over all tokens
+    kr_build = 2 * r1 * r2 * (m + n)  # B* and A*
+    build = m * n * (c["BUILD_COST"] * (r1 + r2) + c["ELEMENT_COST"])  # B1A1, B2A2, W0 + s·B1A1⊙B2A2 once
+    stream = c["KR_ELEMENT_COST"] * (m + n) * tokens  # one pair of skinny matmuls' activation traffic
+    costs = {"khatri_rao": c["KR_COST"] * (3 * kr_macs + kr_build) + 3 * stream + launch * ops["khatri_rao"]}
+    if dropout:
+        # x and dropout(x) differ: x W0ᵀ + x_a dWᵀ forward, dy W0 and dy dW backward, plus G.
+        costs["merged"] = 3 * m * n * tokens + 4 * build + launch * ops["merged"]
+    else:
+        costs["merged"] = m * n * tokens + 4 * build + launch * ops["merged"]
+        costs["hybrid"] = (
+            c["HYBRID_COST"] * (2 * kr_macs + kr_build) + 2 * stream + 2 * build + launch * ops["hybrid"]
+        )
+    return costs
+
+
+def choose_path(
+    m: int,
+    n: int,
+    r1: int,
+    r2: int,
+    tokens: int,
+    dropout: bool = False,
+    constants: Mapping[str, Any] | None = None,
+) -> str:
+    """The cheapest exact path for one layer and micro-batch by the cost model (ties: the listed order)."""
+    costs = path_costs(m, n, r1, r2, tokens, dropout, constants)
+    best = PATHS[0]
+    for path, value in costs.items():  # a loop, not min(key=): torch.compile traces it with a symbolic T too
+        if value < costs[best]:
+            best = path
+    return best
