@@ -726,6 +726,8 @@ def _load_model(cfg: RunConfig, empty_weights: bool = False) -> tuple[Any, Any]:
         revision=m.revision,
         attn_implementation=m.attn_implementation,
         empty_weights=empty_weights,
+        quantization=m.quantization,
+        double_quant=m.double_quant,
     )
 
 

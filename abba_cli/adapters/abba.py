@@ -330,7 +330,7 @@ class ABBALinear(AdapterLinear):
         Zero-initialising both B's would kill every gradient (paper appendix C).
         """
         gen = layer_generator(seed, self.name)
-        w = self.weight.detach().float()
+        w = self.frozen_weight()
         with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
             # svd_lowrank draws its random projection from the global RNG: seed it per layer so every process
             # (and every rerun) gets the same factors.
