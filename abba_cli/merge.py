@@ -66,8 +66,8 @@ def _short_dtype(dtype: torch.dtype) -> str:
     return _ALIASES[name]
 
 
-def _run_model_settings(run_dir: Path) -> dict[str, Any]:
-    """trust_remote_code / revision from RUN_DIR/config.yaml, so the base loads as it did for training."""
+def _run_model_section(run_dir: Path) -> dict[str, Any]:
+    """The `model` mapping of RUN_DIR/config.yaml ({} when there is none to read)."""
     import yaml
 
     path = run_dir / "config.yaml"
@@ -78,9 +78,42 @@ def _run_model_settings(run_dir: Path) -> dict[str, Any]:
     except yaml.YAMLError:
         return {}
     model = raw.get("model") if isinstance(raw, dict) else None
-    if not isinstance(model, dict):
-        return {}
+    return model if isinstance(model, dict) else {}
+
+
+def _run_model_settings(run_dir: Path) -> dict[str, Any]:
+    """trust_remote_code / revision from RUN_DIR/config.yaml, so the base loads as it did for training."""
+    model = _run_model_section(run_dir)
     return {k: model[k] for k in ("trust_remote_code", "revision") if model.get(k) is not None}
+
+
+def _run_quantization(run_dir: Path) -> dict[str, Any] | None:
+    """{quantization, double_quant} when the run trained on a bitsandbytes-quantized base, else None."""
+    model = _run_model_section(run_dir)
+    quantization = model.get("quantization") or "none"
+    if quantization == "none":
+        return None
+    return {"quantization": str(quantization), "double_quant": bool(model.get("double_quant", False))}
+
+
+def _quantized_reference(base: str, run_dir: Path, settings: dict[str, Any], quant: dict[str, Any]) -> list:
+    """Logits of what the run trained: the quantized base + the adapter (unmerged), on CHECK_PROMPTS.
+
+    Computed in fp32 (bitsandbytes' compute dtype fp32 too), so the difference to the merged model is the
+    quantization of W0 alone, not a compute dtype's rounding. Freed before the unquantized base loads.
+    """
+    from abba_cli.adapters import load_adapter
+    from abba_cli.models import load_base
+
+    model, tokenizer = load_base(base, "float32", **settings, **quant)
+    model.eval()
+    load_adapter(model, run_dir)
+    model.eval()
+    try:
+        return _logits(model, tokenizer, CHECK_PROMPTS)
+    finally:
+        del model
+        gc.collect()
 
 
 @contextlib.contextmanager
@@ -96,7 +129,8 @@ def fp32_compute(model) -> Iterator[None]:
 
     def upcast(module, args):
         for p in module.parameters(recurse=False):
-            if p.dtype != torch.float32:
+            # Packed bitsandbytes weights (uint8/int8) compute in their own dtype; they are never upcast.
+            if p.dtype != torch.float32 and p.is_floating_point():
                 module._abba_dtypes = getattr(module, "_abba_dtypes", {})
                 module._abba_dtypes[id(p)] = p.dtype
                 p.data = p.data.float()
@@ -242,6 +276,10 @@ def merge_run(
         timings[phase] = round(time.perf_counter() - started - sum(timings.values()), 2)
 
     settings = _run_model_settings(adapter.root)
+    # Trained on a quantized base: the merged model is the unquantized base + dW (what users ship); measure how
+    # far that is from what trained, before the unquantized base is loaded (one model in memory at a time).
+    quant = _run_quantization(adapter.root)
+    quant_logits = _quantized_reference(base, adapter.run_dir, settings, quant) if quant else None
     model, tokenizer = load_base(base, "auto", **settings)
     # A chat-trained run: the merged model's tokenizer carries the chat template it trained with (data, #15).
     from abba_cli.data import run_dir_chat_template
@@ -263,6 +301,10 @@ def merge_run(
     ref_logits = _logits(model, tokenizer, CHECK_PROMPTS)
     effect = compare_logits(ref_logits, base_logits)["max_rel_diff"]
     del base_logits
+    quantized = None
+    if quant is not None:
+        quantized = {**quant, **compare_logits(quant_logits, ref_logits)}
+        del quant_logits
     lap("reference_logits")
 
     digests = _fold_layers(model, target)
@@ -307,6 +349,9 @@ def merge_run(
             "seconds": round(time.perf_counter() - started, 2),
             "timings_s": timings,
         }
+        if quantized is not None:
+            # Not a pass/fail check: how far the shipped model (unquantized base + dW) is from what trained.
+            meta["trained_on_quantized_base"] = quantized
         c = meta["check"]
         verdict = "passed" if c["passed"] else "FAILED"
         print(
@@ -316,6 +361,12 @@ def merge_run(
             f"{c['top1_agreement']:.1%}; all {n_layers} folded layers exactly round(W0 + dW)"
             + ("" if layers_ok else ", but not as read back")
         )
+        if quantized is not None:
+            print(
+                f"note: trained on a {quantized['quantization']} base; the merged model is the unquantized base "
+                f"+ dW, and its logits differ from the {quantized['quantization']} base + adapter it trained as by "
+                f"{quantized['max_rel_diff']:.3g} (relative; top-1 agreement {quantized['top1_agreement']:.1%})"
+            )
         if effect <= tol:
             print(
                 f"note: the adapter changes the logits by only {effect:.3g} (relative), within the "
