@@ -157,6 +157,13 @@ class AdapterLinear(nn.Module):
             lin.bias = nn.Parameter(self.bias.data, requires_grad=False)
         return lin
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.quantized_base is not None:
+            # bitsandbytes writes a packed weight's quantization state next to it (`weight.absmax`, ...): the
+            # base's keys stay whole, as for an unquantized layer.
+            self.quantized_base._save_to_state_dict(destination, prefix, keep_vars)
+
     def _refuse_quantized(self, what: str) -> None:
         if self.quantized_base is not None:
             raise UserError(
