@@ -34,9 +34,8 @@ from abba_cli.quant import dequantized_weight, is_quantized_linear  # noqa: E402
 QUANTS = ("nf4", "fp4", "int8")
 
 
-def _quantized(model_dir: Path, quantization: str, dtype: str = "float32"):
-    model, tok = load_base(str(model_dir), dtype, quantization=quantization)
-    return model, tok
+def _quantized(model_dir: Path, quantization: str, dtype: str = "float32", double_quant: bool = False):
+    return load_base(str(model_dir), dtype, quantization=quantization, double_quant=double_quant)
 
 
 def _randomize(layer, seed: int = 0, scale: float = 0.3) -> None:
@@ -86,12 +85,14 @@ def test_summary_counts_the_weights_a_packed_model_stands_for(tiny_model_dir):
 # ------------------------------------------------------------------------------------------ forward and backward
 
 
-@pytest.mark.parametrize("quantization", ("nf4", "fp4"))
-def test_4bit_forward_is_dequantized_weight_plus_adapter(tiny_model_dir, quantization):
+@pytest.mark.parametrize(("quantization", "double_quant"), [("nf4", False), ("fp4", True)])
+def test_4bit_forward_is_dequantized_weight_plus_adapter(tiny_model_dir, quantization, double_quant):
     """fp32 compute: the packed layer computes x·Wdeqᵀ exactly, the adapter s·x((B1A1)⊙(B2A2))ᵀ (float64 ref)."""
-    model, _ = _quantized(tiny_model_dir, quantization)
+    model, _ = _quantized(tiny_model_dir, quantization, double_quant=double_quant)
     inject_adapters(model, AdapterConfig(type="abba", r1=2, r2=3), seed=0)
     layer = model.get_submodule("model.layers.1.mlp.down_proj")  # 64 x 128
+    state = layer.weight.quant_state
+    assert (state.quant_type, state.nested) == (quantization, double_quant)
     _randomize(layer)
     w = dequantized_weight(layer.quantized_base).double()
     original, _ = load_base(str(tiny_model_dir), "float32")
