@@ -6,6 +6,10 @@ adapter layer is replaced by an ordinary nn.Linear, and the result is saved with
 holds every folded layer to W0 + dW recomputed in fp32 and rounded once (bit for bit), reloads the directory from
 disk, checks those layers came back byte-identical, and compares its logits with base + adapter (unmerged) on a
 few fixed prompts.
+
+A run trained on a quantized base (model.quantization) is folded into the unquantized base all the same: the
+merged model is the bf16/fp32 base + dW, what users ship. How far that is from what trained (the quantized base
++ adapter) is measured on the same prompts and recorded as `trained_on_quantized_base`, not checked.
 """
 
 from __future__ import annotations
@@ -279,7 +283,10 @@ def merge_run(
     # Trained on a quantized base: the merged model is the unquantized base + dW (what users ship); measure how
     # far that is from what trained, before the unquantized base is loaded (one model in memory at a time).
     quant = _run_quantization(adapter.root)
-    quant_logits = _quantized_reference(base, adapter.run_dir, settings, quant) if quant else None
+    quant_logits = None
+    if quant is not None:
+        quant_logits = _quantized_reference(base, adapter.run_dir, settings, quant)
+        lap("quantized_reference")
     model, tokenizer = load_base(base, "auto", **settings)
     # A chat-trained run: the merged model's tokenizer carries the chat template it trained with (data, #15).
     from abba_cli.data import run_dir_chat_template
