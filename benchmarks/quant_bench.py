@@ -11,6 +11,7 @@ warm-up steps. Variants are run round-robin (common.round_robin), so background 
     python benchmarks/quant_bench.py                 # 3 rounds of fp32, bf16, nf4 (bf16 compute), nf4 (fp32)
     python benchmarks/quant_bench.py --rounds 1 --steps 4
     python benchmarks/quant_bench.py --estimate      # the computed GPU table of README "Quantized bases"
+    python benchmarks/quant_bench.py --sizes         # bytes of each variant's base tensors only (exact, no timing)
 
 Run the measurement only on a quiet machine (`uptime` load below 1.5): the times are wall-clock.
 """
@@ -78,6 +79,18 @@ def child(name: str, steps: int, micro: int, seq: int) -> dict:
         "step_s": statistics.median(times),
         "step_s_all": times,
     }
+
+
+def sizes() -> dict[str, float]:
+    """MiB of the base's tensors per variant (state dict, quantization constants included): exact, any load."""
+    from abba_cli.models import load_base
+
+    out = {}
+    for name, (dtype, quantization) in VARIANTS.items():
+        model, _ = load_base(str(common.smollm2_dir()), dtype, quantization=quantization)
+        out[name] = round(common.mib(sum(t.nbytes for t in model.state_dict().values())), 1)
+        del model
+    return out
 
 
 def measure(rounds: int, steps: int, micro: int, seq: int) -> dict:
@@ -221,6 +234,7 @@ def estimate_table() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--estimate", action="store_true", help="print the computed GPU memory table")
+    parser.add_argument("--sizes", action="store_true", help="print each variant's base tensor MiB (exact)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--micro", type=int, default=4)
@@ -229,6 +243,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.estimate:
         print(estimate_table())
+        return
+    if args.sizes:
+        print(json.dumps(sizes()))
         return
     if args.child:
         print(json.dumps(child(args.child, args.steps, args.micro, args.seq)))
