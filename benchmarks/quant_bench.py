@@ -41,6 +41,13 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 # ------------------------------------------------------------------------------------------ measured (CPU)
 
 
+def base_bytes(model) -> int:
+    """Bytes of the model's tensors (state dict: bitsandbytes' quantization constants included), each storage
+    once: a tied lm_head is listed under two keys but held once."""
+    seen = {t.data_ptr(): t.nbytes for t in model.state_dict().values()}
+    return sum(seen.values())
+
+
 def child(name: str, steps: int, micro: int, seq: int) -> dict:
     """One variant in this (fresh) process; returns its figures."""
     import torch
@@ -52,7 +59,7 @@ def child(name: str, steps: int, micro: int, seq: int) -> dict:
     torch.manual_seed(0)
     dtype, quantization = VARIANTS[name]
     model, _ = load_base(str(common.smollm2_dir()), dtype, quantization=quantization)
-    base_bytes = sum(t.nbytes for t in model.state_dict().values())
+    nbytes = base_bytes(model)
     loaded_rss = common._status_kib("VmRSS") * 1024
     inject_adapters(model, AdapterConfig(type="abba", r1=16, r2=16, target_modules=TARGETS), seed=0)
     model.train()
@@ -73,7 +80,7 @@ def child(name: str, steps: int, micro: int, seq: int) -> dict:
     times = [step() for _ in range(steps + 1)][1:]
     return {
         "variant": name,
-        "base_bytes": base_bytes,
+        "base_bytes": nbytes,
         "rss_after_load": loaded_rss,
         "peak_rss": common.read_peak("cpu"),
         "step_s": statistics.median(times),
@@ -88,7 +95,7 @@ def sizes() -> dict[str, float]:
     out = {}
     for name, (dtype, quantization) in VARIANTS.items():
         model, _ = load_base(str(common.smollm2_dir()), dtype, quantization=quantization)
-        out[name] = round(common.mib(sum(t.nbytes for t in model.state_dict().values())), 1)
+        out[name] = round(common.mib(base_bytes(model)), 1)
         del model
     return out
 
