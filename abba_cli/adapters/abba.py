@@ -171,21 +171,25 @@ class _KhatriRaoABBA(Function):
     """y = x W0ᵀ + b + s · (x_a A*ᵀ) B*ᵀ: the frozen matmul and a rank-r1r2 LoRA, s riding in addmm's alpha.
 
     x_adapter: the dropped-out input, or None when it is x. Saves x (and x_a), h = x_a A*ᵀ (T, r1r2: an
-    activation, like LoRA's (T, r)) and the packed factors; B* and A* are rebuilt in backward.
+    activation, like LoRA's (T, r)) and the packed factors; B* and A* are rebuilt in backward. `weight` None: the
+    adapter's term only (a quantized base runs its frozen matmul through bitsandbytes, outside this function).
     """
 
     @staticmethod
     def forward(ctx, x, x_adapter, weight, bias, scaling, B1, A1, B2, A2):
         dtype = x.dtype
-        m, n = weight.shape
+        m, n = B1.shape[0], A1.shape[1]
         r1, r2 = B1.shape[1], B2.shape[1]
         buf = _pack(B1, A1, B2, A2, dtype, False)
         f = _views(buf, m, n, r1, r2, False)
         xa = x if x_adapter is None else x_adapter
         h = xa.reshape(-1, n) @ khatri_rao_a(f.a1, f.a2).T  # (T, r1r2)
-        y = F.linear(x.reshape(-1, n), weight.to(dtype), None if bias is None else bias.to(dtype))  # (T, m)
-        # in place: CUDA's out-of-place addmm copies its input into the result first (a second launch)
-        y.addmm_(h, khatri_rao_b(f.b1, f.b2).T, alpha=scaling)
+        if weight is None:
+            y = (h @ khatri_rao_b(f.b1, f.b2).T).mul_(scaling)  # (T, m)
+        else:
+            y = F.linear(x.reshape(-1, n), weight.to(dtype), None if bias is None else bias.to(dtype))  # (T, m)
+            # in place: CUDA's out-of-place addmm copies its input into the result first (a second launch)
+            y.addmm_(h, khatri_rao_b(f.b1, f.b2).T, alpha=scaling)
         ctx.save_for_backward(x, x_adapter, h, weight, bias, buf)
         ctx.scaling, ctx.ranks, ctx.factor_dtype = scaling, (r1, r2), B1.dtype
         return y.view(*x.shape[:-1], m)
@@ -194,13 +198,20 @@ class _KhatriRaoABBA(Function):
     def backward(ctx, dy):
         x, x_adapter, h, weight, bias, buf = ctx.saved_tensors
         s, dtype = ctx.scaling, buf.dtype
-        m, n = weight.shape
+        m, n = dy.shape[-1], x.shape[-1]
         f = _views(buf, m, n, *ctx.ranks, False)
         dy2 = dy.reshape(-1, m).to(dtype)  # (T, m)
         a_kr = khatri_rao_a(f.a1, f.a2)
         dh = dy2 @ khatri_rao_b(f.b1, f.b2)  # (T, r1r2) = dy B*, without s
         dx = dxa = None
-        if x_adapter is None:
+        if weight is None:  # the adapter's term only: its input gradient, wherever the input came from
+            if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+                d_in = (dh @ a_kr).mul_(s)
+                if x_adapter is None:
+                    dx = d_in.view(x.shape)
+                else:
+                    dxa = d_in.view(x_adapter.shape)
+        elif x_adapter is None:
             if ctx.needs_input_grad[0]:
                 dx = (dy2 @ weight.to(dtype)).addmm_(dh, a_kr, alpha=s).view(x.shape)
         else:
@@ -210,7 +221,8 @@ class _KhatriRaoABBA(Function):
                 dxa = (dh @ a_kr).mul_(s).view(x_adapter.shape)
         xa = x if x_adapter is None else x_adapter
         grads = _khatri_rao_factor_grads(dy2, xa.reshape(-1, n), h, dh, f, s, ctx.factor_dtype)
-        return (dx, dxa, *_base_grads(ctx, dy2, x, weight, bias), None, *grads)
+        base_grads = (None, None) if weight is None else _base_grads(ctx, dy2, x, weight, bias)
+        return (dx, dxa, *base_grads, None, *grads)
 
 
 class _MergedABBA(Function):
@@ -273,7 +285,8 @@ class _MergedABBA(Function):
             torch.mm(g2, f.a2.T, out=gb2)
             torch.mm(f.b2.T, g2, out=ga2)
         grads = _factor_grads(gbuf, s, ctx.factor_dtype, f)
-        return (dx, dxa, *_base_grads(ctx, dy2, x, weight, bias), None, *grads)
+        base_grads = (None, None) if weight is None else _base_grads(ctx, dy2, x, weight, bias)
+        return (dx, dxa, *base_grads, None, *grads)
 
 
 class _HybridABBA(Function):
@@ -354,7 +367,7 @@ class ABBALinear(AdapterLinear):
         Zero-initialising both B's would kill every gradient (paper appendix C).
         """
         gen = layer_generator(seed, self.name)
-        w = self.weight.detach().float()
+        w = self.frozen_weight()
         with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
             # svd_lowrank draws its random projection from the global RNG: seed it per layer so every process
             # (and every rerun) gets the same factors.
@@ -388,6 +401,9 @@ class ABBALinear(AdapterLinear):
         with torch.autocast(x.device.type, enabled=False):
             path = self.resolved_path(x.numel() // self.in_features, dropout)
             x_adapter = x_adapter if dropout else None
+            if self.quantized_base is not None:  # packed W0: bitsandbytes' matmul, then the adapter's term
+                delta = _KhatriRaoABBA.apply(x, x_adapter, None, None, self.scaling, *factors)
+                return self.base_forward(x, dtype) + delta
             if path == "khatri_rao":
                 return _KhatriRaoABBA.apply(x, x_adapter, self.weight, self.bias, self.scaling, *factors)
             if path == "hybrid" and torch.is_grad_enabled():

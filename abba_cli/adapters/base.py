@@ -3,6 +3,10 @@
 An adapter layer replaces an `nn.Linear` in place and keeps its frozen `weight`/`bias` as its own parameters,
 so the base model's state-dict keys do not change (torchtune's choice). Subclasses declare their trainable
 factors in `factor_names`, build them in `__init__`, and implement `delta_weight()` and `adapter_forward()`.
+
+A bitsandbytes Linear4bit / Linear8bitLt (model.quantization) is wrapped the same way: its packed weight is the
+layer's `weight`, and the frozen part runs through the bitsandbytes layer's own forward (its quantized matmul),
+kept as `quantized_base`. Initialisations read W0 through `frozen_weight()`, the dequantized weight there.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from abba_cli.errors import UserError
+from abba_cli.quant import dequantized_weight, is_quantized_linear, unpack_cpu_weight
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -61,6 +66,14 @@ class AdapterLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.name = name
         self.merged = False
+        # Not registered as a submodule: its weight and bias are already ours, so state-dict keys stay put.
+        self.quantized_base: nn.Module | None = None
+        if is_quantized_linear(base):
+            unpack_cpu_weight(base)
+            # Training mode for good: in eval mode on avx512_bf16 CPUs Linear4bit repacks its weight in place
+            # for a bf16 inference kernel that has no backward; nothing else in these layers depends on it.
+            base.train(True)
+            object.__setattr__(self, "quantized_base", base)
 
     # -- to implement ---------------------------------------------------------------------------
     def delta_weight(self) -> torch.Tensor:
@@ -100,7 +113,16 @@ class AdapterLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         return self.adapter_forward(x, compute_dtype(x))
 
+    def frozen_weight(self) -> torch.Tensor:
+        """W0 as fp32 (out, in), detached: on a quantized base, its dequantized weight (what QPiSSA reads)."""
+        if self.quantized_base is not None:
+            return dequantized_weight(self.quantized_base)
+        return self.weight.detach().float()
+
     def base_forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.quantized_base is not None:
+            # bitsandbytes casts x to its compute dtype and the result back to x's dtype.
+            return self.quantized_base(x.to(dtype))
         bias = None if self.bias is None else self.bias.to(dtype)
         return F.linear(x.to(dtype), self.weight.to(dtype), bias)
 
@@ -109,6 +131,7 @@ class AdapterLinear(nn.Module):
         """Fold dW into W in fp32, then cast back; safe to call twice."""
         if self.merged:
             return
+        self._refuse_quantized("merging the adapter into it")
         merged = self.weight.float() + self.delta_weight()
         if not torch.isfinite(merged).all():
             raise UserError(
@@ -127,11 +150,26 @@ class AdapterLinear(nn.Module):
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear holding the current (merged, if merged) weight, for export."""
+        self._refuse_quantized("unwrapping it into an nn.Linear")
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         lin.weight = nn.Parameter(self.weight.data, requires_grad=False)
         if self.bias is not None:
             lin.bias = nn.Parameter(self.bias.data, requires_grad=False)
         return lin
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.quantized_base is not None:
+            # bitsandbytes writes a packed weight's quantization state next to it (`weight.absmax`, ...): the
+            # base's keys stay whole, as for an unquantized layer.
+            self.quantized_base._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _refuse_quantized(self, what: str) -> None:
+        if self.quantized_base is not None:
+            raise UserError(
+                f"{self.name or 'this layer'} wraps a quantized (bitsandbytes) weight; {what} would round W0 + dW "
+                "to 4/8 bits. Run the adapter unmerged, or `abba merge` it (folds into the unquantized base)"
+            )
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}={tuple(getattr(self, n).shape)}" for n in self.factor_names)

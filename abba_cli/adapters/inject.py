@@ -1,7 +1,13 @@
-"""Putting adapter layers into a model: match nn.Linear modules by name suffix, replace them, freeze the rest."""
+"""Putting adapter layers into a model: match nn.Linear modules by name suffix, replace them, freeze the rest.
+
+bitsandbytes' Linear4bit / Linear8bitLt (a quantized base) count as nn.Linear: the adapter wraps them and the
+frozen part runs through their quantized matmul (adapters.base). ABBA's fused paths build W0 + dW, which a packed
+weight cannot hold, so ABBA layers on a quantized base always run the (exact) Khatri-Rao path.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -13,6 +19,7 @@ from abba_cli.adapters.hira import HiRALinear
 from abba_cli.adapters.lora import LoRALinear, lora_scaling
 from abba_cli.config import AdapterConfig
 from abba_cli.errors import UserError
+from abba_cli.quant import is_quantized_linear
 
 
 def scaling_for(cfg: AdapterConfig) -> float:
@@ -40,10 +47,19 @@ def _build_layer(
                 f"adapter.{key}={value} is larger than {name} allows ({m}x{n}: rank at most {limit}); "
                 f"choose adapter.{key} <= {limit}"
             )
+    quantized = is_quantized_linear(base)
     if cfg.type == "abba":
-        return ABBALinear(base, cfg.r1, cfg.r2, scaling, cfg.dropout, cfg.path, name, seed, init)
+        # On a packed weight only the Khatri-Rao path exists (merged/hybrid build W0 + dW); any recorded
+        # path is an execution choice, all exact, so an adapter trained on a full base loads here too.
+        path = "khatri_rao" if quantized else cfg.path
+        return ABBALinear(base, cfg.r1, cfg.r2, scaling, cfg.dropout, path, name, seed, init)
     if cfg.type == "lora":
         return LoRALinear(base, cfg.r, scaling, cfg.dropout, cfg.init, name, seed, init)
+    if quantized:
+        raise UserError(
+            f"adapter.type hira multiplies its update by W0 itself, and {name} is quantized (packed weights); "
+            "use adapter.type abba or lora on a quantized base, or model.quantization: none"
+        )
     return HiRALinear(base, cfg.r, scaling, cfg.dropout, name, seed, init)
 
 
@@ -61,16 +77,14 @@ def inject_adapters(
     matched: list[tuple[str, nn.Module]] = [
         (name, mod) for name, mod in model.named_modules() if name and _matches(name, cfg.target_modules)
     ]
-    not_linear = [f"{name} ({type(mod).__name__})" for name, mod in matched if type(mod) is not nn.Linear]
+    not_linear = [f"{name} ({type(mod).__name__})" for name, mod in matched if not _is_linear(mod)]
     if not_linear:
         raise UserError(
             f"adapter.target_modules matches modules that are not nn.Linear: {', '.join(not_linear[:3])}; "
             "adapters apply to nn.Linear layers only"
         )
     if not matched:
-        suffixes = sorted(
-            {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if type(mod) is nn.Linear}
-        )
+        suffixes = sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if _is_linear(mod)})
         raise UserError(
             f"adapter.target_modules {cfg.target_modules} matches no nn.Linear in the model; "
             f"its linear layers end with: {', '.join(suffixes)}"
@@ -79,6 +93,8 @@ def inject_adapters(
     # Every layer is built (and its ranks checked) before the first one is swapped in, so a refused layer
     # leaves the model as it was.
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    # Taken before building: a quantized layer's wrapper pins the wrapped bitsandbytes layer to training mode.
+    modes = [base.training for _, base in matched]
     try:
         layers = [(name, _build_layer(base, cfg, s, name, seed, init)) for name, base in matched]
     except BaseException:
@@ -87,10 +103,10 @@ def inject_adapters(
         raise
     for p in model.parameters():
         p.requires_grad_(False)
-    for (name, layer), (_, base) in zip(layers, matched, strict=True):
+    for (name, layer), training in zip(layers, modes, strict=True):
         # A new module starts in training mode; follow the layer it replaces, so that injecting into a model
         # in eval mode (merge, evaluation) does not switch adapter dropout on.
-        layer.train(base.training)
+        layer.train(training)
         model.set_submodule(name, layer)
         for p in layer.factors().values():
             p.requires_grad_(True)
@@ -101,6 +117,12 @@ def remove_adapters(model: nn.Module, originals: dict[str, nn.Module]) -> None:
     """Put back the modules that `inject_adapters` replaced (`originals`: name -> module, taken before)."""
     for name, _ in list(adapter_layers(model)):
         model.set_submodule(name, originals[name])
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # Exactly nn.Linear: its subclasses (NonDynamicallyQuantizableLinear, ...) have other forwards; bitsandbytes'
+    # quantized layers are the subclasses the adapters know how to run.
+    return type(module) is nn.Linear or is_quantized_linear(module)
 
 
 def _refuse_tied(model: nn.Module, matched: list[tuple[str, nn.Module]]) -> None:
@@ -154,6 +176,13 @@ def unwrap_adapters(model: nn.Module) -> None:
         setattr(parent, child, layer.to_linear())
 
 
+def _logical_numel(p: nn.Parameter) -> int:
+    """Weights a parameter stands for: a packed 4-bit one holds two per byte (its quant_state knows the shape)."""
+    state = getattr(p, "quant_state", None)
+    shape = getattr(state, "shape", None)
+    return math.prod(shape) if shape is not None else p.numel()
+
+
 @dataclass
 class TrainableSummary:
     trainable: int
@@ -175,7 +204,7 @@ class TrainableSummary:
 def trainable_summary(model: nn.Module) -> TrainableSummary:
     params = {id(p): p for p in model.parameters()}.values()  # tied weights counted once
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    total = sum(p.numel() for p in params)
+    total = sum(_logical_numel(p) for p in params)
     per_layer = {
         name: sum(p.numel() for p in layer.factors().values()) for name, layer in adapter_layers(model)
     }

@@ -49,7 +49,7 @@ class LoRALinear(AdapterLinear):
     @torch.no_grad()
     def reset_parameters(self, seed: int = 0) -> None:
         if self.init_method == "pissa":
-            w = self.weight.detach().float()
+            w = self.frozen_weight()
             u, sigma, vh = torch.linalg.svd(w, full_matrices=False)
             root = (sigma[: self.r] / self.scaling).sqrt()
             self.B.copy_(u[:, : self.r] * root)  # (m, r)

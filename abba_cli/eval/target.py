@@ -76,10 +76,13 @@ def load_model_for_eval(target_model: str, run_dir: Path | None, load_kwargs: di
     import torch
 
     from abba_cli.models import load_base
+    from abba_cli.quant import is_quantized_model
 
     model, tokenizer = load_base(target_model, **(load_kwargs or {}))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and model.dtype == torch.float16:
+    # bitsandbytes placed a quantized base on its device already, and W0 + dW cannot be packed back exactly.
+    quantized = is_quantized_model(model)
+    if device.type == "cpu" and model.dtype == torch.float16 and not quantized:
         # fp16 kernels are slow or missing on CPUs. bf16 is kept: with avx512_bf16 it was measured 1.5-2x
         # faster than fp32 here (SmolLM2-135M, 5 GSM8K prompts x 32 tokens: 9.4 s vs 13.9 s).
         model = model.float()
@@ -96,9 +99,11 @@ def load_model_for_eval(target_model: str, run_dir: Path | None, load_kwargs: di
                 f"--run {run_dir}: its adapter does not fit the model {target_model} ({first})"
             ) from None
         # Fold dW into W0 and drop the wrappers: generation then costs exactly what the base model costs.
-        merge_adapters(model)
-        unwrap_adapters(model)
-    model.to(device)
+        if not quantized:
+            merge_adapters(model)
+            unwrap_adapters(model)
+    if not quantized:
+        model.to(device)
     model.eval()
     tokenizer.padding_side = "left"  # decoder-only batching: prompts end where generation starts
     if tokenizer.pad_token is None:
