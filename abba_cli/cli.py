@@ -217,3 +217,18 @@ def export(
     from abba_cli.export import export_run
 
     export_run(format=format, out=out, run=run, overwrite=overwrite, base=base)
+
+
+@app.command()
+@_user_errors
+def inspect(
+    runs: list[Path] = typer.Argument(..., help="Run directories (ABBA, LoRA, HiRA or full fine-tuning)."),
+    out: Path = typer.Option(..., "--out", help="Directory for inspect.json and inspect.png."),
+    base: Path | None = typer.Option(
+        None, "--base", help="Another copy of the base model (default: the one each run recorded)."
+    ),
+) -> None:
+    """Singular values of each layer's dW: effective rank, 90%-energy rank, ||dW||/||W0||."""
+    from abba_cli.inspect import run_inspect
+
+    run_inspect(runs, out, base)
