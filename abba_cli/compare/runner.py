@@ -1,0 +1,198 @@
+"""`abba compare`: every (method, seed) trained and evaluated through the product's own train and eval code.
+
+Layout under OUT:
+    OUT/configs/<method>_seed<k>.yaml   the exact config each run trains with (`abba train` accepts it as is)
+    OUT/runs/<method>_seed<k>/          an ordinary run directory (+ eval/<task>/ and compare_resources.json)
+    OUT/compare.md, compare.json, compare.png   the table and the loss curves (abba_cli.compare.table)
+
+Resumable by rerunning the same command: a finished run (final adapter or model saved, same config) is kept, an
+interrupted one resumes from its latest checkpoint (`train.save_every`; without one it restarts from step 0),
+evaluation continues where it stopped. Under a multi-process launcher every process trains every run in turn
+(each run uses all processes); evaluation and the table are then done by the main process alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from abba_cli.compare.budget import format_budget, parse_methods, plan_methods, split_sets
+from abba_cli.config import RunConfig, apply_overrides, dump_config, read_yaml, validate_config
+from abba_cli.errors import UserError
+from abba_cli.fsutil import atomic_write_text
+
+RESOURCES = "compare_resources.json"
+
+
+# The product's train and eval entry points, imported here and only here (their modules are being moved into
+# packages; these two functions are what has to follow them).
+def _train(cfg: RunConfig, config_path: Path, resume: bool) -> None:
+    from abba_cli.train import run_training
+
+    run_training(cfg, config_path=config_path, resume=resume)
+
+
+def _evaluate(run_dir: Path) -> None:
+    from abba_cli.evaluate import run_eval
+
+    run_eval(tasks=[], run=run_dir, resume=True)  # the run's own eval section; finished results are reused
+
+
+def _is_main() -> bool:
+    # torchrun and accelerate launch both set RANK; a plain process is the main one.
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def check_comparable(cfg: RunConfig, source: str) -> None:
+    """A comparison needs held-out loss and held-out questions: refuse a config that has neither."""
+    if cfg.data.val_samples is None and cfg.data.val_path is None:
+        raise UserError(
+            f"{source}: abba compare needs validation data: set data.val_samples (hold examples out of the "
+            "training source) or data.val_path, e.g. --set data.val_samples=64"
+        )
+    if not cfg.eval.tasks:
+        raise UserError(
+            f"{source}: abba compare needs eval.tasks (the held-out questions), e.g. --set eval.tasks=[piqa,obqa]"
+        )
+
+
+def run_name(method: str, seed: int) -> str:
+    return f"{method}_seed{seed}"
+
+
+def parse_run_name(name: str) -> tuple[str, int] | None:
+    m = re.fullmatch(r"(\w+?)_seed(\d+)", name)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def run_compare(config: Path, methods: str, seeds: int, out: Path, sets: list[str]) -> Path:
+    """Plan, train, evaluate, tabulate; returns OUT/compare.md (None-free: the table is always written)."""
+    from abba_cli.compare.table import write_outputs
+
+    method_list = parse_methods(methods)
+    if seeds < 1:
+        raise UserError(f"--seeds {seeds}: give at least 1")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, not a directory")
+    common, per_method = split_sets(sets, method_list)
+    raw = read_yaml(Path(config)) if Path(config).is_file() else None
+    if not isinstance(raw, dict):
+        raise UserError(f"{config}: not a run config file (a YAML mapping of model, adapter, data, ...)")
+    apply_overrides(raw, common)
+    cfg = validate_config(raw, str(config))
+    check_comparable(cfg, str(config))
+    plans = plan_methods(raw, str(config), method_list, per_method)
+    if _is_main():
+        print(format_budget(plans, cfg))
+    jobs = [(plan, seed) for seed in range(1, seeds + 1) for plan in plans]  # seed 1 of every method first
+    for i, (plan, seed) in enumerate(jobs, 1):
+        run_cfg, path = _seeded(plan.raw, plan.method, seed, out)
+        if _is_main():
+            print(f"[{i}/{len(jobs)}] {run_name(plan.method, seed)}: {plan.describe}", file=sys.stderr)
+        train_one(run_cfg, path)
+    if not _is_main():
+        return out / "compare.md"
+    for plan, seed in jobs:
+        run_dir = out / "runs" / run_name(plan.method, seed)
+        if not _eval_done(run_dir, plan.cfg.eval.tasks):
+            _evaluate(run_dir)
+    return write_outputs(out, config, plans, seeds)
+
+
+def _seeded(raw: dict, method: str, seed: int, out: Path) -> tuple[RunConfig, Path]:
+    """The method's config with train.seed = data.seed = seed (each seed its own data order and validation
+    split, shared by every method) and its run directory under OUT; written to OUT/configs/."""
+    raw = copy.deepcopy(raw)
+    name = run_name(method, seed)
+    apply_overrides(raw, [f"train.seed={seed}", f"data.seed={seed}", f"output_dir={out / 'runs' / name}"])
+    cfg = validate_config(raw, f"{method} seed {seed}")
+    path = out / "configs" / f"{name}.yaml"
+    if _is_main():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, dump_config(cfg))
+    return cfg, path
+
+
+def finished(run_dir: Path) -> bool:
+    """The final adapter (or, for full fine-tuning, the model) is saved: training is over."""
+    from abba_cli.runs import ADAPTER_CONFIG, ADAPTER_WEIGHTS, full_model_dir
+
+    adapter = (run_dir / ADAPTER_WEIGHTS).is_file() and (run_dir / ADAPTER_CONFIG).is_file()
+    return adapter or full_model_dir(run_dir) is not None
+
+
+def train_one(cfg: RunConfig, config_path: Path) -> None:
+    """Keep a finished run (if it trained with this config), resume an interrupted one, else start it."""
+    from abba_cli.rundir import RESUME_MAY_CHANGE, diff_keys, is_empty_run_dir, read_saved_config
+    from abba_cli.runs import CONFIG_FILE
+
+    run_dir = Path(cfg.output_dir)
+    saved = run_dir / CONFIG_FILE
+    if saved.is_file():
+        diffs = [
+            k
+            for k in diff_keys(read_saved_config(run_dir), cfg.model_dump(mode="json"))
+            if not k.startswith(RESUME_MAY_CHANGE)
+        ]
+        if diffs:
+            raise UserError(
+                f"{run_dir} was trained with other settings ({', '.join(diffs)}); give another --out, or remove "
+                "that run to train it again"
+            )
+        if finished(run_dir):
+            if _is_main():
+                print(f"kept (finished): {run_dir}", file=sys.stderr)
+            return
+    elif not is_empty_run_dir(run_dir):
+        raise UserError(
+            f"{run_dir}: holds files but no {CONFIG_FILE}, so it is no run to resume; remove it and rerun"
+        )
+    resume = saved.is_file()
+    gc.collect()  # what an earlier run left behind should not count in this run's peak
+    with PeakMemory() as peak:
+        _train(cfg, config_path, resume)
+    if _is_main():
+        record = {"peak_memory_bytes": peak.bytes, "memory_kind": peak.kind, "resumed": resume}
+        atomic_write_text(run_dir / RESOURCES, json.dumps(record, indent=2) + "\n")
+
+
+def _eval_done(run_dir: Path, tasks: list[str]) -> bool:
+    return all((run_dir / "eval" / t / "metrics.json").is_file() for t in tasks)
+
+
+class PeakMemory:
+    """Peak memory of this process during the block: CUDA's max allocated bytes on every GPU it used, else the
+    peak resident set size (Linux: VmHWM, reset through /proc/self/clear_refs); None where neither exists."""
+
+    def __init__(self) -> None:
+        self.bytes: int | None = None
+        self.kind: str | None = None
+
+    def __enter__(self) -> PeakMemory:
+        import torch
+
+        if torch.cuda.is_available():
+            for d in range(torch.cuda.device_count()):
+                torch.cuda.reset_peak_memory_stats(d)
+            self.kind = "cuda_max_allocated"
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+                self.kind = "peak_rss"
+            except OSError:
+                self.kind = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        if self.kind == "cuda_max_allocated":
+            self.bytes = sum(torch.cuda.max_memory_allocated(d) for d in range(torch.cuda.device_count()))
+        elif self.kind == "peak_rss":
+            m = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
+            self.bytes = int(m.group(1)) * 1024 if m else None
