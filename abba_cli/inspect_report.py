@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from abba_cli.config import DEFAULT_TARGETS
 from abba_cli.inspect import effective_rank, energy_rank
 
 if TYPE_CHECKING:
@@ -16,11 +17,14 @@ if TYPE_CHECKING:
 DEPTH_GROUPS = 4  # the table's depth columns: layers split into this many contiguous groups
 
 
+def module_types(layers: list[LayerStats]) -> list[str]:
+    """Module types in the usual order (attention q, k, v, o, then the MLP), unknown ones after, by name."""
+    found = {layer.module_type for layer in layers}
+    return [t for t in DEFAULT_TARGETS if t in found] + sorted(found - set(DEFAULT_TARGETS))
+
+
 def _by_type(layers: list[LayerStats]) -> dict[str, list[LayerStats]]:
-    groups: dict[str, list[LayerStats]] = {}
-    for layer in layers:
-        groups.setdefault(layer.module_type, []).append(layer)
-    return groups
+    return {t: [x for x in layers if x.module_type == t] for t in module_types(layers)}
 
 
 def _depth_groups(layers: list[LayerStats]) -> list[list[int]]:
@@ -116,7 +120,7 @@ def plot_reports(reports: list[RunReport], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = list(dict.fromkeys(x.module_type for r in reports for x in r.layers))
+    kinds = module_types([x for r in reports for x in r.layers])
     fig, axes = plt.subplots(2, len(kinds), figsize=(3.2 * len(kinds) + 1, 6.4), squeeze=False)
     colors = plt.get_cmap("tab10").colors
     for col, kind in enumerate(kinds):

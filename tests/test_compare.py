@@ -207,7 +207,8 @@ def test_two_methods_two_seeds_table_and_resume(tmp_path, tiny_model_dir, monkey
     assert _cli(*args, "--out", str(split)).exit_code == 130
     assert (split / "runs" / "abba_seed1" / "adapter_model.safetensors").is_file()
     assert not (split / "runs" / "lora_seed1" / "adapter_model.safetensors").exists()
-    monkeypatch.undo()
+    # (not monkeypatch.undo(): that would also undo conftest's ABBA_HOME and offline settings)
+    monkeypatch.setattr(train_mod, "_save_checkpoint", real)
     calls = []
     real_train = runner._train
     monkeypatch.setattr(
