@@ -18,7 +18,6 @@ import math
 import re
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -333,28 +332,27 @@ def inspect_run(run: str | Path, base: Path | None = None) -> RunReport:
     return _full_run(run_dir, model_dir, base) if model_dir is not None else _adapter_run(run_dir, base)
 
 
-def iter_reports(runs: list[Path], base: Path | None) -> Iterator[RunReport]:
-    for run in runs:
-        yield inspect_run(run, base)
-
-
 def run_inspect(runs: list[Path], out: Path, base: Path | None = None) -> list[RunReport]:
-    """`abba inspect`: every run's table on stdout, OUT/inspect.json and OUT/inspect.png."""
+    """`abba inspect`: every run's table and a side-by-side summary on stdout, OUT/inspect.json, OUT/inspect.png."""
     from abba_cli.fsutil import atomic_write_json
-    from abba_cli.inspect_report import format_report, plot_reports
+    from abba_cli.inspect_report import format_report, format_summary, plot_reports, summary_rows
 
     if not runs:
         raise UserError("abba inspect: give at least one run directory")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, not a directory")
     reports = []
-    for report in iter_reports(runs, base):
-        print(format_report(report))
-        reports.append(report)
+    for run in runs:
+        reports.append(inspect_run(run, base))
+        print(format_report(reports[-1]))
+    print(format_summary(reports))
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(
-        out / "inspect.json", {"energy_fraction": ENERGY, "runs": [r.as_json() for r in reports]}
-    )
+    data = {
+        "energy_fraction": ENERGY,
+        "summary": summary_rows(reports),
+        "runs": [r.as_json() for r in reports],
+    }
+    atomic_write_json(out / "inspect.json", data)
     plot_reports(reports, out / "inspect.png")
     print(f"written: {out / 'inspect.json'}, {out / 'inspect.png'}")
     return reports

@@ -166,6 +166,8 @@ def test_cli_writes_table_json_and_png(tmp_path, tiny_model_dir):
     assert "q_proj" in result.output and "val_loss best 1.5000" in result.output
     data = json.loads((out / "inspect.json").read_text())
     assert [r["method"] for r in data["runs"]] == ["abba", "lora"]
+    # (r1 + r2) x sum of (m + n) over the 7 projections (1024) x 2 blocks
+    assert data["summary"][0]["best_val_loss"] == 1.5 and "| abba | abba | 8,192 |" in result.output
     layer = data["runs"][1]["layers"][0]
     sv = np.array(layer["singular_values"])
     assert layer["effective_rank"] == pytest.approx(effective_rank(sv)) and layer["numerical_rank"] == 4
