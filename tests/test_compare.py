@@ -236,3 +236,55 @@ def test_wilson_interval_known_value():
     lo, hi = wilson(7, 10)  # the textbook example: 0.3968 to 0.8922
     assert lo == pytest.approx(0.39677, abs=1e-4) and hi == pytest.approx(0.89222, abs=1e-4)
     assert wilson(0, 5)[0] == 0.0 and wilson(5, 5)[1] == 1.0
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_run_uses_both_processes(tmp_path, tiny_model_dir):
+    """2 CPU processes (gloo; see test_multiprocess.py for why torchrun): every run is one distributed run,
+    runs go one after another, and the budget, evaluation and table come once, from the main process."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = _write(tmp_path, _raw(tiny_model_dir, tmp_path, max_steps=2, micro_batch_size=1))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        ABBA_HOME=str(tmp_path / "home"),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        ACCELERATE_USE_CPU="true",
+    )
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    out = tmp_path / "cmp"
+    p = subprocess.run(
+        [
+            *launch,
+            "-m",
+            "abba_cli",
+            "compare",
+            str(cfg),
+            "--methods",
+            "abba,lora",
+            "--seeds",
+            "1",
+            "--out",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    log = p.stdout + p.stderr
+    assert p.returncode == 0, log[-3000:]
+    assert log.count("x 2 process(es)") == 2  # two runs, each distributed over both processes
+    assert log.count("budget:") == 1 and log.count("written: ") == 1
+    for name in ("abba_seed1", "lora_seed1"):
+        steps = [
+            json.loads(x)["step"] for x in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        ]
+        assert steps == [1, 2]  # one line per step: only the main process writes
+        assert (out / "runs" / name / "eval" / "boolq" / "metrics.json").is_file()
+    assert json.loads((out / "compare.json").read_text())["methods"]["lora"]["runs"] == ["lora_seed1"]

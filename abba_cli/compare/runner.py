@@ -19,6 +19,8 @@ import json
 import os
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from abba_cli.compare.budget import format_budget, parse_methods, plan_methods, split_sets
@@ -90,11 +92,12 @@ def run_compare(config: Path, methods: str, seeds: int, out: Path, sets: list[st
     if _is_main():
         print(format_budget(plans, cfg))
     jobs = [(plan, seed) for seed in range(1, seeds + 1) for plan in plans]  # seed 1 of every method first
-    for i, (plan, seed) in enumerate(jobs, 1):
-        run_cfg, path = _seeded(plan.raw, plan.method, seed, out)
-        if _is_main():
-            print(f"[{i}/{len(jobs)}] {run_name(plan.method, seed)}: {plan.describe}", file=sys.stderr)
-        train_one(run_cfg, path)
+    with one_process_group():
+        for i, (plan, seed) in enumerate(jobs, 1):
+            run_cfg, path = _seeded(plan.raw, plan.method, seed, out)
+            if _is_main():
+                print(f"[{i}/{len(jobs)}] {run_name(plan.method, seed)}: {plan.describe}", file=sys.stderr)
+            train_one(run_cfg, path)
     if not _is_main():
         return out / "compare.md"
     for plan, seed in jobs:
@@ -154,11 +157,42 @@ def train_one(cfg: RunConfig, config_path: Path) -> None:
         )
     resume = saved.is_file()
     gc.collect()  # what an earlier run left behind should not count in this run's peak
+    _fresh_accelerate_state()
     with PeakMemory() as peak:
         _train(cfg, config_path, resume)
     if _is_main():
         record = {"peak_memory_bytes": peak.bytes, "memory_kind": peak.kind, "resumed": resume}
         atomic_write_text(run_dir / RESOURCES, json.dumps(record, indent=2) + "\n")
+
+
+def _fresh_accelerate_state() -> None:
+    """Each run builds its Accelerator from its own config (mixed precision may differ per method); the process
+    group (PartialState) is kept: see `one_process_group`."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+
+
+@contextmanager
+def one_process_group() -> Iterator[None]:
+    """Under a launcher, keep one distributed process group for all the runs, destroyed once at the end.
+
+    run_training ends with Accelerator.end_training(), which destroys the group; initialising a second one in
+    the same processes reuses the rendezvous keys of the first and races (gloo: "connection refused" on a stale
+    address). So while compare trains, PartialState.destroy_process_group does nothing. (A train option not to
+    end the group would make this unnecessary.)"""
+    import torch
+    from accelerate.state import PartialState
+
+    original = PartialState.destroy_process_group
+    PartialState.destroy_process_group = lambda self, group=None: None
+    try:
+        yield
+    finally:
+        PartialState.destroy_process_group = original
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _eval_done(run_dir: Path, tasks: list[str]) -> bool:
