@@ -222,7 +222,9 @@ def export(
 @app.command()
 @_user_errors
 def inspect(
-    runs: list[Path] = typer.Argument(..., help="Run directories (ABBA, LoRA, HiRA or full fine-tuning)."),
+    runs: list[Path] = typer.Argument(
+        ..., help="Run directories (ABBA, LoRA, HiRA, full fine-tuning), or an `abba compare` --out folder."
+    ),
     out: Path = typer.Option(..., "--out", help="Directory for inspect.json and inspect.png."),
     base: Path | None = typer.Option(
         None, "--base", help="Another copy of the base model (default: the one each run recorded)."

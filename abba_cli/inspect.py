@@ -191,7 +191,7 @@ def _stats(module: str, shape: tuple[int, int], bound: int, sv: torch.Tensor, w0
 
 def adapter_layer_stats(
     kind: str, scaling: float, f: dict[str, torch.Tensor], w0: torch.Tensor | None, module: str
-):
+) -> LayerStats:
     """LayerStats of one adapted layer from its stored factors (w0 needed for HiRA and the norm ratio)."""
     from abba_cli.adapters.abba import khatri_rao_factors
 
@@ -332,6 +332,20 @@ def inspect_run(run: str | Path, base: Path | None = None) -> RunReport:
     return _full_run(run_dir, model_dir, base) if model_dir is not None else _adapter_run(run_dir, base)
 
 
+def expand_runs(runs: list[Path]) -> list[Path]:
+    """An `abba compare` folder (OUT, with OUT/runs/<method>_seed<k>/) stands for its finished runs."""
+    out = []
+    for run in runs:
+        inner = sorted(
+            p
+            for p in (Path(run) / "runs").glob("*_seed*")
+            if (p / "adapter_model.safetensors").is_file() or (p / "model" / "config.json").is_file()
+        )
+        is_run = (Path(run) / "adapter_config.json").is_file() or (Path(run) / "model").is_dir()
+        out += inner if inner and not is_run else [Path(run)]
+    return out
+
+
 def run_inspect(runs: list[Path], out: Path, base: Path | None = None) -> list[RunReport]:
     """`abba inspect`: every run's table and a side-by-side summary on stdout, OUT/inspect.json, OUT/inspect.png."""
     from abba_cli.fsutil import atomic_write_json
@@ -342,7 +356,7 @@ def run_inspect(runs: list[Path], out: Path, base: Path | None = None) -> list[R
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, not a directory")
     reports = []
-    for run in runs:
+    for run in expand_runs(runs):
         reports.append(inspect_run(run, base))
         print(format_report(reports[-1]))
     print(format_summary(reports))

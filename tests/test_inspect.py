@@ -178,3 +178,14 @@ def test_cli_writes_table_json_and_png(tmp_path, tiny_model_dir):
 def test_not_a_run_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["inspect", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and "no such run directory" in result.output
+
+
+def test_a_compare_folder_stands_for_its_finished_runs(tmp_path, tiny_model_dir):
+    cmp = tmp_path / "cmp"
+    make_run(cmp / "runs" / "lora_seed1", tiny_model_dir, type="lora", r=2)
+    make_run(cmp / "runs" / "abba_seed1", tiny_model_dir, r1=1, r2=2)
+    (cmp / "runs" / "abba_seed2").mkdir()  # still training: no adapter yet, left out
+    result = CliRunner().invoke(app, ["inspect", str(cmp), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    runs = json.loads((tmp_path / "o" / "inspect.json").read_text())["runs"]
+    assert [Path(r["run"]).name for r in runs] == ["abba_seed1", "lora_seed1"]

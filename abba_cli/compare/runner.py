@@ -82,7 +82,9 @@ def run_compare(config: Path, methods: str, seeds: int, out: Path, sets: list[st
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: is a file, not a directory")
     common, per_method = split_sets(sets, method_list)
-    raw = read_yaml(Path(config)) if Path(config).is_file() else None
+    if not Path(config).is_file():
+        raise UserError(f"{config}: config file not found")
+    raw = read_yaml(Path(config))
     if not isinstance(raw, dict):
         raise UserError(f"{config}: not a run config file (a YAML mapping of model, adapter, data, ...)")
     apply_overrides(raw, common)
@@ -112,7 +114,9 @@ def _seeded(raw: dict, method: str, seed: int, out: Path) -> tuple[RunConfig, Pa
     split, shared by every method) and its run directory under OUT; written to OUT/configs/."""
     raw = copy.deepcopy(raw)
     name = run_name(method, seed)
-    apply_overrides(raw, [f"train.seed={seed}", f"data.seed={seed}", f"output_dir={out / 'runs' / name}"])
+    raw.setdefault("train", {})["seed"] = seed
+    raw.setdefault("data", {})["seed"] = seed
+    raw["output_dir"] = str(out / "runs" / name)  # set, not parsed as YAML: any path works
     cfg = validate_config(raw, f"{method} seed {seed}")
     path = out / "configs" / f"{name}.yaml"
     if _is_main():
