@@ -228,8 +228,9 @@ def test_two_methods_two_seeds_table_and_resume(tmp_path, tiny_model_dir, monkey
     # A third run of the same command trains nothing; a changed setting is refused, not silently mixed in.
     calls.clear()
     assert _cli(*args, "--out", str(split)).exit_code == 0 and calls == []
-    result = _cli(*args, "--set", "train.lr=5e-2", "--out", str(split))
-    assert result.exit_code == 2 and "was trained with other settings (train.lr)" in result.output
+    result = _cli(*args, "--set", "lora:train.lr=5e-2", "--out", str(split))
+    assert result.exit_code == 2 and "lora_seed1 was trained with other settings (train.lr)" in result.output
+    assert calls == []  # refused before any run trained
 
 
 def test_wilson_interval_known_value():

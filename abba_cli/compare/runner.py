@@ -67,13 +67,8 @@ def run_name(method: str, seed: int) -> str:
     return f"{method}_seed{seed}"
 
 
-def parse_run_name(name: str) -> tuple[str, int] | None:
-    m = re.fullmatch(r"(\w+?)_seed(\d+)", name)
-    return (m.group(1), int(m.group(2))) if m else None
-
-
 def run_compare(config: Path, methods: str, seeds: int, out: Path, sets: list[str]) -> Path:
-    """Plan, train, evaluate, tabulate; returns OUT/compare.md (None-free: the table is always written)."""
+    """Plan, train, evaluate, tabulate; returns OUT/compare.md."""
     from abba_cli.compare.table import write_outputs
 
     method_list = parse_methods(methods)
@@ -94,9 +89,11 @@ def run_compare(config: Path, methods: str, seeds: int, out: Path, sets: list[st
     if _is_main():
         print(format_budget(plans, cfg))
     jobs = [(plan, seed) for seed in range(1, seeds + 1) for plan in plans]  # seed 1 of every method first
+    runs = [_seeded(plan.raw, plan.method, seed, out) for plan, seed in jobs]
+    for run_cfg, _ in runs:
+        run_state(run_cfg)  # refuses a folder of other settings now, not after the runs before it
     with one_process_group():
-        for i, (plan, seed) in enumerate(jobs, 1):
-            run_cfg, path = _seeded(plan.raw, plan.method, seed, out)
+        for i, ((plan, seed), (run_cfg, path)) in enumerate(zip(jobs, runs, strict=True), 1):
             if _is_main():
                 print(f"[{i}/{len(jobs)}] {run_name(plan.method, seed)}: {plan.describe}", file=sys.stderr)
             train_one(run_cfg, path)
@@ -133,33 +130,38 @@ def finished(run_dir: Path) -> bool:
     return adapter or full_model_dir(run_dir) is not None
 
 
-def train_one(cfg: RunConfig, config_path: Path) -> None:
-    """Keep a finished run (if it trained with this config), resume an interrupted one, else start it."""
+def run_state(cfg: RunConfig) -> str:
+    """'finished', 'interrupted' or 'new'; UserError when the folder holds a run of other settings (checked for
+    every run before anything trains, so a mismatch is not found hours in)."""
     from abba_cli.rundir import RESUME_MAY_CHANGE, diff_keys, is_empty_run_dir, read_saved_config
     from abba_cli.runs import CONFIG_FILE
 
     run_dir = Path(cfg.output_dir)
-    saved = run_dir / CONFIG_FILE
-    if saved.is_file():
-        diffs = [
-            k
-            for k in diff_keys(read_saved_config(run_dir), cfg.model_dump(mode="json"))
-            if not k.startswith(RESUME_MAY_CHANGE)
-        ]
-        if diffs:
+    if not (run_dir / CONFIG_FILE).is_file():
+        if not is_empty_run_dir(run_dir):
             raise UserError(
-                f"{run_dir} was trained with other settings ({', '.join(diffs)}); give another --out, or remove "
-                "that run to train it again"
+                f"{run_dir}: holds files but no {CONFIG_FILE}, so it is no run to resume; remove it and rerun"
             )
-        if finished(run_dir):
-            if _is_main():
-                print(f"kept (finished): {run_dir}", file=sys.stderr)
-            return
-    elif not is_empty_run_dir(run_dir):
+        return "new"
+    saved = read_saved_config(run_dir)
+    diffs = [k for k in diff_keys(saved, cfg.model_dump(mode="json")) if not k.startswith(RESUME_MAY_CHANGE)]
+    if diffs:
         raise UserError(
-            f"{run_dir}: holds files but no {CONFIG_FILE}, so it is no run to resume; remove it and rerun"
+            f"{run_dir} was trained with other settings ({', '.join(diffs)}); give another --out, or remove "
+            "that run to train it again"
         )
-    resume = saved.is_file()
+    return "finished" if finished(run_dir) else "interrupted"
+
+
+def train_one(cfg: RunConfig, config_path: Path) -> None:
+    """Keep a finished run, resume an interrupted one (from its latest checkpoint), else start it."""
+    state = run_state(cfg)
+    run_dir = Path(cfg.output_dir)
+    if state == "finished":
+        if _is_main():
+            print(f"kept (finished): {run_dir}", file=sys.stderr)
+        return
+    resume = state == "interrupted"
     gc.collect()  # what an earlier run left behind should not count in this run's peak
     _fresh_accelerate_state()
     with PeakMemory() as peak:
