@@ -189,7 +189,7 @@ def test_two_methods_two_seeds_table_and_resume(tmp_path, tiny_model_dir, monkey
         )
         assert m["peak_memory_bytes"] > 0 and m["memory_kind"] == "peak_rss"
     md = (whole / "compare.md").read_text()
-    assert md.splitlines()[2].startswith("| abba | abba r1=2 r2=3") and "| boolq | 2 |" in md
+    assert md.splitlines()[4].startswith("| abba | abba r1=2 r2=3") and "| boolq | 2 |" in md
     assert (whole / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Interrupted inside the second run, just after its step-2 checkpoint: the rerun keeps the finished run,

@@ -159,7 +159,10 @@ def _memory(m: dict) -> str:
 
 def to_markdown(summary: dict) -> str:
     lines = [
-        "| method | adapter | trainable | seeds | final val_loss | best val_loss | accuracy, pooled [95% CI] | "
+        f"`abba compare {summary['config']}`: {summary['seeds']} seed(s) per method (seed k: train.seed = "
+        "data.seed = k); loss: mean ± sample sd over seeds; accuracy: every question of every task and seed.",
+        "",
+        "| method | adapter | trainable | seeds | final val_loss | best val_loss | accuracy, pooled [95% Wilson CI] | "
         "per seed | invalid | s / step | peak memory |",
         "|---|---|---:|---:|---|---|---|---|---:|---:|---:|",
     ]
