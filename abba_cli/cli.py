@@ -217,3 +217,39 @@ def export(
     from abba_cli.export import export_run
 
     export_run(format=format, out=out, run=run, overwrite=overwrite, base=base)
+
+
+@app.command()
+@_user_errors
+def inspect(
+    runs: list[Path] = typer.Argument(
+        ..., help="Run directories (ABBA, LoRA, HiRA, full fine-tuning), or an `abba compare` --out folder."
+    ),
+    out: Path = typer.Option(..., "--out", help="Directory for inspect.json and inspect.png."),
+    base: Path | None = typer.Option(
+        None, "--base", help="Another copy of the base model (default: the one each run recorded)."
+    ),
+) -> None:
+    """Singular values of each layer's dW: effective rank, 90%-energy rank, ||dW||/||W0||."""
+    from abba_cli.inspect_report import run_inspect
+
+    run_inspect(runs, out, base)
+
+
+@app.command()
+@_user_errors
+def compare(
+    config: Path = typer.Argument(..., help="Run config YAML; its adapter block sets the parameter budget."),
+    methods: str = typer.Option(
+        "abba,lora,hira", "--methods", help="Comma-separated: abba, lora, hira, rslora, pissa, full."
+    ),
+    seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds 1..N per method (train.seed = data.seed)."),
+    out: Path = typer.Option(..., "--out", help="Folder for every run, the table and the curves."),
+    set_: list[str] = typer.Option(
+        [], "--set", help="KEY=VALUE for every method, METHOD:KEY=VALUE for one (--set lora:train.lr=3e-4)."
+    ),
+) -> None:
+    """Train and evaluate several methods at equal trainable parameters; resumable (rerun the same command)."""
+    from abba_cli.compare import run_compare
+
+    run_compare(config, methods, seeds, out, set_)

@@ -83,11 +83,20 @@ def tiny_model_dir_other(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _isolated_home(tmp_path, monkeypatch):
-    """Each test gets its own ABBA_HOME (latest-run marker) and never reaches the hub."""
-    monkeypatch.setenv("ABBA_HOME", str(tmp_path / "abba-home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+def _isolated_home(tmp_path):
+    """Each test gets its own ABBA_HOME (latest-run marker) and never reaches the hub.
+
+    Its own MonkeyPatch, not the test's `monkeypatch`: a test that calls monkeypatch.undo() to drop its own
+    patches must not also drop these (it would write the real ~/.cache/abba-cli and reach for the hub)."""
+    with pytest.MonkeyPatch.context() as isolated:
+        isolated.setenv("ABBA_HOME", str(tmp_path / "abba-home"))
+        isolated.setenv("HF_HUB_OFFLINE", "1")
+        isolated.setenv("HF_DATASETS_OFFLINE", "1")
+        _fresh_hub_probe()
+        yield
+
+
+def _fresh_hub_probe() -> None:
     from abba_cli import hub
 
     hub._reachable.cache_clear()  # the probe result is cached per process; tests fake the network
@@ -102,9 +111,11 @@ def abba_models_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _shared_models_dir(abba_models_dir, monkeypatch):
+def _shared_models_dir(abba_models_dir):
     # ABBA_HOME is per test; the model cache is per session (converting SmolLM2 takes ~20-35 s).
-    monkeypatch.setenv("ABBA_MODELS_DIR", str(abba_models_dir))
+    with pytest.MonkeyPatch.context() as isolated:
+        isolated.setenv("ABBA_MODELS_DIR", str(abba_models_dir))
+        yield
 
 
 @pytest.fixture(scope="session")

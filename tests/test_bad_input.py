@@ -189,6 +189,11 @@ def _corrupt_weights(how: str, cmd: list[str]) -> Callable[[World], list[str]]:
     return build
 
 
+def _inspect_corrupt(w: World) -> list[str]:
+    (w.run / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 20)
+    return ["inspect", str(w.run), "--out", str(w.root / "o")]
+
+
 def _other_base(cmd: str) -> Callable[[World], list[str]]:
     def build(w: World) -> list[str]:
         if cmd == "eval":
@@ -449,6 +454,37 @@ CASES: list[tuple[str, Callable[[World], list[str]], list[str]]] = [
         "export-latest-run-not-utf8",
         _latest_run_bytes(["export"]),
         ["latest_run: the latest-run record is empty or not UTF-8 text", "--run RUN_DIR"],
+    ),
+    # --- inspect and compare
+    (
+        "inspect-not-a-run",
+        lambda w: ["inspect", str(w.root / "nope"), "--out", str(w.root / "o")],
+        ["nope: no such run directory"],
+    ),
+    ("inspect-corrupt-weights", _inspect_corrupt, ["corrupt", "safetensors"]),
+    (
+        "compare-unknown-method",
+        lambda w: ["compare", str(w.cfg), "--methods", "abba,qlora", "--out", str(w.root / "c")],
+        ["--methods 'abba,qlora': unknown method qlora; valid: abba, lora, hira"],
+    ),
+    (
+        "compare-set-for-a-method-not-compared",
+        lambda w: [
+            "compare",
+            str(w.cfg),
+            "--methods",
+            "abba,lora",
+            "--set",
+            "hira:train.lr=1",
+            "--out",
+            str(w.root / "c"),
+        ],
+        ["'hira' is not one of the compared methods (abba, lora)"],
+    ),
+    (
+        "compare-without-validation-data",
+        lambda w: ["compare", str(w.cfg), "--set", "eval.tasks=[boolq]", "--out", str(w.root / "c")],
+        ["abba compare needs validation data", "data.val_samples"],
     ),
     # --- errors the option parser catches before any command runs
     (

@@ -187,7 +187,9 @@ class _KhatriRaoABBA(Function):
         if weight is None:
             y = (h @ khatri_rao_b(f.b1, f.b2).T).mul_(scaling)  # (T, m)
         else:
-            y = F.linear(x.reshape(-1, n), weight.to(dtype), None if bias is None else bias.to(dtype))  # (T, m)
+            y = F.linear(
+                x.reshape(-1, n), weight.to(dtype), None if bias is None else bias.to(dtype)
+            )  # (T, m)
             # in place: CUDA's out-of-place addmm copies its input into the result first (a second launch)
             y.addmm_(h, khatri_rao_b(f.b1, f.b2).T, alpha=scaling)
         ctx.save_for_backward(x, x_adapter, h, weight, bias, buf)

@@ -31,7 +31,8 @@ def scaling_for(cfg: AdapterConfig) -> float:
     return cfg.alpha / cfg.r
 
 
-def _matches(name: str, targets: list[str]) -> bool:
+def matches_target(name: str, targets: list[str]) -> bool:
+    """Whether module `name` is one `adapter.target_modules` names (a suffix at a dot boundary)."""
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
@@ -75,7 +76,9 @@ def inject_adapters(
         raise UserError("this model already has adapters; load the base model again to inject new ones")
     s = scaling_for(cfg) if scaling is None else scaling
     matched: list[tuple[str, nn.Module]] = [
-        (name, mod) for name, mod in model.named_modules() if name and _matches(name, cfg.target_modules)
+        (name, mod)
+        for name, mod in model.named_modules()
+        if name and matches_target(name, cfg.target_modules)
     ]
     not_linear = [f"{name} ({type(mod).__name__})" for name, mod in matched if not _is_linear(mod)]
     if not_linear:
