@@ -198,6 +198,9 @@ def read_run_adapter(run: str | Path | None) -> RunAdapter:
         tensors = load_file(str(files.weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{files.weights}: unreadable or corrupt safetensors file ({e})") from None
+    from abba_cli.adapters.peft_format import to_our_tensors
+
+    tensors = to_our_tensors(cfg, tensors, files.weights)  # a PEFT LoRA/LoHa folder; ours pass unchanged
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         module, _, name = key.rpartition(".")

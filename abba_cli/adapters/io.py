@@ -21,6 +21,7 @@ from abba_cli.adapters.inject import (
     remove_adapters,
     scaling_for,
 )
+from abba_cli.adapters.peft_format import config_from_peft, is_peft_config, to_our_tensors
 from abba_cli.config import AdapterConfig
 from abba_cli.errors import UserError
 from abba_cli.fsutil import atomic_save_safetensors, atomic_write_json
@@ -87,6 +88,8 @@ def read_adapter_config(run_dir: str | Path) -> dict:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    if is_peft_config(data):
+        return config_from_peft(data, str(path))  # a PEFT LoRA/LoHa folder, read as our own (peft_format.py)
     if not isinstance(data, dict) or data.get("type") not in ("abba", "lora", "hira"):
         raise UserError(f'{path}: not an abba-cli adapter config (needs "type": abba, lora or hira)')
     for key in ("alpha", "scaling", "target_modules"):
@@ -141,8 +144,9 @@ def load_adapter(model: nn.Module, run_dir: str | Path) -> AdapterConfig:
     run_dir = Path(run_dir)
     data = read_adapter_config(run_dir)
     files = run_files(run_dir)
+    # A PEFT folder's tensors are renamed to ours, which also names the exact modules to adapt in `data`.
+    tensors = to_our_tensors(data, _read_tensors(files.weights), files.weights)
     cfg = adapter_config_from_dict(data, str(files.adapter_config))
-    tensors = _read_tensors(files.weights)
     originals = dict(model.named_modules())
     requires_grad = {id(p): p.requires_grad for p in model.parameters()}
     try:
