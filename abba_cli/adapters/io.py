@@ -65,9 +65,12 @@ def save_adapter(
     """Write adapter_config.json and adapter_model.safetensors (fp32, contiguous, on CPU), each atomically.
 
     `tensors` overrides the model's own factors: under FSDP / ZeRO-3 the local parameters are shards, and the
-    caller passes the gathered full tensors instead.
+    caller passes the gathered full tensors instead. `base_model` is a hub id or a local folder; a folder is
+    stored as an absolute path, so that `abba eval`/`merge`/`export` find it from any working directory.
     """
     out_dir = Path(out_dir)
+    if Path(base_model).expanduser().is_dir():
+        base_model = str(Path(base_model).expanduser().resolve())
     tensors = {
         k: v.float().cpu() for k, v in (tensors if tensors is not None else adapter_state_dict(model)).items()
     }
