@@ -69,3 +69,23 @@ def test_trl_example_runs_and_merges(tiny_model_dir, tmp_path):
         ]
     )
     check_run_folder(run, tiny_model_dir, tmp_path)
+
+
+def test_save_adapter_records_a_local_base_absolutely(tiny_model_dir, tmp_path, monkeypatch):
+    """A library user passes the path they loaded from; eval/merge must find it from any working directory."""
+    from transformers import AutoModelForCausalLM
+
+    from abba_cli.adapters import inject_adapters, save_adapter
+    from abba_cli.config import AdapterConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cfg = AdapterConfig(type="abba", r1=2, r2=2, target_modules=["q_proj"])
+    inject_adapters(model, cfg)
+    monkeypatch.chdir(tiny_model_dir.parent)
+    for given, recorded in [
+        (tiny_model_dir.name, str(tiny_model_dir.resolve())),
+        ("org/not-local", "org/not-local"),
+        ("", ""),
+    ]:
+        save_adapter(model, cfg, tmp_path / "a", base_model=given)
+        assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["base_model"] == recorded

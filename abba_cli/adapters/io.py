@@ -69,7 +69,7 @@ def save_adapter(
     stored as an absolute path, so that `abba eval`/`merge`/`export` find it from any working directory.
     """
     out_dir = Path(out_dir)
-    if Path(base_model).expanduser().is_dir():
+    if base_model and Path(base_model).expanduser().is_dir():  # "" (no base recorded) is not the cwd
         base_model = str(Path(base_model).expanduser().resolve())
     tensors = {
         k: v.float().cpu() for k, v in (tensors if tensors is not None else adapter_state_dict(model)).items()
