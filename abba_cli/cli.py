@@ -201,7 +201,7 @@ def merge(
 @app.command()
 @_user_errors
 def export(
-    format: str = typer.Option("peft-lora", "--format", help="Export format: peft-lora."),
+    format: str = typer.Option("peft-lora", "--format", help="Export format: peft-lora or peft-loha."),
     out: Path = typer.Option(..., "--out", help="Directory for the exported adapter."),
     run: Path | None = typer.Option(
         None, "--run", help="Run directory or RUN_DIR/checkpoints/step-N (default: the latest finished run)."
@@ -212,11 +212,14 @@ def export(
         "--base",
         help="Another copy of the run's base model (default: the one adapter_config.json names).",
     ),
+    rank: int | None = typer.Option(
+        None, "--rank", min=1, help="peft-lora: truncate each layer to its best rank-K approximation (SVD)."
+    ),
 ) -> None:
-    """Export the adapter for other tools (ABBA is exactly a LoRA of rank r1*r2)."""
+    """Export the adapter for other tools (ABBA is exactly a LoRA of rank r1*r2, and a PEFT LoHa)."""
     from abba_cli.export import export_run
 
-    export_run(format=format, out=out, run=run, overwrite=overwrite, base=base)
+    export_run(format=format, out=out, run=run, overwrite=overwrite, base=base, rank=rank)
 
 
 @app.command()

@@ -5,8 +5,11 @@ peft-lora: by the Khatri-Rao identity (ARCHITECTURE.md section 1)
     (B1 @ A1) * (B2 @ A2) = (B1 ⊙r B2) @ (A1ᵀ ⊙r A2ᵀ)ᵀ        B* (m, r1*r2), A* (r1*r2, n)
 
 an ABBA adapter is exactly a LoRA adapter of rank r1*r2, so PEFT, vLLM and other LoRA servers can load it
-without knowing about ABBA. LoRA runs export as they are. HiRA cannot be exported: its update s * W0 * (B@A)
-depends on W0 and is not low-rank in general.
+without knowing about ABBA. LoRA runs export as they are. `--rank K` keeps each layer's best rank-K
+approximation instead (truncate.py) and reports its error.
+peft-loha: PEFT's LoHa is ABBA's own form, (alpha/r) (w1_a w1_b) ⊙ (w2_a w2_b): exact, no rank blow-up
+(adapters/peft_format.py).
+HiRA cannot be exported: its update s * W0 * (B@A) depends on W0 and is not low-rank in general.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from abba_cli.adapters.peft_format import PEFT_PREFIX
 from abba_cli.errors import UserError
 from abba_cli.fsutil import check_not_inside, check_output_dir
 from abba_cli.run.adapter_files import RunAdapter, check_against_base, read_run_adapter
@@ -23,11 +27,12 @@ from abba_cli.run.latest import recorded_base
 if TYPE_CHECKING:
     import torch
 
-FORMATS = ("peft-lora",)
+FORMATS = ("peft-lora", "peft-loha")
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
+# Written next to a truncated export: the per-layer errors and logit change that `--rank` printed.
+TRUNCATION_REPORT = "abba_export.json"
 # PEFT prefixes every module path of a PeftModelForCausalLM with this when it saves an adapter.
-PEFT_PREFIX = "base_model.model."
 # The LoRA ranks vLLM's --max-lora-rank accepts (vllm/config/lora.py); its default is 16.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -104,56 +109,63 @@ def export_run(
     run: str | Path | None = None,
     overwrite: bool = False,
     base: str | Path | None = None,
+    rank: int | None = None,
 ) -> Path:
     """Export RUN_DIR's adapter to OUT in `format`; returns OUT. UserError for bad input.
 
-    `base` points at another copy of the base model (for the shape check and the exported config)."""
+    `base` points at another copy of the base model (for the shape check and the exported config); `rank`
+    (peft-lora only) truncates each layer's update to its best rank-`rank` approximation (truncate.py)."""
     if format not in FORMATS:
         raise UserError(f"--format {format!r}: unknown export format; valid formats: {', '.join(FORMATS)}")
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise UserError(f"--rank {rank!r}: must be a positive integer (the LoRA rank to truncate to)")
+        if format != "peft-lora":
+            raise UserError(f"--rank applies to --format peft-lora only; {format} exports are always exact")
     out = check_output_dir(Path(out), overwrite=overwrite)
     adapter = read_run_adapter(run)
     if base is not None:
         adapter.base_model = recorded_base(adapter.run_dir, adapter.base_model, base)
     if adapter.type == "hira":
         raise UserError(
-            f"{adapter.run_dir}: a HiRA adapter cannot be exported as LoRA: its update s * W0 * (B@A) "
-            "depends on the base weight W0 and is not low-rank; use `abba merge` to ship a merged model"
+            f"{adapter.run_dir}: a HiRA adapter cannot be exported as LoRA or LoHa (nor truncated): its update "
+            "s * W0 * (B@A) depends on the base weight W0 and is not low-rank; use `abba merge` to ship a merged model"
+        )
+    if format == "peft-loha" and adapter.type != "abba":
+        raise UserError(
+            f"{adapter.run_dir}: a {adapter.type} adapter is already PEFT's native format: use --format peft-lora "
+            "(LoHa is the form of ABBA adapters)"
         )
     check_not_inside(out, [], runs=[adapter.root])
-    return _export_peft_lora(adapter, out, overwrite)
+    if format == "peft-loha":
+        return _export_peft_loha(adapter, out)
+    return _export_peft_lora(adapter, out, rank)
 
 
-def _export_peft_lora(adapter: RunAdapter, out: Path, overwrite: bool) -> Path:
+def _check_base(adapter: RunAdapter) -> list[str] | None:
+    """Shape check against the base built on the meta device; its linear layer names (None: base unreadable)."""
+    meta = _meta_base(adapter.base_model)
+    if meta is None:
+        return None
+    base_model, linear_names = meta
+    check_against_base(adapter, base_model, adapter.base_model)
+    return linear_names
+
+
+def _exact_lora_factors(adapter: RunAdapter) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int, int]:
+    """Each layer's exact LoRA factors (B (m, R), A (R, n)) without the scale; R; the ABBA factors' parameter
+    count (0 for LoRA). The Khatri-Rao identity is checked on every layer in float64."""
     import torch
     from tqdm.auto import tqdm
 
     from abba_cli.adapters.abba import khatri_rao_factors
-    from abba_cli.fsutil import atomic_directory, atomic_save_safetensors, atomic_write_json
 
-    modules = sorted(adapter.factors)
-    if adapter.type == "abba":
-        r = int(adapter.factors[modules[0]]["A1"].shape[0] * adapter.factors[modules[0]]["A2"].shape[0])
-    else:
-        first = adapter.factors[modules[0]]
-        r = int(first["A"].shape[0]) * (2 if "A0" in first else 1)
-    alpha, fold = peft_alpha(adapter.scaling, r)
-
-    meta = _meta_base(adapter.base_model)
-    linear_names = None
-    if meta is not None:
-        base_model, linear_names = meta
-        check_against_base(adapter, base_model, adapter.base_model)
-
-    tensors: dict[str, torch.Tensor] = {}
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     abba_params = 0
     max_rel_err = 0.0
-    for module in tqdm(modules, desc="export", unit="layer", disable=None):
+    for module in tqdm(sorted(adapter.factors), desc="export", unit="layer", disable=None):
         f = adapter.factors[module]
         if adapter.type == "abba":
-            if f["A1"].shape[0] * f["A2"].shape[0] != r:
-                raise UserError(
-                    f"{adapter.run_dir}: {module}: ranks unlike the other layers; PEFT needs one r"
-                )
             B, A = khatri_rao_factors(f["B1"], f["A1"], f["B2"], f["A2"])
             abba_params += sum(t.numel() for t in f.values())
             # Verify the identity on this layer in float64 (one m x n matrix at a time).
@@ -161,21 +173,84 @@ def _export_peft_lora(adapter: RunAdapter, out: Path, overwrite: bool) -> Path:
             got = B.double() @ A.double()
             max_rel_err = max(max_rel_err, float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
         else:
-            if f["A"].shape[0] * (2 if "A0" in f else 1) != r:
-                raise UserError(
-                    f"{adapter.run_dir}: {module}: rank unlike the other layers; PEFT needs one r"
-                )
             B, A = f["B"], f["A"]
             if "B0" in f:
                 # PiSSA trained against W0 - s B0 A0; relative to W0 the update is s [B, -B0] [A; A0].
                 B = torch.cat([B, -f["B0"]], dim=1)  # (m, 2r)
                 A = torch.cat([A, f["A0"]], dim=0)  # (2r, n)
+        pairs[module] = (B, A)
+    ranks = {a.shape[0] for _, a in pairs.values()}
+    if len(ranks) != 1:
+        raise UserError(f"{adapter.run_dir}: layers have different ranks {sorted(ranks)}; PEFT needs one r")
+    if max_rel_err > 1e-5:
+        raise RuntimeError(f"Khatri-Rao export check failed: max relative error {max_rel_err:.2e}")
+    return pairs, ranks.pop(), abba_params
+
+
+def _truncate_all(
+    adapter: RunAdapter, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], k: int
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
+    """Every layer's best rank-k factors (fp32) and the error report: relative Frobenius error of dW (max and
+    mean over layers) and, when the base model loads, the logit change on merge's check prompts."""
+    from abba_cli.merge import _run_model_settings
+    from abba_cli.truncate import logit_change, svd_truncate
+
+    out, errors = {}, {}
+    for module, (B, A) in pairs.items():
+        t = svd_truncate(B, A, k)
+        out[module] = (t.B.float(), t.A.float())
+        errors[module] = t.rel_error
+    worst = max(errors, key=errors.__getitem__)
+    report: dict = {
+        "rank": k,
+        "exact_rank": next(iter(pairs.values()))[1].shape[0],
+        "rel_frobenius_error_max": errors[worst],
+        "rel_frobenius_error_max_layer": worst,
+        "rel_frobenius_error_mean": sum(errors.values()) / len(errors),
+        "rel_frobenius_error": errors,
+    }
+    print(
+        f"truncated {len(errors)} layers from rank {report['exact_rank']} to {k}: relative Frobenius error of dW "
+        f"max {errors[worst]:.4g} ({worst}), mean {report['rel_frobenius_error_mean']:.4g}"
+    )
+    try:
+        logits = logit_change(
+            adapter.base_model, adapter.run_dir, out, adapter.scaling, _run_model_settings(adapter.root)
+        )
+    except UserError as e:  # the export itself needs no base: say why the logits are not measured and go on
+        print(f"note: logit change not measured: {e}", file=sys.stderr)
+        return out, report
+    report["logits"] = logits
+    print(
+        f"logit change on {logits['prompts']} prompts vs the exact adapter: max abs {logits['max_abs_change']:.4g}, "
+        f"{logits['change_vs_effect']:.3g} of the adapter's own effect (max abs {logits['adapter_effect']:.4g})"
+    )
+    return out, report
+
+
+def _export_peft_lora(adapter: RunAdapter, out: Path, rank: int | None = None) -> Path:
+
+    from abba_cli.fsutil import atomic_directory, atomic_save_safetensors, atomic_write_json
+
+    modules = sorted(adapter.factors)
+    linear_names = _check_base(adapter)
+    pairs, exact_r, abba_params = _exact_lora_factors(adapter)
+    report = None
+    if rank is not None and rank >= exact_r:
+        print(
+            f"note: --rank {rank} >= the adapter's exact rank {exact_r}: exporting it exactly at rank {exact_r}"
+        )
+    elif rank is not None:
+        pairs, report = _truncate_all(adapter, pairs, rank)
+    r = rank if report is not None else exact_r
+    alpha, fold = peft_alpha(adapter.scaling, r)
+
+    tensors: dict[str, torch.Tensor] = {}
+    for module, (B, A) in pairs.items():
         if fold != 1.0:
             B = B * fold
         tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = A.contiguous()  # (r, n)
         tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = B.contiguous()  # (m, r)
-    if max_rel_err > 1e-5:
-        raise RuntimeError(f"Khatri-Rao export check failed: max relative error {max_rel_err:.2e}")
 
     peft_config = {
         "peft_type": "LORA",
@@ -200,6 +275,8 @@ def _export_peft_lora(adapter: RunAdapter, out: Path, overwrite: bool) -> Path:
     with atomic_directory(out, overwrite=True) as tmp:
         atomic_save_safetensors(tensors, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
         atomic_write_json(tmp / PEFT_CONFIG, peft_config)
+        if report is not None:
+            atomic_write_json(tmp / TRUNCATION_REPORT, {"run": str(adapter.run_dir.resolve()), **report})
 
     n_params = sum(t.numel() for t in tensors.values())
     size = (out / PEFT_WEIGHTS).stat().st_size
@@ -208,13 +285,56 @@ def _export_peft_lora(adapter: RunAdapter, out: Path, overwrite: bool) -> Path:
         f"{n_params:,} params, {_human_bytes(size)}"
     )
     if adapter.type == "abba":
+        f = adapter.factors[modules[0]]
         r1, r2 = f["A1"].shape[0], f["A2"].shape[0]
+        kind = "truncated from" if report is not None else "a LoRA of"
         line += (
-            f" (the ABBA factors r1={r1}, r2={r2} hold {abba_params:,} params; a LoRA of rank r1*r2 holds "
-            f"r1*r2*(m+n), {n_params / max(abba_params, 1):.1f}x as many)"
+            f" (the ABBA factors r1={r1}, r2={r2} hold {abba_params:,} params; {kind} rank r1*r2 = {r1 * r2}: "
+            f"{n_params / max(abba_params, 1):.1f}x as many)"
         )
     print(line)
     print(vllm_hint(r), file=sys.stderr if vllm_max_lora_rank(r) is None else sys.stdout)
+    return out
+
+
+def _export_peft_loha(adapter: RunAdapter, out: Path) -> Path:
+    """ABBA as PEFT LoHa: hada_w1_a = B1, hada_w1_b = A1, hada_w2_a = B2, hada_w2_b = A2 at one r = max(r1, r2),
+    the smaller pair zero-padded (exact, peft_format.pad_rank); alpha / r = s (or s folded into w1_a)."""
+    from abba_cli.adapters.peft_format import loha_config, loha_tensors
+    from abba_cli.fsutil import atomic_directory, atomic_save_safetensors, atomic_write_json
+
+    modules = sorted(adapter.factors)
+    linear_names = _check_base(adapter)
+    r = max(max(f["A1"].shape[0], f["A2"].shape[0]) for f in adapter.factors.values())
+    alpha, fold = peft_alpha(adapter.scaling, r)
+    tensors: dict[str, torch.Tensor] = {}
+    worst = 0.0
+    for module in modules:
+        f = adapter.factors[module]
+        t = loha_tensors(module, f, r, fold)
+        tensors |= t
+        # The padded product must be the ABBA product itself: checked per layer in float64.
+        w = [
+            t[f"{PEFT_PREFIX}{module}.{k}"].double()
+            for k in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+        ]
+        ref = (f["B1"].double() @ f["A1"].double()) * (f["B2"].double() @ f["A2"].double()) * fold
+        got = (w[0] @ w[1]) * (w[2] @ w[3])
+        worst = max(worst, float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
+    if worst > 1e-5:
+        raise RuntimeError(f"LoHa export check failed: max relative error {worst:.2e}")
+    config = loha_config(adapter.base_model, r, alpha, _peft_target_modules(modules, linear_names))
+    with atomic_directory(out, overwrite=True) as tmp:
+        atomic_save_safetensors(tensors, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
+        atomic_write_json(tmp / PEFT_CONFIG, config)
+    f = adapter.factors[modules[0]]
+    r1, r2 = f["A1"].shape[0], f["A2"].shape[0]
+    padded = "" if r1 == r2 else f", the rank-{min(r1, r2)} pair zero-padded to {r}"
+    print(
+        f"exported {len(modules)} layers as PEFT LoHa r={r} (alpha {alpha:g}{padded}) to {out}: "
+        f"{sum(t.numel() for t in tensors.values()):,} params, {_human_bytes((out / PEFT_WEIGHTS).stat().st_size)}; "
+        "load with peft.PeftModel.from_pretrained(base, OUT)"
+    )
     return out
 
 

@@ -46,6 +46,20 @@ def max_rel(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
     return max(float((r - g).abs().max()) for r, g in zip(ref, got, strict=True)) / scale
 
 
+def ours_vs_peft(base_dir: Path, run_dir: Path, export_dir: Path) -> tuple[float, float]:
+    """(relative diff ours vs PEFT, relative effect of the adapter vs the bare base) on PROMPTS, fp32."""
+    from peft import PeftModel
+
+    from abba_cli.adapters import load_adapter
+
+    ours = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    load_adapter(ours, run_dir)
+    ref = logits(ours, base_dir)
+    base = logits(AutoModelForCausalLM.from_pretrained(base_dir).eval(), base_dir)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), export_dir).eval()
+    return max_rel(ref, logits(peft_model, base_dir)), max_rel(ref, base)
+
+
 def load_benchmark(name: str):
     """Import benchmarks/<name>.py (a folder of scripts, not a package) as a module."""
     import importlib.util

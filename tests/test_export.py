@@ -8,26 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli, logits, make_run, max_rel
-from peft import PeftModel
+from helpers import cli, make_run, ours_vs_peft
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from abba_cli.adapters import adapter_layers, inject_adapters, load_adapter, save_adapter
+from abba_cli.adapters import adapter_layers, inject_adapters, save_adapter
 from abba_cli.adapters.abba import khatri_rao_factors
 from abba_cli.config import AdapterConfig
 from abba_cli.errors import UserError
 from abba_cli.export import export_run, peft_alpha
-
-
-def ours_vs_peft(base_dir: Path, run_dir: Path, export_dir: Path) -> tuple[float, float]:
-    """(relative diff ours vs PEFT, relative effect of the adapter vs the bare base) on the check prompts."""
-    ours = AutoModelForCausalLM.from_pretrained(base_dir).eval()
-    load_adapter(ours, run_dir)
-    ref = logits(ours, base_dir)
-    base = logits(AutoModelForCausalLM.from_pretrained(base_dir).eval(), base_dir)
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), export_dir).eval()
-    return max_rel(ref, logits(peft_model, base_dir)), max_rel(ref, base)
 
 
 def test_khatri_rao_identity_float64():

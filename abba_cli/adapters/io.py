@@ -21,6 +21,7 @@ from abba_cli.adapters.inject import (
     remove_adapters,
     scaling_for,
 )
+from abba_cli.adapters.peft_format import config_from_peft, is_peft_config, to_our_tensors
 from abba_cli.config import AdapterConfig
 from abba_cli.errors import UserError
 from abba_cli.fsutil import atomic_save_safetensors, atomic_write_json
@@ -70,9 +71,12 @@ def save_adapter(
     """Write adapter_config.json and adapter_model.safetensors (fp32, contiguous, on CPU), each atomically.
 
     `tensors` overrides the model's own factors: under FSDP / ZeRO-3 the local parameters are shards, and the
-    caller passes the gathered full tensors instead.
+    caller passes the gathered full tensors instead. `base_model` is a hub id or a local folder; a folder is
+    stored as an absolute path, so that `abba eval`/`merge`/`export` find it from any working directory.
     """
     out_dir = Path(out_dir)
+    if base_model and Path(base_model).expanduser().is_dir():  # "" (no base recorded) is not the cwd
+        base_model = str(Path(base_model).expanduser().resolve())
     tensors = {
         k: v.float().cpu() for k, v in (tensors if tensors is not None else adapter_state_dict(model)).items()
     }
@@ -93,6 +97,8 @@ def read_adapter_config(run_dir: str | Path) -> dict:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    if is_peft_config(data):
+        return config_from_peft(data, str(path))  # a PEFT LoRA/LoHa folder, read as our own (peft_format.py)
     if not isinstance(data, dict) or data.get("type") not in ("abba", "lora", "hira"):
         raise UserError(f'{path}: not an abba-cli adapter config (needs "type": abba, lora or hira)')
     for key in ("alpha", "scaling", "target_modules"):
@@ -129,8 +135,9 @@ def load_adapter(model: nn.Module, run_dir: str | Path) -> AdapterConfig:
     run_dir = Path(run_dir)
     data = read_adapter_config(run_dir)
     files = run_files(run_dir)
+    # A PEFT folder's tensors are renamed to ours, which also names the exact modules to adapt in `data`.
+    tensors = to_our_tensors(data, read_adapter_tensors(files.weights), files.weights)
     cfg = adapter_config_from_dict(data, str(files.adapter_config))
-    tensors = read_adapter_tensors(files.weights)
     originals = dict(model.named_modules())
     requires_grad = {id(p): p.requires_grad for p in model.parameters()}
     try:

@@ -56,6 +56,9 @@ def read_run_adapter(run: str | Path | None) -> RunAdapter:
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         raise UserError(f"{files.adapter_config}: 'scaling' must be the numeric scale s, got {scaling!r}")
     tensors = read_adapter_tensors(files.weights)
+    from abba_cli.adapters.peft_format import to_our_tensors
+
+    tensors = to_our_tensors(cfg, tensors, files.weights)  # a PEFT LoRA/LoHa folder; ours pass unchanged
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         module, _, name = key.rpartition(".")
