@@ -17,21 +17,13 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from abba_cli.compare.table import read_eval  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 METHODS = ("base", "abba", "lora", "hira", "full")
 LABELS = {"base": "base", "abba": "ABBA", "lora": "LoRA", "hira": "HiRA", "full": "full FT"}
 TASK_ORDER = ("gsm8k", "boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa")
 LOSS_WINDOW = 5  # the final training loss is the mean of the last few steps: one step's loss is too noisy
-
-
-def read_eval(run: Path) -> dict[str, dict]:
-    """{task: metrics.json} of one run's evaluation."""
-    out = {}
-    for path in sorted((run / "eval").glob("*/metrics.json")):
-        data = json.loads(path.read_text())
-        out[data["task"]] = data
-    return out
 
 
 def read_train(run: Path) -> dict:
