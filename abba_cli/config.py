@@ -210,11 +210,52 @@ class EvalConfig(_Strict):
     max_new_tokens: int | None = Field(None, ge=1, description="Overrides each task's own setting.")
 
 
+class DistributedConfig(_Strict):
+    """How several processes share the model (the process count comes from the launcher: torchrun,
+    `accelerate launch`, srun), so one config runs on 1 GPU, 8 GPUs or several nodes."""
+
+    strategy: Literal["ddp", "fsdp", "zero2", "zero3"] = Field(
+        "ddp",
+        description="ddp: a whole model copy per process (fits one GPU); fsdp: PyTorch FSDP2, parameters, "
+        "gradients and optimizer state sharded; zero2: DeepSpeed ZeRO-2, gradients and optimizer state "
+        "sharded; zero3: DeepSpeed ZeRO-3, parameters sharded too. Not set: an Accelerate config file "
+        "(accelerate launch --config_file) may choose; set, it must agree with one.",
+    )
+    offload_optimizer: bool = Field(
+        False,
+        description="Keep optimizer state in CPU memory (zero2, zero3; fsdp offloads it together with "
+        "the parameters: set offload_params too).",
+    )
+    offload_params: bool = Field(False, description="Keep parameter shards in CPU memory (zero3, fsdp).")
+    wrap_layers: list[str] | None = Field(
+        None,
+        description="fsdp: decoder-layer class names each sharded as one unit (transformer-based auto wrap); "
+        "null: the model's own _no_split_modules, e.g. [LlamaDecoderLayer].",
+    )
+
+    @model_validator(mode="after")
+    def _knobs_fit_the_strategy(self) -> DistributedConfig:
+        s = self.strategy
+        if s == "ddp" and (self.offload_optimizer or self.offload_params or self.wrap_layers):
+            raise ValueError("offload_optimizer/offload_params/wrap_layers need strategy fsdp, zero2 or zero3")
+        if s == "zero2" and self.offload_params:
+            raise ValueError("zero2 keeps whole parameters on every process; offload_params needs zero3 or fsdp")
+        if s == "fsdp" and self.offload_optimizer != self.offload_params:
+            raise ValueError(
+                "FSDP2 offloads parameters, gradients and optimizer state together: set offload_params and "
+                "offload_optimizer both true (or both false)"
+            )
+        if s != "fsdp" and self.wrap_layers:
+            raise ValueError(f"wrap_layers is an fsdp setting; strategy is {s}")
+        return self
+
+
 class RunConfig(_Strict):
     model: ModelConfig
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: PathStr = Field(
         description="Run directory to create (refused if it exists, unless resuming)."
@@ -364,7 +405,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raw = {}
     if not isinstance(raw, dict):
         raise UserError(
-            f"{path}: expected a mapping of sections (model, adapter, data, train, eval, output_dir)"
+            f"{path}: expected a mapping of sections (model, adapter, data, train, distributed, eval, output_dir)"
         )
     raw = apply_overrides(raw, overrides or [])
     return validate_config(raw, str(path))

@@ -19,17 +19,36 @@ from abba_cli.train.context import Run, TrainData
 from abba_cli.train.validation import describe_validation
 
 
-def setup_accelerator(cfg: RunConfig, run_dir: Path) -> Any:
+ENGINES = {"ddp": "ddp", "fsdp": "fsdp: FSDP2", "zero2": "zero2: DeepSpeed ZeRO-2", "zero3": "zero3: DeepSpeed ZeRO-3"}
+
+
+def setup_accelerator(cfg: RunConfig, run_dir: Path) -> tuple[Any, str]:
+    """(the Accelerator, the distributed strategy it runs: ddp | fsdp | zero2 | zero3)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from abba_cli.train.distributed import accelerator_plugins, check_engine_installed, resolve_strategy
+
     t = cfg.train
+    strategy = resolve_strategy(cfg)
+    check_engine_installed(strategy)
+    if cfg.adapter.type == "full" and strategy in ("fsdp", "zero3"):
+        raise UserError(
+            f"adapter.type full with distributed.strategy {strategy}: the final model is not gathered from its "
+            "shards yet; use ddp or zero2 for full fine-tuning"
+        )
+    # Accelerator's own gradient_accumulation_steps stays 1: it would divide each micro-batch's loss by it,
+    # and the loop already normalises by the whole step's target tokens (loop.accumulate_gradients). The loop
+    # marks the last micro-batch of a step itself (DeepSpeed's engine steps there; see loop.py).
     accelerator = Accelerator(
-        mixed_precision=t.mixed_precision, log_with=tracker_names(t.report_to), project_dir=str(run_dir)
+        mixed_precision=t.mixed_precision,
+        log_with=tracker_names(t.report_to),
+        project_dir=str(run_dir),
+        **accelerator_plugins(cfg, strategy),
     )
     # Adapter init (SVD, Kaiming) and dropout draw from these generators: one seed makes the run repeatable.
     set_seed(t.seed)
-    return accelerator
+    return accelerator, strategy
 
 
 def setup_model(cfg: RunConfig) -> tuple[Any, Any, list]:
@@ -82,7 +101,7 @@ def run_extension(cfg: RunConfig, resume: Resume | None, data: TrainData) -> int
     return old if data.total_steps > old else None
 
 
-def print_plan(cfg: RunConfig, model: Any, data: TrainData, world: int) -> None:
+def print_plan(cfg: RunConfig, model: Any, data: TrainData, world: int, strategy: str = "ddp") -> None:
     from abba_cli.adapters import trainable_summary
     from abba_cli.adapters.abba import describe_paths
 
@@ -93,7 +112,7 @@ def print_plan(cfg: RunConfig, model: Any, data: TrainData, world: int) -> None:
         print(f"{plan} (full-length micro-batch; `auto` re-decides per batch)", file=sys.stderr)
     print(
         f"{len(data.train)} training examples, {data.per_epoch} micro-batches of {t.micro_batch_size} per epoch "
-        f"x {world} process(es); {data.total_steps} optimizer steps of {t.grad_accum_steps} micro-batches "
+        f"x {world} process(es) ({ENGINES[strategy]}); {data.total_steps} optimizer steps of {t.grad_accum_steps} micro-batches "
         f"({data.total_steps * t.grad_accum_steps / data.per_epoch:.2f} epochs), {data.warmup} warmup steps",
         file=sys.stderr,
     )
