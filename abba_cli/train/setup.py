@@ -6,7 +6,8 @@ import hashlib
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,8 @@ def setup_model(cfg: RunConfig) -> tuple[Any, Any, list]:
     from abba_cli.adapters import inject_adapters
     from abba_cli.models import load_configured_base
 
-    model, tokenizer = load_configured_base(cfg.model)
+    with whole_weights_while_loading():
+        model, tokenizer = load_configured_base(cfg.model)
     tokenizer.padding_side = "right"  # training pads on the right; evaluation sets its own side
     if cfg.adapter.type == "full":
         # No adapter: every weight of the base trains (keep model.dtype float32 for fp32 master weights).
@@ -74,6 +76,27 @@ def setup_model(cfg: RunConfig) -> tuple[Any, Any, list]:
             f"adapter.target_modules {cfg.adapter.target_modules}: no trainable parameters were created"
         )
     return model, tokenizer, params
+
+
+@contextmanager
+def whole_weights_while_loading() -> Iterator[None]:
+    """Load the base with whole weights even under ZeRO-3: Accelerate's DeepSpeed plugin registers its config
+    with transformers, whose from_pretrained then builds the model partitioned (deepspeed.zero.Init), where
+    the ABBA/PiSSA SVD initialisation cannot read W0. deepspeed.initialize partitions it at prepare() instead.
+    """
+    from accelerate.state import AcceleratorState, is_initialized
+
+    plugin = AcceleratorState().deepspeed_plugin if is_initialized() else None
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def setup_data(cfg: RunConfig, tokenizer: Any, accelerator: Any) -> TrainData:

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-ENGINE_TAG = "engine"
+ENGINE_TAG = "engine"  # = checkpoint.ENGINE_DIR: the tag directory is moved in as is
 
 
 def _is_dtensor(tensor: Any) -> bool:
@@ -100,7 +100,7 @@ def load_engine(run: Any, engine_dir: Path) -> None:
     from abba_cli.errors import UserError
 
     path, _ = run.model.load_checkpoint(
-        str(engine_dir),
+        str(engine_dir.parent),  # DeepSpeed reads <load_dir>/<tag>/
         tag=ENGINE_TAG,
         load_module_strict=False,
         load_optimizer_states=True,

@@ -1,0 +1,31 @@
+"""`abba ARGS...` as one process of a torchrun launch, for tests/test_distributed.py.
+
+With ABBA_TEST_SIGTERM_AT=N, the process of rank 1 sends itself a real SIGTERM during its N-th micro-batch
+(inside the loss, through the run's `loss_fn` seam), so the stop lands at a known step on one process only:
+every process must still agree to stop after that step, checkpoint and exit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from abba_cli.train.context import Run
+
+_AT = int(os.environ.get("ABBA_TEST_SIGTERM_AT", "0"))
+
+if _AT and os.environ.get("RANK") == "1":
+    _loss_fn, _calls = Run.loss_fn, [0]
+
+    def _loss_then_sigterm(self, logits, labels):
+        _calls[0] += 1
+        if _calls[0] == _AT:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return _loss_fn(self, logits, labels)
+
+    Run.loss_fn = _loss_then_sigterm
+
+if __name__ == "__main__":
+    from abba_cli.cli import app
+
+    app(prog_name="abba")
