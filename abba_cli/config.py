@@ -237,9 +237,13 @@ class DistributedConfig(_Strict):
     def _knobs_fit_the_strategy(self) -> DistributedConfig:
         s = self.strategy
         if s == "ddp" and (self.offload_optimizer or self.offload_params or self.wrap_layers):
-            raise ValueError("offload_optimizer/offload_params/wrap_layers need strategy fsdp, zero2 or zero3")
+            raise ValueError(
+                "offload_optimizer/offload_params/wrap_layers need strategy fsdp, zero2 or zero3"
+            )
         if s == "zero2" and self.offload_params:
-            raise ValueError("zero2 keeps whole parameters on every process; offload_params needs zero3 or fsdp")
+            raise ValueError(
+                "zero2 keeps whole parameters on every process; offload_params needs zero3 or fsdp"
+            )
         if s == "fsdp" and self.offload_optimizer != self.offload_params:
             raise ValueError(
                 "FSDP2 offloads parameters, gradients and optimizer state together: set offload_params and "

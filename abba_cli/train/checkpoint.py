@@ -29,7 +29,6 @@ from abba_cli.errors import UserError
 from abba_cli.fsutil import atomic_directory, atomic_save_safetensors
 from abba_cli.run.layout import ADAPTER_WEIGHTS, CHECKPOINT_STATE, CHECKPOINTS, list_checkpoints
 
-
 ENGINE_DIR = "engine"  # a DeepSpeed engine's own checkpoint inside checkpoints/step-N
 
 

@@ -149,7 +149,13 @@ def deepspeed_plugin(cfg: RunConfig, strategy: str) -> Any:
                 f"{config_file}: {key} is {node}, the run config gives {ours}; set them equal (or leave "
                 "it `auto` in the DeepSpeed config)"
             )
-    _fill_auto(hf, {"train_micro_batch_size_per_gpu": t.micro_batch_size, "gradient_accumulation_steps": t.grad_accum_steps})
+    _fill_auto(
+        hf,
+        {
+            "train_micro_batch_size_per_gpu": t.micro_batch_size,
+            "gradient_accumulation_steps": t.grad_accum_steps,
+        },
+    )
     return DeepSpeedPlugin(hf_ds_config=hf, zero3_init_flag=False)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from abba_cli.config import RunConfig
 from abba_cli.fsutil import check_output_dir
 from abba_cli.run.training_dir import RunLock, check_run_dir
-from abba_cli.signals import GracefulStop
+from abba_cli.signals import GracefulStop, ctrl_c_interrupts
 from abba_cli.train.context import Run
 from abba_cli.train.finish import finish
 from abba_cli.train.loop import fit
@@ -43,6 +43,11 @@ def run_training(
     cfg: RunConfig, config_path: str | Path, resume: bool = False, dry_run: bool = False
 ) -> Path | None:
     """Train per `cfg`; returns the run directory (None for a dry run)."""
+    with ctrl_c_interrupts():
+        return _run_training(cfg, resume, dry_run)
+
+
+def _run_training(cfg: RunConfig, resume: bool, dry_run: bool) -> Path | None:
     from abba_cli.train import checkpoint as ckpt
 
     run_dir = Path(cfg.output_dir)

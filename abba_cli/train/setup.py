@@ -19,8 +19,12 @@ from abba_cli.run.training_dir import Resume
 from abba_cli.train.context import Run, TrainData
 from abba_cli.train.validation import describe_validation
 
-
-ENGINES = {"ddp": "ddp", "fsdp": "fsdp: FSDP2", "zero2": "zero2: DeepSpeed ZeRO-2", "zero3": "zero3: DeepSpeed ZeRO-3"}
+ENGINES = {
+    "ddp": "ddp",
+    "fsdp": "fsdp: FSDP2",
+    "zero2": "zero2: DeepSpeed ZeRO-2",
+    "zero3": "zero3: DeepSpeed ZeRO-3",
+}
 
 
 def setup_accelerator(cfg: RunConfig, run_dir: Path) -> tuple[Any, str]:

@@ -89,9 +89,7 @@ def save_engine(run: Any, staging: Path) -> None:
     if run.main and staging.exists():
         shutil.rmtree(staging)  # a stale one from a killed run
     run.accelerator.wait_for_everyone()
-    run.model.save_checkpoint(
-        str(staging), tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True
-    )
+    run.model.save_checkpoint(str(staging), tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=True)
 
 
 def load_engine(run: Any, engine_dir: Path) -> None:
@@ -107,4 +105,6 @@ def load_engine(run: Any, engine_dir: Path) -> None:
         load_lr_scheduler_states=False,
     )
     if path is None:
-        raise UserError(f"{engine_dir}: the DeepSpeed engine checkpoint could not be read; resume from an older one")
+        raise UserError(
+            f"{engine_dir}: the DeepSpeed engine checkpoint could not be read; resume from an older one"
+        )

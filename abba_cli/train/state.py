@@ -233,4 +233,3 @@ def check_trainable_keys(model: Any, tensors: dict, source: Path, full: bool = F
         raise UserError(
             f"{source}: adapter tensors do not match this config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-
