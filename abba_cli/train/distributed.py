@@ -103,7 +103,9 @@ def fsdp_plugin(cfg: RunConfig) -> Any:
         transformer_cls_names_to_wrap=d.wrap_layers,
         cpu_offload=True if d.offload_params else None,  # None: the Accelerate config's, else off
         state_dict_type="FULL_STATE_DICT",
-        cpu_ram_efficient_loading=False,
+        # Only the main process reads the base weights; the others build it on the meta device (transformers
+        # does this under this flag) and receive every tensor, adapters included, by broadcast in prepare().
+        cpu_ram_efficient_loading=True,
     )
 
 
@@ -169,3 +171,31 @@ def _has_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available() and not _true("ACCELERATE_USE_CPU")
+
+
+def select_fsdp_on_cpu_processes(accelerator: Any, plugin: Any) -> None:
+    """Run FSDP2 on CPU processes too. Accelerate selects FSDP only on accelerators (on CPU it keeps plain
+    multi-CPU DDP and ignores the plugin, silently); torch's fully_shard itself runs on a CPU mesh with gloo. So
+    on CPU processes abba selects FSDP itself, with the same plugin and the same prepare() path as on GPUs:
+    what the CPU tests check is what a GPU run executes."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if plugin is None or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    state = accelerator.state
+    state.fsdp_plugin = plugin
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def describe_engine(accelerator: Any) -> str:
+    """What Accelerate actually runs (not what was asked for): the plan line shows it, and tests check it."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    if kind == DistributedType.DEEPSPEED:
+        return f"DeepSpeed ZeRO-{accelerator.state.deepspeed_plugin.zero_stage}"
+    if kind == DistributedType.FSDP:
+        return "FSDP2" if accelerator.is_fsdp2 else "FSDP1"
+    return "DDP" if accelerator.num_processes > 1 else "one process"

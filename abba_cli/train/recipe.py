@@ -25,6 +25,7 @@ from abba_cli.fsutil import check_output_dir
 from abba_cli.run.training_dir import RunLock, check_run_dir
 from abba_cli.signals import GracefulStop, ctrl_c_interrupts
 from abba_cli.train.context import Run
+from abba_cli.train.distributed import describe_engine
 from abba_cli.train.finish import finish
 from abba_cli.train.loop import fit
 from abba_cli.train.setup import (
@@ -56,10 +57,10 @@ def _run_training(cfg: RunConfig, resume: bool, dry_run: bool) -> Path | None:
     # The main process locks the run directory for the whole run: a second `abba train` on it fails at once.
     with RunLock(run_dir) if accelerator.is_main_process and not dry_run else nullcontext():
         resume_plan = None if dry_run else check_run_dir(cfg.model_dump(mode="json"), run_dir, resume)
-        model, tokenizer, params = setup_model(cfg)
+        model, tokenizer, params = setup_model(cfg, accelerator, strategy)
         data = setup_data(cfg, tokenizer, accelerator)
         if accelerator.is_main_process:
-            print_plan(cfg, model, data, accelerator.num_processes, strategy)
+            print_plan(cfg, model, data, accelerator.num_processes, describe_engine(accelerator))
         if dry_run:
             print("dry run: nothing trained, nothing written")
             return None

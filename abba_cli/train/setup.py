@@ -32,7 +32,12 @@ def setup_accelerator(cfg: RunConfig, run_dir: Path) -> tuple[Any, str]:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from abba_cli.train.distributed import accelerator_plugins, check_engine_installed, resolve_strategy
+    from abba_cli.train.distributed import (
+        accelerator_plugins,
+        check_engine_installed,
+        resolve_strategy,
+        select_fsdp_on_cpu_processes,
+    )
 
     t = cfg.train
     strategy = resolve_strategy(cfg)
@@ -45,30 +50,49 @@ def setup_accelerator(cfg: RunConfig, run_dir: Path) -> tuple[Any, str]:
     # Accelerator's own gradient_accumulation_steps stays 1: it would divide each micro-batch's loss by it,
     # and the loop already normalises by the whole step's target tokens (loop.accumulate_gradients). The loop
     # marks the last micro-batch of a step itself (DeepSpeed's engine steps there; see loop.py).
+    plugins = accelerator_plugins(cfg, strategy)
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision,
         log_with=tracker_names(t.report_to),
         project_dir=str(run_dir),
-        **accelerator_plugins(cfg, strategy),
+        **plugins,
     )
+    select_fsdp_on_cpu_processes(accelerator, plugins.get("fsdp_plugin"))
     # Adapter init (SVD, Kaiming) and dropout draw from these generators: one seed makes the run repeatable.
     set_seed(t.seed)
     return accelerator, strategy
 
 
-def setup_model(cfg: RunConfig) -> tuple[Any, Any, list]:
+def setup_model(cfg: RunConfig, accelerator: Any = None, strategy: str = "ddp") -> tuple[Any, Any, list]:
     """(model with its adapters, tokenizer, trainable parameters)."""
     from abba_cli.adapters import inject_adapters
     from abba_cli.models import load_configured_base
 
+    # FSDP2 start-up that scales (Accelerate's cpu_ram_efficient_loading): only the main process reads the
+    # weights and initialises the adapters; the others build the model on the meta device, and prepare()
+    # broadcasts every tensor from the main process into the shards.
+    skeleton = (
+        strategy == "fsdp"
+        and accelerator is not None
+        and accelerator.is_fsdp2
+        and accelerator.num_processes > 1
+        and not accelerator.is_main_process
+    )
     with whole_weights_while_loading():
-        model, tokenizer = load_configured_base(cfg.model)
+        model, tokenizer = load_configured_base(cfg.model, empty_weights=skeleton)
+    if (
+        strategy == "fsdp"
+        and accelerator is not None
+        and accelerator.is_fsdp2
+        and accelerator.num_processes > 1
+    ):
+        _match_main_dtype(model, accelerator)
     tokenizer.padding_side = "right"  # training pads on the right; evaluation sets its own side
     if cfg.adapter.type == "full":
         # No adapter: every weight of the base trains (keep model.dtype float32 for fp32 master weights).
         model.requires_grad_(True)
     else:
-        inject_adapters(model, cfg.adapter, seed=cfg.train.seed)
+        inject_adapters(model, cfg.adapter, seed=cfg.train.seed, init=not skeleton)
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs; input grads keep the graph connected anyway.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -80,6 +104,18 @@ def setup_model(cfg: RunConfig) -> tuple[Any, Any, list]:
             f"adapter.target_modules {cfg.adapter.target_modules}: no trainable parameters were created"
         )
     return model, tokenizer, params
+
+
+def _match_main_dtype(model: Any, accelerator: Any) -> None:
+    """Give the meta skeleton the dtype the main process loaded (`model.dtype: auto` reads it from the
+    checkpoint): every process's shards must have one dtype."""
+    from accelerate.utils import broadcast_object_list
+
+    dtype = [str(model.dtype).removeprefix("torch.")]
+    broadcast_object_list(dtype, from_process=0)
+    import torch
+
+    model.to(getattr(torch, dtype[0]))
 
 
 @contextmanager
@@ -128,7 +164,7 @@ def run_extension(cfg: RunConfig, resume: Resume | None, data: TrainData) -> int
     return old if data.total_steps > old else None
 
 
-def print_plan(cfg: RunConfig, model: Any, data: TrainData, world: int, strategy: str = "ddp") -> None:
+def print_plan(cfg: RunConfig, model: Any, data: TrainData, world: int, engine: str = "") -> None:
     from abba_cli.adapters import trainable_summary
     from abba_cli.adapters.abba import describe_paths
 
@@ -139,7 +175,7 @@ def print_plan(cfg: RunConfig, model: Any, data: TrainData, world: int, strategy
         print(f"{plan} (full-length micro-batch; `auto` re-decides per batch)", file=sys.stderr)
     print(
         f"{len(data.train)} training examples, {data.per_epoch} micro-batches of {t.micro_batch_size} per epoch "
-        f"x {world} process(es) ({ENGINES[strategy]}); {data.total_steps} optimizer steps of {t.grad_accum_steps} micro-batches "
+        f"x {world} process(es){f' ({engine})' if engine else ''}; {data.total_steps} optimizer steps of {t.grad_accum_steps} micro-batches "
         f"({data.total_steps * t.grad_accum_steps / data.per_epoch:.2f} epochs), {data.warmup} warmup steps",
         file=sys.stderr,
     )
