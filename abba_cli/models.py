@@ -190,6 +190,9 @@ def load_base(
             config = AutoConfig.from_pretrained(location, **config_kwargs)
             with init_empty_weights():
                 model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            # from_config leaves tie_word_embeddings models untied (from_pretrained ties them): tie, so the
+            # skeleton has the loaded model's parameters (FSDP2 maps them by name; validate counts them).
+            model.tie_weights()
         else:
             model = AutoModelForCausalLM.from_pretrained(location, **model_kwargs)
     except OSError as err:
