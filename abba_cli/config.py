@@ -22,6 +22,7 @@ from pydantic import (
 )
 
 from abba_cli.errors import UserError
+from abba_cli.yamlfile import read_yaml
 
 DEFAULT_ABBA_ALPHA = 16.0
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -234,11 +235,56 @@ class EvalConfig(_Strict):
     max_new_tokens: int | None = Field(None, ge=1, description="Overrides each task's own setting.")
 
 
+class DistributedConfig(_Strict):
+    """How several processes share the model (the process count comes from the launcher: torchrun,
+    `accelerate launch`, srun), so one config runs on 1 GPU, 8 GPUs or several nodes."""
+
+    strategy: Literal["ddp", "fsdp", "zero2", "zero3"] = Field(
+        "ddp",
+        description="ddp: a whole model copy per process (fits one GPU); fsdp: PyTorch FSDP2, parameters, "
+        "gradients and optimizer state sharded; zero2: DeepSpeed ZeRO-2, gradients and optimizer state "
+        "sharded; zero3: DeepSpeed ZeRO-3, parameters sharded too. Not set: an Accelerate config file "
+        "(accelerate launch --config_file) may choose; set, it must agree with one.",
+    )
+    offload_optimizer: bool = Field(
+        False,
+        description="Keep optimizer state in CPU memory (zero2, zero3; fsdp offloads it together with "
+        "the parameters: set offload_params too).",
+    )
+    offload_params: bool = Field(False, description="Keep parameter shards in CPU memory (zero3, fsdp).")
+    wrap_layers: list[str] | None = Field(
+        None,
+        description="fsdp: decoder-layer class names each sharded as one unit (transformer-based auto wrap); "
+        "null: the model's own _no_split_modules, e.g. [LlamaDecoderLayer].",
+    )
+
+    @model_validator(mode="after")
+    def _knobs_fit_the_strategy(self) -> DistributedConfig:
+        s = self.strategy
+        if s == "ddp" and (self.offload_optimizer or self.offload_params or self.wrap_layers):
+            raise ValueError(
+                "offload_optimizer/offload_params/wrap_layers need strategy fsdp, zero2 or zero3"
+            )
+        if s == "zero2" and self.offload_params:
+            raise ValueError(
+                "zero2 keeps whole parameters on every process; offload_params needs zero3 or fsdp"
+            )
+        if s == "fsdp" and self.offload_optimizer != self.offload_params:
+            raise ValueError(
+                "FSDP2 offloads parameters, gradients and optimizer state together: set offload_params and "
+                "offload_optimizer both true (or both false)"
+            )
+        if s != "fsdp" and self.wrap_layers:
+            raise ValueError(f"wrap_layers is an fsdp setting; strategy is {s}")
+        return self
+
+
 class RunConfig(_Strict):
     model: ModelConfig
     adapter: AdapterConfig = Field(default_factory=AdapterConfig)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     output_dir: PathStr = Field(
         description="Run directory to create (refused if it exists, unless resuming)."
@@ -330,66 +376,6 @@ def format_validation_error(source: str, err: ValidationError, model: type[BaseM
     return f"{source}: " + "; ".join(problems)
 
 
-def read_utf8(path: Path) -> str:
-    """A text file's content; bytes that are not UTF-8 are a UserError naming the line, not a traceback."""
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read it ({e.strerror or e})") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise UserError(
-            f"{path}: line {line}: byte 0x{data[e.start]:02x} is not UTF-8; save the file as UTF-8"
-        ) from None
-
-
-class _DuplicateKey(yaml.YAMLError):
-    def __init__(self, key: Any, line: int, first: int) -> None:
-        super().__init__(f"duplicate key {key!r}")
-        self.key, self.line, self.first = key, line, first
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        first_line: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *base` then overriding a key is YAML's way to extend a mapping
-            key = self.construct_object(key_node, deep=True)
-            try:
-                if key in first_line:
-                    raise _DuplicateKey(key, key_node.start_mark.line + 1, first_line[key])
-                first_line[key] = key_node.start_mark.line + 1
-            except TypeError:
-                pass  # an unhashable key: SafeLoader's own construct_mapping reports it
-        return super().construct_mapping(node, deep=deep)
-
-
-def read_yaml(path: Path) -> Any:
-    """A YAML file as Python data; non-UTF-8 bytes, syntax errors and duplicate keys are one-line UserErrors."""
-    text = read_utf8(path)
-    try:
-        # What yaml.load does, spelled out so that no yaml.load call exists in the package (test_security):
-        # a SafeLoader subclass builds no arbitrary objects.
-        loader = _UniqueKeyLoader(text)
-        try:
-            return loader.get_single_data()
-        finally:
-            loader.dispose()
-    except _DuplicateKey as e:
-        raise UserError(
-            f"{path}: line {e.line}: key {e.key!r} is given twice (first on line {e.first}); keep one"
-        ) from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise UserError(f"{path}: YAML syntax error{where}: {getattr(e, 'problem', None) or e}") from None
-
-
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read, override and validate a run config; any problem is a UserError naming file and key."""
     path = Path(path)
@@ -408,7 +394,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raw = {}
     if not isinstance(raw, dict):
         raise UserError(
-            f"{path}: expected a mapping of sections (model, adapter, data, train, eval, output_dir)"
+            f"{path}: expected a mapping of sections (model, adapter, data, train, distributed, eval, output_dir)"
         )
     raw = apply_overrides(raw, overrides or [])
     return validate_config(raw, str(path))

@@ -203,6 +203,9 @@ def load_base(
             config = AutoConfig.from_pretrained(location, **config_kwargs)
             with init_empty_weights():
                 model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            # from_config leaves tie_word_embeddings models untied (from_pretrained ties them): tie, so the
+            # skeleton has the loaded model's parameters (FSDP2 maps them by name; validate counts them).
+            model.tie_weights()
             if quantization != "none":
                 quantize_empty_model(model, quantization, dtype, double_quant)
         else:
@@ -265,7 +268,7 @@ def check_model_dir(path: Path, name: str, weights: bool = True) -> None:
     Checked before anything loads so the message names the broken file: transformers reports a bad config.json
     as a tokenizer problem, and safetensors' own error does not say which shard is truncated.
     """
-    from abba_cli.config import read_utf8
+    from abba_cli.yamlfile import read_utf8
 
     config = path / "config.json"
     if not config.is_file():

@@ -12,6 +12,8 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
@@ -69,6 +71,25 @@ class GracefulStop:
 
     def __exit__(self, *exc: object) -> None:
         self._restore()
+
+
+@contextmanager
+def ctrl_c_interrupts() -> Iterator[None]:
+    """SIGINT raises KeyboardInterrupt (exit 130) while the run sets up, even where it was inherited as ignored.
+
+    A shell without job control starts a background command (`abba train ... &`, scripts, some CI runners)
+    with SIGINT ignored, and Python then installs no KeyboardInterrupt handler: a Ctrl-C or `kill -INT` during
+    the minutes of model loading was silently lost and the run trained to the end. The loop's GracefulStop
+    takes over while it runs; the previous handler is restored on exit.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def signal_name(signum: int) -> str:

@@ -9,8 +9,9 @@ import pytest
 import yaml
 from helpers import cli
 
-from abba_cli.config import load_config, read_yaml
+from abba_cli.config import load_config
 from abba_cli.errors import UserError
+from abba_cli.yamlfile import read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))

@@ -335,6 +335,12 @@ class _HybridABBA(Function):
         return (dx, dw, db, None, *grads)
 
 
+def _init_device(weight: torch.Tensor) -> torch.device:
+    if weight.device.type == "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return weight.device
+
+
 class ABBALinear(AdapterLinear):
     factor_names = ("B1", "A1", "B2", "A2")
     kind = "abba"
@@ -369,7 +375,10 @@ class ABBALinear(AdapterLinear):
         Zero-initialising both B's would kill every gradient (paper appendix C).
         """
         gen = layer_generator(seed, self.name)
-        w = self.frozen_weight()
+        # The SVD runs on the GPU when there is one (Mistral-7B's 224 layers: ~150 s of CPU SVD per process
+        # before this); every process uses the same device type, so every process gets the same factors. On a
+        # quantized base W0 is the dequantized weight (frozen_weight), as QPiSSA reads it.
+        w = self.frozen_weight().to(_init_device(self.weight))
         with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
             # svd_lowrank draws its random projection from the global RNG: seed it per layer so every process
             # (and every rerun) gets the same factors.

@@ -173,6 +173,15 @@ def _fill_adapter(model: nn.Module, tensors: dict[str, torch.Tensor], weights: P
                 f"{weights}: {key} has shape {tuple(tensors[key].shape)} but this model needs "
                 f"{tuple(target.shape)}: the adapter was trained on another base model ({base})"
             )
+    bad = [
+        k for k in expected if tensors[k].is_floating_point() and not bool(torch.isfinite(tensors[k]).all())
+    ]
+    if bad:
+        # Caught here, not when the merge finds a non-finite layer: this names the run's file, as merge does.
+        raise UserError(
+            f"{weights}: {bad[0]} holds NaN or infinite values ({len(bad)} tensor(s); the run diverged?); "
+            "use an earlier checkpoint (--run RUN_DIR/checkpoints/step-N)"
+        )
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key].to(target.device, target.dtype))

@@ -25,9 +25,10 @@ from pathlib import Path
 
 from abba_cli.compare.budget import format_budget, parse_methods, plan_methods, split_sets
 from abba_cli.compare.table import finished, run_name, write_outputs
-from abba_cli.config import RunConfig, apply_overrides, dump_config, read_yaml, validate_config
+from abba_cli.config import RunConfig, apply_overrides, dump_config, validate_config
 from abba_cli.errors import UserError
 from abba_cli.fsutil import atomic_write_text
+from abba_cli.yamlfile import read_yaml
 
 RESOURCES = "compare_resources.json"
 

@@ -168,7 +168,12 @@ def last_finite_checkpoint(run_dir: str | Path, before_step: int) -> Path | None
             continue
         try:
             tensors: list[Any] = list(load_file(path / ADAPTER_WEIGHTS).values())
-            optimizer = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+            # A DeepSpeed checkpoint keeps its optimizer shards in engine/: its adapter tensors are checked.
+            optimizer = (
+                torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+                if (path / "optimizer.pt").is_file() or not (path / "engine").is_dir()
+                else {}
+            )
         except (OSError, ValueError, RuntimeError, pickle.UnpicklingError):
             continue  # unreadable: not a checkpoint to recommend
         tensors += [t for s in optimizer.get("state", {}).values() for t in s.values() if torch.is_tensor(t)]

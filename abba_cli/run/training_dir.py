@@ -146,6 +146,8 @@ def check_run_dir(cfg_json: dict, run_dir: Path, resume: bool) -> Resume | None:
             f"--resume: {run_dir} holds no run to resume (no {CONFIG_FILE}); train without --resume"
         )
     saved = read_saved_config(run_dir)
+    # Runs saved before the `distributed` section existed trained with its defaults (ddp).
+    saved.setdefault("distributed", cfg_json.get("distributed") if _is_default_ddp(cfg_json) else None)
     diffs = [k for k in diff_keys(saved, cfg_json) if not k.startswith(RESUME_MAY_CHANGE)]
     extends = bool(diffs) and all(k in RESUME_EXTENDS for k in diffs)
     if diffs and not extends:
@@ -162,6 +164,12 @@ def check_run_dir(cfg_json: dict, run_dir: Path, resume: bool) -> Resume | None:
     if latest is None:
         print(f"--resume: no checkpoint in {run_dir} yet; starting it from step 0", file=sys.stderr)
     return Resume(latest, dict(saved.get("train") or {}) if extends else None)
+
+
+def _is_default_ddp(cfg_json: dict) -> bool:
+    from abba_cli.config import DistributedConfig
+
+    return cfg_json.get("distributed") == DistributedConfig().model_dump(mode="json")
 
 
 def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:

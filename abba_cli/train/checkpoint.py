@@ -2,7 +2,10 @@
 
 RUN_DIR/checkpoints/step-N/ holds
     adapter_model.safetensors   the trainable adapter factors (fp32), keyed like the run's final adapter
-    optimizer.pt, scheduler.pt  their state_dicts
+    optimizer.pt, scheduler.pt  their state_dicts (under FSDP2 the full optimizer state, keyed by parameter name)
+    engine/                     DeepSpeed ZeRO only, instead of optimizer.pt: the engine's own checkpoint (one
+                                optimizer-state shard per process, the trainable fp32 weights), written by every
+                                process and restored by `engine.load_checkpoint`
     rng.pt                      python / numpy / torch (and CUDA) RNG states, one entry per process
     state.json                  step, data position (epoch, batch index in that epoch), elapsed seconds
 Each directory is built under a temporary name and renamed when complete (fsutil.atomic_directory), so any
@@ -12,6 +15,7 @@ Each directory is built under a temporary name and renamed when complete (fsutil
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import random
 import shutil
@@ -24,6 +28,8 @@ import torch
 from abba_cli.errors import UserError
 from abba_cli.fsutil import atomic_directory, atomic_save_safetensors
 from abba_cli.run.layout import ADAPTER_WEIGHTS, CHECKPOINT_STATE, CHECKPOINTS, list_checkpoints
+
+ENGINE_DIR = "engine"  # a DeepSpeed engine's own checkpoint inside checkpoints/step-N
 
 
 @dataclass
@@ -70,20 +76,27 @@ def save_checkpoint(
     run_dir: str | Path,
     state: TrainState,
     adapter_tensors: dict[str, torch.Tensor],
-    optimizer_state: dict,
+    optimizer_state: dict | None,
     scheduler_state: dict,
     rng_states: list[dict[str, Any]],
     keep: int | None,
+    engine_dir: Path | None = None,
 ) -> Path:
-    """Write checkpoints/step-N atomically, then drop the oldest beyond `keep`. Main process only."""
+    """Write checkpoints/step-N atomically, then drop the oldest beyond `keep`. Main process only.
+
+    `engine_dir` (DeepSpeed) is a finished engine checkpoint that is moved in as `engine/` instead of
+    optimizer.pt."""
     final = Path(run_dir) / CHECKPOINTS / f"step-{state.step}"
     with atomic_directory(final, overwrite=True) as tmp:
         atomic_save_safetensors(
             {k: v.detach().cpu() for k, v in adapter_tensors.items()}, tmp / ADAPTER_WEIGHTS
         )
-        torch.save(optimizer_state, tmp / "optimizer.pt")
-        torch.save(scheduler_state, tmp / "scheduler.pt")
-        torch.save(rng_states, tmp / "rng.pt")
+        if engine_dir is not None:
+            os.replace(engine_dir, tmp / ENGINE_DIR)
+        if optimizer_state is not None:
+            _torch_save(optimizer_state, tmp / "optimizer.pt")
+        _torch_save(scheduler_state, tmp / "scheduler.pt")
+        _torch_save(rng_states, tmp / "rng.pt")
         (tmp / CHECKPOINT_STATE).write_text(json.dumps(asdict(state), indent=2) + "\n")
     if keep is not None:
         for _, old in list_checkpoints(run_dir)[:-keep]:
@@ -95,8 +108,19 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str | Path) -> tuple[TrainState, dict[str, torch.Tensor], dict, dict, list[dict]]:
-    """(state, adapter tensors, optimizer state, scheduler state, per-process RNG states)."""
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save through a Python file: a full disk is then an OSError (ENOSPC) that names itself. Given a
+    path, torch's C++ writer reports it as "RuntimeError: [enforce fail at inline_container.cc] unexpected
+    pos", which no handler can tell from a bug."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def load_checkpoint(
+    path: str | Path,
+) -> tuple[TrainState, dict[str, torch.Tensor], dict | None, dict, list[dict]]:
+    """(state, adapter tensors, optimizer state (None when the DeepSpeed engine holds it: `engine/`), scheduler
+    state, per-process RNG states)."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -104,7 +128,11 @@ def load_checkpoint(path: str | Path) -> tuple[TrainState, dict[str, torch.Tenso
         state = TrainState(**json.loads((path / CHECKPOINT_STATE).read_text()))
         tensors = load_file(path / ADAPTER_WEIGHTS)
         # weights_only=True: a checkpoint is data, never code; a pickle holding an arbitrary object is refused.
-        optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        optimizer_state = (
+            None
+            if (path / ENGINE_DIR).is_dir()
+            else torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        )
         scheduler_state = torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True)
         rng_states = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
     except (OSError, ValueError, TypeError, RuntimeError, pickle.UnpicklingError) as err:

@@ -39,6 +39,7 @@ class Run:
     data: TrainData
     optimizer: Any
     scheduler: Any
+    strategy: str = "ddp"  # distributed strategy: ddp | fsdp | zero2 | zero3 (train/distributed.py)
     state: Any = None  # checkpoint.TrainState, set by restore
     extends_from: int | None = None  # the old total of steps when --resume extends a run
     best_val: dict | None = None  # {"best_val_loss", "best_val_step"} so far
@@ -47,6 +48,10 @@ class Run:
     @property
     def full(self) -> bool:
         return self.cfg.adapter.type == "full"
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.strategy in ("zero2", "zero3")
 
     @property
     def main(self) -> bool:

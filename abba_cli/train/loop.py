@@ -88,13 +88,21 @@ def accumulate_gradients(run: Run, host: list[dict], micro: list[dict]) -> float
             accelerator.reduce(torch.tensor(all_targets, device=accelerator.device), "sum").item()
         )
     n_targets = max(all_targets, 1) / world
+    # DeepSpeed divides each micro-batch's loss by its gradient_accumulation_steps unless told not to; the
+    # loss here is already normalised over the whole step.
+    backward_kwargs = {"scale_wrt_gas": False} if run.deepspeed else {}
     step_loss = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(micro):
         sync = i == len(micro) - 1
+        # What accelerator.accumulate() would set: gradients sync (DDP all-reduce, FSDP2 reduce-scatter) on the
+        # last micro-batch only, and under DeepSpeed accelerator.backward marks that micro-batch as the
+        # accumulation boundary and steps the engine there, once per optimizer step. accumulate() itself is
+        # not used: it needs Accelerator(gradient_accumulation_steps=N), which divides every loss by N again.
+        accelerator.gradient_state._set_sync_gradients(sync)
         with nullcontext() if sync else accelerator.no_sync(run.model):
             logits = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = run.loss_fn(logits, batch["labels"]) / n_targets
-            accelerator.backward(loss)
+            accelerator.backward(loss, **backward_kwargs)
         step_loss += loss.detach()
     return accelerator.reduce(step_loss, "mean").item()
 
@@ -104,7 +112,9 @@ def apply_update(run: Run, loss_value: float) -> tuple[Any, float]:
     step = run.state.step + 1
     if not math.isfinite(loss_value):
         diverged(run.run_dir, step, f"loss {loss_value}")
-    # Clipping at +inf leaves gradients untouched and still returns the norm for the log.
+    # Clipping at +inf leaves gradients untouched and still returns the norm for the log. The norm is global:
+    # under FSDP2 Accelerate reduces the DTensor shards' norms; DeepSpeed clipped inside its engine step
+    # (config gradient_clipping) and this returns the global norm it computed.
     grad_norm = run.accelerator.clip_grad_norm_(run.params, run.cfg.train.max_grad_norm or float("inf"))
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
@@ -169,13 +179,20 @@ def all_finite(params: list, accelerator: Any) -> bool:
     import torch
     from torch.nn.utils import get_total_norm
 
-    local = [p.detach() for p in params if p.numel()]
+    local = [_local(p.detach()) for p in params if p.numel()]
+    local = [p for p in local if p.numel()]
     with torch.no_grad():
         peak = get_total_norm(local, float("inf")) if local else torch.zeros((), device=accelerator.device)
         ok = torch.isfinite(peak).to(torch.int32)
     if accelerator.num_processes > 1:
         ok = accelerator.reduce(ok, "min")
     return bool(ok.item())
+
+
+def _local(tensor: Any) -> Any:
+    """This process's shard of an FSDP2 DTensor parameter (a plain tensor as it is)."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor
 
 
 def diverged(run_dir: Path, step: int, what: str) -> None:

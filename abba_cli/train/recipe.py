@@ -23,8 +23,9 @@ from pathlib import Path
 from abba_cli.config import RunConfig
 from abba_cli.fsutil import check_output_dir
 from abba_cli.run.training_dir import RunLock, check_run_dir
-from abba_cli.signals import GracefulStop
+from abba_cli.signals import GracefulStop, ctrl_c_interrupts
 from abba_cli.train.context import Run
+from abba_cli.train.distributed import describe_engine
 from abba_cli.train.finish import finish
 from abba_cli.train.loop import fit
 from abba_cli.train.setup import (
@@ -43,24 +44,31 @@ def run_training(
     cfg: RunConfig, config_path: str | Path, resume: bool = False, dry_run: bool = False
 ) -> Path | None:
     """Train per `cfg`; returns the run directory (None for a dry run)."""
+    with ctrl_c_interrupts():
+        return _run_training(cfg, resume, dry_run)
+
+
+def _run_training(cfg: RunConfig, resume: bool, dry_run: bool) -> Path | None:
     from abba_cli.train import checkpoint as ckpt
 
     run_dir = Path(cfg.output_dir)
     check_output_dir(run_dir, key="output_dir")
-    accelerator = setup_accelerator(cfg, run_dir)
+    accelerator, strategy = setup_accelerator(cfg, run_dir)
     # The main process locks the run directory for the whole run: a second `abba train` on it fails at once.
     with RunLock(run_dir) if accelerator.is_main_process and not dry_run else nullcontext():
         resume_plan = None if dry_run else check_run_dir(cfg.model_dump(mode="json"), run_dir, resume)
-        model, tokenizer, params = setup_model(cfg)
+        model, tokenizer, params = setup_model(cfg, accelerator, strategy)
         data = setup_data(cfg, tokenizer, accelerator)
         if accelerator.is_main_process:
-            print_plan(cfg, model, data, accelerator.num_processes)
+            print_plan(cfg, model, data, accelerator.num_processes, describe_engine(accelerator))
         if dry_run:
             print("dry run: nothing trained, nothing written")
             return None
         optimizer, scheduler = setup_optimizer(cfg, params, data)
         model, optimizer = accelerator.prepare(model, optimizer)
-        run = Run(cfg, run_dir, accelerator, model, tokenizer, params, data, optimizer, scheduler)
+        # FSDP2 replaces each parameter by a sharded DTensor: clipping and the finiteness check need those.
+        params = [p for p in model.parameters() if p.requires_grad]
+        run = Run(cfg, run_dir, accelerator, model, tokenizer, params, data, optimizer, scheduler, strategy)
         run.extends_from = run_extension(cfg, resume_plan, data)
         start_run_dir(run, fresh=resume_plan is None)
         rng = restore(run, resume_plan.checkpoint if resume_plan else None)

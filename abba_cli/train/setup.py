@@ -6,7 +6,8 @@ import hashlib
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,32 +19,80 @@ from abba_cli.run.training_dir import Resume
 from abba_cli.train.context import Run, TrainData
 from abba_cli.train.validation import describe_validation
 
+ENGINES = {
+    "ddp": "ddp",
+    "fsdp": "fsdp: FSDP2",
+    "zero2": "zero2: DeepSpeed ZeRO-2",
+    "zero3": "zero3: DeepSpeed ZeRO-3",
+}
 
-def setup_accelerator(cfg: RunConfig, run_dir: Path) -> Any:
+
+def setup_accelerator(cfg: RunConfig, run_dir: Path) -> tuple[Any, str]:
+    """(the Accelerator, the distributed strategy it runs: ddp | fsdp | zero2 | zero3)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    t = cfg.train
-    accelerator = Accelerator(
-        mixed_precision=t.mixed_precision, log_with=tracker_names(t.report_to), project_dir=str(run_dir)
+    from abba_cli.train.distributed import (
+        accelerator_plugins,
+        check_engine_installed,
+        resolve_strategy,
+        select_fsdp_on_cpu_processes,
     )
+
+    t = cfg.train
+    strategy = resolve_strategy(cfg)
+    check_engine_installed(strategy)
+    if cfg.adapter.type == "full" and strategy in ("fsdp", "zero3"):
+        raise UserError(
+            f"adapter.type full with distributed.strategy {strategy}: the final model is not gathered from its "
+            "shards yet; use ddp or zero2 for full fine-tuning"
+        )
+    # Accelerator's own gradient_accumulation_steps stays 1: it would divide each micro-batch's loss by it,
+    # and the loop already normalises by the whole step's target tokens (loop.accumulate_gradients). The loop
+    # marks the last micro-batch of a step itself (DeepSpeed's engine steps there; see loop.py).
+    plugins = accelerator_plugins(cfg, strategy)
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision,
+        log_with=tracker_names(t.report_to),
+        project_dir=str(run_dir),
+        **plugins,
+    )
+    select_fsdp_on_cpu_processes(accelerator, plugins.get("fsdp_plugin"))
     # Adapter init (SVD, Kaiming) and dropout draw from these generators: one seed makes the run repeatable.
     set_seed(t.seed)
-    return accelerator
+    return accelerator, strategy
 
 
-def setup_model(cfg: RunConfig) -> tuple[Any, Any, list]:
+def setup_model(cfg: RunConfig, accelerator: Any = None, strategy: str = "ddp") -> tuple[Any, Any, list]:
     """(model with its adapters, tokenizer, trainable parameters)."""
     from abba_cli.adapters import inject_adapters
     from abba_cli.models import load_configured_base
 
-    model, tokenizer = load_configured_base(cfg.model)
+    # FSDP2 start-up that scales (Accelerate's cpu_ram_efficient_loading): only the main process reads the
+    # weights and initialises the adapters; the others build the model on the meta device, and prepare()
+    # broadcasts every tensor from the main process into the shards.
+    skeleton = (
+        strategy == "fsdp"
+        and accelerator is not None
+        and accelerator.is_fsdp2
+        and accelerator.num_processes > 1
+        and not accelerator.is_main_process
+    )
+    with whole_weights_while_loading():
+        model, tokenizer = load_configured_base(cfg.model, empty_weights=skeleton)
+    if (
+        strategy == "fsdp"
+        and accelerator is not None
+        and accelerator.is_fsdp2
+        and accelerator.num_processes > 1
+    ):
+        _match_main_dtype(model, accelerator)
     tokenizer.padding_side = "right"  # training pads on the right; evaluation sets its own side
     if cfg.adapter.type == "full":
         # No adapter: every weight of the base trains (keep model.dtype float32 for fp32 master weights).
         model.requires_grad_(True)
     else:
-        inject_adapters(model, cfg.adapter, seed=cfg.train.seed)
+        inject_adapters(model, cfg.adapter, seed=cfg.train.seed, init=not skeleton)
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs; input grads keep the graph connected anyway.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -59,6 +108,39 @@ def setup_model(cfg: RunConfig) -> tuple[Any, Any, list]:
             f"adapter.target_modules {cfg.adapter.target_modules}: no trainable parameters were created"
         )
     return model, tokenizer, params
+
+
+def _match_main_dtype(model: Any, accelerator: Any) -> None:
+    """Give the meta skeleton the dtype the main process loaded (`model.dtype: auto` reads it from the
+    checkpoint): every process's shards must have one dtype."""
+    from accelerate.utils import broadcast_object_list
+
+    dtype = [str(model.dtype).removeprefix("torch.")]
+    broadcast_object_list(dtype, from_process=0)
+    import torch
+
+    model.to(getattr(torch, dtype[0]))
+
+
+@contextmanager
+def whole_weights_while_loading() -> Iterator[None]:
+    """Load the base with whole weights even under ZeRO-3: Accelerate's DeepSpeed plugin registers its config
+    with transformers, whose from_pretrained then builds the model partitioned (deepspeed.zero.Init), where
+    the ABBA/PiSSA SVD initialisation cannot read W0. deepspeed.initialize partitions it at prepare() instead.
+    """
+    from accelerate.state import AcceleratorState, is_initialized
+
+    plugin = AcceleratorState().deepspeed_plugin if is_initialized() else None
+    if plugin is None or plugin.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def setup_data(cfg: RunConfig, tokenizer: Any, accelerator: Any) -> TrainData:
@@ -86,7 +168,7 @@ def run_extension(cfg: RunConfig, resume: Resume | None, data: TrainData) -> int
     return old if data.total_steps > old else None
 
 
-def print_plan(cfg: RunConfig, model: Any, data: TrainData, world: int) -> None:
+def print_plan(cfg: RunConfig, model: Any, data: TrainData, world: int, engine: str = "") -> None:
     from abba_cli.adapters import trainable_summary
     from abba_cli.adapters.abba import describe_paths
 
@@ -97,7 +179,7 @@ def print_plan(cfg: RunConfig, model: Any, data: TrainData, world: int) -> None:
         print(f"{plan} (full-length micro-batch; `auto` re-decides per batch)", file=sys.stderr)
     print(
         f"{len(data.train)} training examples, {data.per_epoch} micro-batches of {t.micro_batch_size} per epoch "
-        f"x {world} process(es); {data.total_steps} optimizer steps of {t.grad_accum_steps} micro-batches "
+        f"x {world} process(es){f' ({engine})' if engine else ''}; {data.total_steps} optimizer steps of {t.grad_accum_steps} micro-batches "
         f"({data.total_steps * t.grad_accum_steps / data.per_epoch:.2f} epochs), {data.warmup} warmup steps",
         file=sys.stderr,
     )

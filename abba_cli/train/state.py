@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from abba_cli.errors import UserError
-from abba_cli.run.layout import CHECKPOINTS, METRICS_FILE, latest_checkpoint
+from abba_cli.run.layout import ADAPTER_WEIGHTS, CHECKPOINTS, METRICS_FILE, latest_checkpoint
 from abba_cli.run.training_dir import resume_hint, truncate_metrics
 from abba_cli.signals import TrainingStopped, signal_name
+from abba_cli.train import sharded
 from abba_cli.train.context import Run
 from abba_cli.train.validation import best_val_so_far
 
@@ -31,9 +32,26 @@ def restore(run: Run, resume_from: Path | None) -> dict | None:
     rng = None
     if resume_from is not None:
         run.state, tensors, opt_state, sched_state, rng_states = ckpt.load_checkpoint(resume_from)
+        _check_finite(run, resume_from, tensors)
         _check_same_data(run, resume_from)
-        load_trainable_tensors(run.accelerator.unwrap_model(run.model), tensors, resume_from, run.full)
-        run.optimizer.load_state_dict(opt_state)
+        check_trainable_keys(run.accelerator.unwrap_model(run.model), tensors, resume_from, run.full)
+        if run.deepspeed:
+            # The engine restores its fp32 master weights (the same values as the adapter file) and its shards.
+            engine_dir = resume_from / ckpt.ENGINE_DIR
+            if not engine_dir.is_dir():
+                raise UserError(
+                    f"{resume_from}: no DeepSpeed engine state ({ckpt.ENGINE_DIR}/); it was written by another "
+                    f"distributed.strategy than {run.strategy}; resume with that strategy"
+                )
+            sharded.load_engine(run, engine_dir)
+        else:
+            if opt_state is None:
+                raise UserError(
+                    f"{resume_from}: written by a DeepSpeed run (its optimizer state is in {ckpt.ENGINE_DIR}/); "
+                    f"resume with that distributed.strategy, not {run.strategy}"
+                )
+            sharded.load_trainable(run, tensors)
+            sharded.load_optimizer_state(run, opt_state)
         run.scheduler.load_state_dict(sched_state)
         if run.extends_from is not None:
             _extend_schedule(run)
@@ -55,6 +73,29 @@ def restore(run: Run, resume_from: Path | None) -> dict | None:
         truncate_metrics(metrics, run.state.step)
         run.best_val = best_val_so_far(metrics) if run.data.val is not None else None
     return rng
+
+
+def _check_finite(run: Run, checkpoint: Path, tensors: dict) -> None:
+    """A checkpoint holding inf/nan would only diverge again a few steps later, blamed on that step: name it
+    now, before any step, with the checkpoint to resume from instead."""
+    import torch
+
+    from abba_cli.run.layout import last_finite_checkpoint
+
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if not bad:
+        return
+    step = run.state.step
+    older = last_finite_checkpoint(run.run_dir, before_step=step)
+    fix = (
+        f"the last finite checkpoint is {older}: delete the newer ones ({checkpoint}) and resume"
+        if older
+        else "no earlier finite checkpoint exists: start a new run"
+    )
+    raise UserError(
+        f"--resume: {checkpoint / ADAPTER_WEIGHTS} holds non-finite (inf/nan) values in {len(bad)} tensor(s), "
+        f"e.g. {bad[0]}; {fix}"
+    )
 
 
 def _check_same_data(run: Run, checkpoint: Path) -> None:
@@ -111,18 +152,28 @@ def write_checkpoint(run: Run) -> Path | None:
     world = run.accelerator.num_processes
     rngs = gather_object([ckpt.rng_state()]) if world > 1 else [ckpt.rng_state()]
     tensors = gathered_trainable_state(run.accelerator, run.model, run.full)
+    target = run.run_dir / CHECKPOINTS / f"step-{run.state.step}"
+    with disk_full_is_a_user_error(f"the optimizer state of checkpoint {target}", run.run_dir):
+        optimizer_state = sharded.optimizer_state_to_save(run)
+        engine_dir = None
+        if run.deepspeed:
+            # Every process writes its shard into one staging directory, moved into step-N when complete.
+            staging = run.run_dir / CHECKPOINTS / f".step-{run.state.step}.engine.partial"
+            sharded.save_engine(run, staging)
+            engine_dir = staging / sharded.ENGINE_TAG
+            run.accelerator.wait_for_everyone()
     path = None
     if run.main:
-        target = run.run_dir / CHECKPOINTS / f"step-{run.state.step}"
         with disk_full_is_a_user_error(f"checkpoint {target}", run.run_dir):
             path = ckpt.save_checkpoint(
                 run.run_dir,
                 run.state,
                 tensors,
-                run.optimizer.state_dict(),
+                optimizer_state,
                 run.scheduler.state_dict(),
                 rngs,
                 run.cfg.train.save_total_limit,
+                engine_dir=engine_dir,
             )
     run.accelerator.wait_for_everyone()
     return path
@@ -163,21 +214,18 @@ def gathered_trainable_state(accelerator: Any, model: Any, full: bool) -> dict |
     from accelerate.utils import DistributedType
 
     unwrapped = accelerator.unwrap_model(model)
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        keys = list(trainable_state_dict(unwrapped, full))
-        whole = accelerator.get_state_dict(model)
-        if not accelerator.is_main_process:
-            return None
-        missing = [k for k in keys if k not in whole]
-        if missing:
-            raise RuntimeError(f"gathered state dict lacks trainable tensors, e.g. {missing[:3]}")
-        return {k: whole[k] for k in keys}
-    return trainable_state_dict(unwrapped, full)
+    named = trainable_state_dict(unwrapped, full)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        whole = sharded.gather_full("fsdp", model, named)
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        stage = accelerator.state.deepspeed_plugin.zero_stage
+        whole = sharded.gather_full("zero3" if stage == 3 else "zero2", model, named)
+    else:
+        return named
+    return whole if accelerator.is_main_process else None
 
 
-def load_trainable_tensors(model: Any, tensors: dict, source: Path, full: bool = False) -> None:
-    import torch
-
+def check_trainable_keys(model: Any, tensors: dict, source: Path, full: bool = False) -> None:
     expected = trainable_state_dict(model, full)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -185,8 +233,3 @@ def load_trainable_tensors(model: Any, tensors: dict, source: Path, full: bool =
         raise UserError(
             f"{source}: adapter tensors do not match this config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    # PiSSA keeps its frozen residual factors as buffers; they are part of the adapter state too.
-    params = {**dict(model.named_buffers()), **dict(model.named_parameters())}
-    with torch.no_grad():
-        for key, value in tensors.items():
-            params[key].copy_(value)
