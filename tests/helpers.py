@@ -172,3 +172,19 @@ def cli_error_line(result) -> str:
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in result.output, result.output
     return lines[0]
+
+
+def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The environment of an `abba` subprocess in a test: offline, its own ABBA_HOME under tmp_path, one OMP thread
+    (the same kernels in every run: bitwise comparisons need it), plus `extra`."""
+    import os
+
+    return dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        ABBA_HOME=str(tmp_path / "abba-home"),
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        **extra,
+    )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import subprocess_env
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -243,20 +244,11 @@ def test_wilson_interval_known_value():
 def test_under_torchrun_every_run_uses_both_processes(tmp_path, tiny_model_dir):
     """2 CPU processes (gloo; see test_multiprocess.py for why torchrun): every run is one distributed run,
     runs go one after another, and the budget, evaluation and table come once, from the main process."""
-    import os
     import subprocess
     import sys
 
     cfg = _write(tmp_path, _raw(tiny_model_dir, tmp_path, max_steps=2, micro_batch_size=1))
-    env = dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        ABBA_HOME=str(tmp_path / "home"),
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        ACCELERATE_USE_CPU="true",
-    )
+    env = subprocess_env(tmp_path, ACCELERATE_USE_CPU="true")
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     out = tmp_path / "cmp"
     p = subprocess.run(

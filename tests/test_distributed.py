@@ -17,14 +17,13 @@ Resume is compared exactly: the same strategy on the same processes repeats the 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import UNSET, tiny_config
+from helpers import UNSET, subprocess_env, tiny_config
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -78,16 +77,7 @@ def _config(tmp: Path, model_dir: Path, out: str, adapter: str, accum: int) -> P
 
 
 def _env(tmp: Path, **extra: str) -> dict[str, str]:
-    return dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        ABBA_HOME=str(tmp / "abba-home"),
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        ACCELERATE_USE_CPU="true",
-        **extra,
-    )
+    return subprocess_env(tmp, ACCELERATE_USE_CPU="true", **extra)
 
 
 def _torchrun(tmp: Path, config: Path, strategy: str, *args: str, **env: str) -> subprocess.CompletedProcess:

@@ -8,14 +8,13 @@ ACCELERATE_USE_CPU=true: Accelerate then selects DistributedType.MULTI_CPU with 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import subprocess_env, tiny_config
 from safetensors.torch import load_file
 
 # Seconds before a hung run fails the test (each run takes a few seconds; gloo hangs forever on a lost peer).
@@ -51,16 +50,7 @@ def _config(tmp_path: Path, model_dir: Path, out: str, accum: int) -> Path:
     )
 
 
-def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    return dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        ABBA_HOME=str(tmp_path / "abba-home"),
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        **extra,
-    )
+_env = subprocess_env
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ metrics line exists); nothing in the training loop knows it is being tested.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -21,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import tiny_config
+from helpers import subprocess_env, tiny_config
 from safetensors.torch import load_file
 
 # Every test here runs `abba train` in subprocesses (about a minute in all): `make test-fast` skips them.
@@ -34,15 +33,7 @@ DEADLINE_S = 240
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    return dict(
-        os.environ,
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        ABBA_HOME=str(tmp_path / "abba-home"),
-        OMP_NUM_THREADS="1",  # same kernels in every run: bitwise comparisons need it
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONUNBUFFERED="1",
-    )
+    return subprocess_env(tmp_path, PYTHONUNBUFFERED="1")
 
 
 @pytest.fixture(scope="module")
