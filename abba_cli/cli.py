@@ -12,7 +12,7 @@ from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from abba_cli.errors import UserError
-from abba_cli.signals import TrainingStopped
+from abba_cli.util.signals import TrainingStopped
 
 
 class _OneLineErrors(TyperGroup):
@@ -88,8 +88,10 @@ def train(
 ) -> None:
     """Fine-tune a model with an adapter as described by CONFIG."""
     from abba_cli.config import load_config
-    from abba_cli.train.recipe import run_training
+    from abba_cli.run.layout import refuse_run_dir_as_config
+    from abba_cli.train.pipeline import run_training
 
+    refuse_run_dir_as_config(config)
     cfg = load_config(config, set_)
     run_training(cfg, config_path=config, resume=resume, dry_run=dry_run)
 
@@ -102,8 +104,10 @@ def validate(
 ) -> None:
     """Print the resolved config and the trainable-parameter summary without training."""
     from abba_cli.config import load_config
-    from abba_cli.train.validate import validate_run
+    from abba_cli.run.layout import refuse_run_dir_as_config
+    from abba_cli.train.plan import validate_run
 
+    refuse_run_dir_as_config(config)
     cfg = load_config(config, set_)
     validate_run(cfg, config_path=config)
 
@@ -158,7 +162,7 @@ def eval_(
     ),
 ) -> None:
     """Evaluate a run (or a plain model) on benchmark tasks."""
-    from abba_cli.eval.runner import run_eval
+    from abba_cli.eval.evaluate import run_eval
 
     tasks = [t.strip() for item in task for t in item.split(",") if t.strip()]
     run_eval(
@@ -193,7 +197,7 @@ def merge(
     ),
 ) -> None:
     """Fold the adapter into the base weights and write a plain Hugging Face model."""
-    from abba_cli.merge import merge_run
+    from abba_cli.ship.merge import merge_run
 
     merge_run(out=out, run=run, dtype=dtype, overwrite=overwrite, base=base)
 
@@ -217,7 +221,7 @@ def export(
     ),
 ) -> None:
     """Export the adapter for other tools (ABBA is exactly a LoRA of rank r1*r2, and a PEFT LoHa)."""
-    from abba_cli.export import export_run
+    from abba_cli.ship.export import export_run
 
     export_run(format=format, out=out, run=run, overwrite=overwrite, base=base, rank=rank)
 
@@ -234,7 +238,7 @@ def inspect(
     ),
 ) -> None:
     """Singular values of each layer's dW: effective rank, 90%-energy rank, ||dW||/||W0||."""
-    from abba_cli.inspect_report import run_inspect
+    from abba_cli.analysis.spectra_report import run_inspect
 
     run_inspect(runs, out, base)
 
@@ -253,6 +257,6 @@ def compare(
     ),
 ) -> None:
     """Train and evaluate several methods at equal trainable parameters; resumable (rerun the same command)."""
-    from abba_cli.compare import run_compare
+    from abba_cli.analysis.compare import run_compare
 
     run_compare(config, methods, seeds, out, set_)

@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from abba_cli.errors import UserError
-from abba_cli.yamlfile import read_yaml
+from abba_cli.util.yaml_file import read_yaml
 
 DEFAULT_ABBA_ALPHA = 16.0
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -160,7 +160,7 @@ class DataConfig(_Strict):
     max_seq_len: int = Field(512, ge=8, description="Truncate prompt+response to this many tokens.")
     train_on_inputs: bool = Field(False, description="Also compute the loss on prompt tokens.")
     seed: int = Field(42, description="Seed of the subset selection and shuffling.")
-    # Data formats and tokenisation (issue 15, the `data` engineer's keys).
+    # Data formats and tokenisation.
     drop_long: bool = Field(
         False, description="Drop examples longer than max_seq_len (with a count) instead of cutting them."
     )
@@ -380,13 +380,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     """Read, override and validate a run config; any problem is a UserError naming file and key."""
     path = Path(path)
     if path.is_dir():
-        saved = path / "config.yaml"
-        hint = (
-            f"pass {saved} (the run's saved config; with --resume to continue that run)"
-            if saved.is_file()
-            else "pass a run config YAML (see configs/)"
-        )
-        raise UserError(f"{path} is a directory, not a config file; {hint}")
+        raise UserError(f"{path} is a directory, not a config file; pass a run config YAML (see configs/)")
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     raw = read_yaml(path)

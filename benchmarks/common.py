@@ -180,7 +180,7 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
 
 def smollm2_dir() -> Path:
     """The bundled SmolLM2-135M-Instruct as a Hugging Face folder (converted once and cached by abba_cli)."""
-    from abba_cli.models import bundled_smollm2_dir
+    from abba_cli.models.bundled import bundled_smollm2_dir
 
     return bundled_smollm2_dir()
 

@@ -104,7 +104,7 @@ def run_env(scratch: Path, threads: int = 0) -> dict[str, str]:
     """The environment of one timed run: the user's, minus the allocator settings `make bench` sets for its memory
     measurements (common.MEASURE_ENV hands freed memory back to the OS at once, so every step would page-fault its
     tensors in again: no user trains like that), with this tree's code and a scratch ABBA_HOME."""
-    from abba_cli.models import models_cache_dir
+    from abba_cli.models.bundled import models_cache_dir
 
     env = {k: v for k, v in os.environ.items() if k not in common.MEASURE_ENV}
     env.update(

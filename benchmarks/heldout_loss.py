@@ -55,7 +55,7 @@ def run_loss(run_dir: Path, examples, max_seq_len: int) -> dict:
     import yaml
 
     from abba_cli.adapters import load_adapter
-    from abba_cli.models import load_base
+    from abba_cli.models.loading import load_base
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     model, tokenizer = load_base(cfg["model"]["name_or_path"], cfg["model"]["dtype"])

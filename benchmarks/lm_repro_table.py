@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from abba_cli.compare.table import read_eval  # noqa: E402
+from abba_cli.analysis.compare.table import read_eval  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 METHODS = ("base", "abba", "lora", "hira", "full")

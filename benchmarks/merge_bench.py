@@ -2,7 +2,7 @@
 
 Two measurements, each in a fresh subprocess (peak memory, see common.py):
 - in memory: `merge_adapters` + `unwrap_adapters` on the loaded model (what `abba eval` does);
-- end to end: `abba_cli.merge.merge_run` on a saved run (load base, load adapter, fold layer by layer, write
+- end to end: `abba_cli.ship.merge.merge_run` on a saved run (load base, load adapter, fold layer by layer, write
   the HF folder, reload it and compare logits), timed as a whole.
 The adapter is random (r1 = r2 = 16, all seven projections, B2 ~ N(0, 1e-3)) so the merge does real work.
 
@@ -61,7 +61,7 @@ def in_memory(dtype: torch.dtype) -> dict[str, Any]:
 
 def end_to_end(dtype: torch.dtype) -> dict[str, Any]:
     from abba_cli.adapters import save_adapter
-    from abba_cli.merge import merge_run
+    from abba_cli.ship.merge import merge_run
 
     model, cfg = _adapted_model(dtype)
     with tempfile.TemporaryDirectory() as tmp:

@@ -70,7 +70,7 @@ def profile(
     method: str, dropout: float, steps: int, skip: int, model: str | None, extra: list[str], out: Path | None
 ) -> dict:
     from abba_cli.config import load_config
-    from abba_cli.train.recipe import run_training
+    from abba_cli.train.pipeline import run_training
 
     _instrument()
     model = model or str(common.smollm2_dir())

@@ -2,7 +2,7 @@
 the paper configs.
 
 Measured: each base variant runs in a fresh subprocess (common.run_json_subprocess), loads the bundled
-SmolLM2-135M through abba_cli.models.load_base, injects ABBA r1 = r2 = 16 on all seven projections, and runs
+SmolLM2-135M through abba_cli.models.loading.load_base, injects ABBA r1 = r2 = 16 on all seven projections, and runs
 AdamW steps on a fixed random batch (micro-batch 4 x 128 tokens). Reported per variant: the bytes of the base's
 tensors (state dict, quantization constants included; exact), the resident memory after loading (VmRSS), the
 peak resident memory over the training steps (VmHWM, common.read_peak), and the median step time after two
@@ -54,7 +54,7 @@ def child(name: str, steps: int, micro: int, seq: int) -> dict:
 
     from abba_cli.adapters import inject_adapters
     from abba_cli.config import AdapterConfig
-    from abba_cli.models import load_base
+    from abba_cli.models.loading import load_base
 
     torch.manual_seed(0)
     dtype, quantization = VARIANTS[name]
@@ -90,7 +90,7 @@ def child(name: str, steps: int, micro: int, seq: int) -> dict:
 
 def sizes() -> dict[str, float]:
     """MiB of the base's tensors per variant (state dict, quantization constants included): exact, any load."""
-    from abba_cli.models import load_base
+    from abba_cli.models.loading import load_base
 
     out = {}
     for name, (dtype, quantization) in VARIANTS.items():

@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from abba_cli.eval.runner import run_eval  # noqa: E402
-from abba_cli.export import TRUNCATION_REPORT, export_run  # noqa: E402
+from abba_cli.eval.evaluate import run_eval  # noqa: E402
+from abba_cli.ship.export import TRUNCATION_REPORT, export_run  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from abba_cli.adapters import inject_adapters, save_adapter, trainable_summary
 from abba_cli.config import AdapterConfig
 from abba_cli.data.prompts import render_prompt
-from abba_cli.models import load_base
+from abba_cli.models.loading import load_base
 
 DATA = Path(__file__).resolve().parent / "data" / "alpaca.jsonl"
 

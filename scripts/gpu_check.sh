@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check (issue 16.3): on one H100/H200 with no network, in under 8 minutes, into one results folder:
+# GPU check: on one H100/H200 with no network, in under 8 minutes, into one results folder:
 #   1. the bf16 training-step benchmark on SmolLM2-135M shapes (step_bench.py, ABBA paths vs our and PEFT LoRA),
 #   2. the same on a stack of 4 Mistral-7B-shaped (4096-wide) decoder blocks, 4 x 2048 tokens,
 #   3. the full layer sweep with --fit: the GPU's constants for `auto`'s cost model (abba.py),
@@ -39,7 +39,7 @@ pack() {
     grep -qx '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >>"$exclude"
     rm -rf .gpu && mkdir -p .gpu/a .gpu/b/wheels
     local gguf
-    gguf=$("$py" -c "from abba_cli.models import bundled_gguf_path; print(bundled_gguf_path())") || exit 1
+    gguf=$("$py" -c "from abba_cli.models.loading import bundled_gguf_path; print(bundled_gguf_path())") || exit 1
     head -c "$SPLIT_BYTES" "$gguf" >.gpu/a/smollm2.gguf.part1
     tail -c +"$((SPLIT_BYTES + 1))" "$gguf" >.gpu/b/smollm2.gguf.part2
     sha256sum "$gguf" | cut -d' ' -f1 >.gpu/b/smollm2.gguf.sha256
@@ -79,7 +79,7 @@ setup() {
         .gpu/b/wheels/*.whl || exit 3
     export PYTHONPATH=$HERE:$site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
     export ABBA_MODELS_DIR=/tmp/abba-models ABBA_HOME=/tmp/abba-home TOKENIZERS_PARALLELISM=false
-    SMOL=$(python3 -c "from abba_cli.models import bundled_smollm2_dir; print(bundled_smollm2_dir())") || exit 3
+    SMOL=$(python3 -c "from abba_cli.models.loading import bundled_smollm2_dir; print(bundled_smollm2_dir())") || exit 3
     export SMOL RES HERE
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 }

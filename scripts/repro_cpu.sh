@@ -40,8 +40,8 @@ if [ ! -f "$BASE/config.json" ]; then
     log "base model -> fp32 copy $BASE"
     "$PY" - "$BASE" <<'PYEOF'
 import sys
-from abba_cli.fsutil import atomic_directory
-from abba_cli.models import load_base
+from abba_cli.util.files import atomic_directory
+from abba_cli.models.loading import load_base
 model, tok = load_base("HuggingFaceTB/SmolLM2-135M-Instruct", "float32")
 with atomic_directory(sys.argv[1]) as tmp:
     model.save_pretrained(tmp)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import signal
 
-from abba_cli import models
+from abba_cli.models import loading as models
 from abba_cli.train.context import Run
 
 _AT = int(os.environ.get("ABBA_TEST_SIGTERM_AT", "0"))

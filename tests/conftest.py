@@ -97,7 +97,7 @@ def _isolated_home(tmp_path):
 
 
 def _fresh_hub_probe() -> None:
-    from abba_cli import hub
+    from abba_cli.util import hub
 
     hub._reachable.cache_clear()  # the probe result is cached per process; tests fake the network
     hub._noted.clear()  # so are the notes said once per process (e.g. "hub unavailable")
@@ -120,10 +120,10 @@ def _shared_models_dir(abba_models_dir):
 
 @pytest.fixture(scope="session")
 def smollm2_dir(abba_models_dir) -> Path:
-    """The bundled SmolLM2-135M-Instruct GGUF converted to a normal HF folder by abba_cli.models (real, offline)."""
+    """The bundled SmolLM2-135M-Instruct GGUF converted to a normal HF folder by abba_cli.models.loading (real, offline)."""
     import os
 
-    from abba_cli.models import bundled_smollm2_dir
+    from abba_cli.models.bundled import bundled_smollm2_dir
 
     old = os.environ.get("ABBA_MODELS_DIR")
     os.environ["ABBA_MODELS_DIR"] = str(abba_models_dir)

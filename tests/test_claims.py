@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from abba_cli.config import RunConfig
 from abba_cli.errors import UserError
-from abba_cli.train.recipe import run_training
+from abba_cli.train.pipeline import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [

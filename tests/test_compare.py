@@ -14,10 +14,10 @@ from helpers import subprocess_env
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from abba_cli.analysis.compare import grid as runner
+from abba_cli.analysis.compare.budget import method_block, parse_methods, plan_methods, split_sets
+from abba_cli.analysis.compare.table import wilson
 from abba_cli.cli import app
-from abba_cli.compare import runner
-from abba_cli.compare.budget import method_block, parse_methods, plan_methods, split_sets
-from abba_cli.compare.table import wilson
 from abba_cli.config import validate_config
 from abba_cli.errors import UserError
 from abba_cli.train import state as train_state

@@ -11,7 +11,7 @@ from helpers import cli
 
 from abba_cli.config import load_config
 from abba_cli.errors import UserError
-from abba_cli.yamlfile import read_yaml
+from abba_cli.util.yaml_file import read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -220,7 +220,7 @@ def test_validate_reads_no_weights_and_counts_like_a_real_load(tmp_path, tiny_mo
 
     from abba_cli.adapters import inject_adapters, trainable_summary
     from abba_cli.config import AdapterConfig
-    from abba_cli.models import load_base
+    from abba_cli.models.loading import load_base
 
     weightless = tmp_path / "no-weights"
     shutil.copytree(tiny_model_dir, weightless, ignore=shutil.ignore_patterns("*.safetensors"))

@@ -197,7 +197,7 @@ def test_zero3_saves_full_adapter_tensors(two, tiny_model_dir):
         pytest.skip("zero3 only: its parameters are partitioned to empty tensors on each process")
     from abba_cli.adapters import adapter_state_dict, inject_adapters
     from abba_cli.config import AdapterConfig
-    from abba_cli.models import load_base
+    from abba_cli.models.loading import load_base
 
     model, _ = load_base(str(tiny_model_dir))
     inject_adapters(model, AdapterConfig(r1=2, r2=2, target_modules=["q_proj", "v_proj", "down_proj"]))

@@ -7,9 +7,9 @@ import importlib.util
 import pytest
 from helpers import cli, cli_error_line, tiny_config, tiny_raw_config
 
-from abba_cli import models
 from abba_cli.config import validate_config
 from abba_cli.errors import UserError
+from abba_cli.models import loading as models
 from abba_cli.train import distributed
 
 ENGINE_ENV = [

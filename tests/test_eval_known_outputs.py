@@ -23,7 +23,7 @@ GSM8K = {
     "Josh decides": ("He made a profit of seventy thousand dollars.", False, True),
     "James decides": ("3 * 3 * 60 = 540\nThe answer is: 540.0", True, False),
 }
-# MATH --limit takes a fixed shuffle across the subjects (issue 13.9): these are its first four, in source order
+# MATH --limit takes a fixed shuffle across the subjects: these are its first four, in source order
 # (golds 60, -2, 72^\\circ, 180).
 MATH_IDS = ["math-76", "math-879", "math-2004", "math-4022"]
 MATH = {

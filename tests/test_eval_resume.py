@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import cli
 
-import abba_cli.eval.runner as evaluate
+import abba_cli.eval.evaluate as evaluate
 
 N = 6  # examples per run, batch size 2: three batches
 

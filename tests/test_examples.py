@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from abba_cli.export import export_run
-from abba_cli.merge import merge_run
+from abba_cli.ship.export import export_run
+from abba_cli.ship.merge import merge_run
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

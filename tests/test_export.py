@@ -16,7 +16,7 @@ from abba_cli.adapters import adapter_layers, inject_adapters, save_adapter
 from abba_cli.adapters.abba import khatri_rao_factors
 from abba_cli.config import AdapterConfig
 from abba_cli.errors import UserError
-from abba_cli.export import export_run, peft_alpha
+from abba_cli.ship.export import export_run, peft_alpha
 
 
 def test_khatri_rao_identity_float64():
@@ -205,7 +205,7 @@ def test_export_with_a_folded_scale_loads_in_peft(tiny_model_dir, tmp_path, caps
 
 
 def test_vllm_rank_hint_uses_the_served_ranks():
-    from abba_cli.export import vllm_hint, vllm_max_lora_rank
+    from abba_cli.ship.export import vllm_hint, vllm_max_lora_rank
 
     assert [vllm_max_lora_rank(r) for r in (4, 9, 81, 256, 300, 512, 1024)] == [
         8,

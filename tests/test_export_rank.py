@@ -12,8 +12,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from abba_cli.export import export_run
-from abba_cli.truncate import svd_truncate
+from abba_cli.ship.export import export_run
+from abba_cli.ship.truncate import svd_truncate
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 PEFT = "base_model.model.{}.lora_{}.weight"

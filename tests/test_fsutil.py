@@ -1,4 +1,4 @@
-"""abba_cli.fsutil: atomic writes survive a kill, honour the umask, give identical bytes for identical data."""
+"""abba_cli.util.files: atomic writes survive a kill, honour the umask, give identical bytes for identical data."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from abba_cli.errors import UserError
-from abba_cli.fsutil import (
+from abba_cli.util.files import (
     atomic_directory,
     atomic_file,
     atomic_save_safetensors,
@@ -58,7 +58,7 @@ _SAVE = (
     f"META = {META!r}\n"
     + """
 import sys, torch
-from abba_cli.fsutil import atomic_save_safetensors
+from abba_cli.util.files import atomic_save_safetensors
 g = torch.Generator().manual_seed(0)
 tensors = {k: torch.randn(3, 4, generator=g) for k in ("b.B1", "a.A1", "c.A2")}
 atomic_save_safetensors(tensors, sys.argv[1], metadata=META)
@@ -113,7 +113,7 @@ def test_a_writer_failing_half_way_leaves_the_previous_file(tmp_path, monkeypatc
 _KILLED = """
 import sys, time
 from pathlib import Path
-from abba_cli.fsutil import atomic_file
+from abba_cli.util.files import atomic_file
 with atomic_file(sys.argv[1]) as f:
     f.write("x" * 1_000_000)
     f.flush()

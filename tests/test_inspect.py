@@ -15,14 +15,9 @@ from helpers import make_run
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from abba_cli.adapters.factors import factored_singular_values
+from abba_cli.analysis.spectra import effective_rank, energy_rank, inspect_run, numerical_floor
 from abba_cli.cli import app
-from abba_cli.inspect import (
-    effective_rank,
-    energy_rank,
-    factored_singular_values,
-    inspect_run,
-    numerical_floor,
-)
 
 
 def _reference(dw: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""MATH golds (issue 13.1): the last \\boxed{} of the reference solution, and a model that answers exactly the
+"""MATH golds: the last \\boxed{} of the reference solution, and a model that answers exactly the
 reference answer is scored correct."""
 
 from __future__ import annotations

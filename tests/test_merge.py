@@ -12,11 +12,12 @@ from helpers import PROMPTS, cli, logits, make_run, max_rel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-from abba_cli import merge as merge_mod
 from abba_cli.adapters import adapter_layers, load_adapter
 from abba_cli.cli import app
 from abba_cli.errors import UserError
-from abba_cli.merge import METADATA, merge_run
+from abba_cli.ship import merge as merge_mod
+from abba_cli.ship.logit_check import prompt_logits
+from abba_cli.ship.merge import METADATA, merge_run
 
 
 def adapter_logits(base_dir: Path, run_dir: Path) -> list[torch.Tensor]:
@@ -80,7 +81,7 @@ def test_merge_to_bf16_passes_its_check(tiny_model_dir, abba_run, tmp_path):
     ref = adapter_logits(tiny_model_dir, abba_run)
     tok = AutoTokenizer.from_pretrained(out)
     # In fp32 compute, only the bf16 rounding of W0 + dW separates the two (about 2% on this tiny model).
-    got = merge_mod._logits(merged.eval(), tok, tuple(PROMPTS))
+    got = prompt_logits(merged.eval(), tok, tuple(PROMPTS))
     assert max_rel(ref, got) < merge_mod.TOLERANCE["bf16"]
     # The check saw the bf16 weights (rounding visible), not an fp32 copy.
     assert 1e-4 < meta["check"]["max_rel_diff"] < merge_mod.TOLERANCE["bf16"]
@@ -162,14 +163,14 @@ def test_out_may_not_replace_the_base_or_the_run(tiny_model_dir, abba_run):
 
 def test_failed_self_check_publishes_nothing(abba_run, tmp_path, monkeypatch):
     """A merge that silently dropped a layer's update must be caught by the self-check, not shipped."""
-    real_fold = merge_mod._fold_layers
+    real_fold = merge_mod.fold_layers
 
     def fold_but_forget_one(model, target):
         name, layer = next(iter(adapter_layers(model)))
         layer.merged = True  # pretend dW was folded into W0: the layer keeps W0 only
         return real_fold(model, target)
 
-    monkeypatch.setattr(merge_mod, "_fold_layers", fold_but_forget_one)
+    monkeypatch.setattr(merge_mod, "fold_layers", fold_but_forget_one)
     out = tmp_path / "merged"
     result = cli(*["merge", "--out", str(out), "--run", str(abba_run)])
     assert result.exit_code != 0
@@ -180,7 +181,7 @@ def test_failed_self_check_publishes_nothing(abba_run, tmp_path, monkeypatch):
 
 def _forget_one_layer(monkeypatch) -> list[str]:
     """Make the fold skip one layer's update (it keeps W0 only); the list receives that layer's name."""
-    real_fold = merge_mod._fold_layers
+    real_fold = merge_mod.fold_layers
     forgotten = []
 
     def fold_but_forget_one(model, target):
@@ -189,7 +190,7 @@ def _forget_one_layer(monkeypatch) -> list[str]:
         layer.merge = lambda: None  # the fold runs, the update never reaches W
         return real_fold(model, target)
 
-    monkeypatch.setattr(merge_mod, "_fold_layers", fold_but_forget_one)
+    monkeypatch.setattr(merge_mod, "fold_layers", fold_but_forget_one)
     return forgotten
 
 
@@ -256,7 +257,7 @@ def test_fold_releases_each_layer_and_writes_w0_plus_dw(tiny_model_dir, abba_run
     load_adapter(model, abba_run)
     expected = _expected_merged_weights(tiny_model_dir, abba_run, torch.bfloat16)
     refs = [weakref.ref(layer) for _, layer in adapter_layers(model)]
-    assert len(merge_mod._fold_layers(model, torch.bfloat16)) == len(expected)
+    assert len(merge_mod.fold_layers(model, torch.bfloat16)) == len(expected)
     gc.collect()
     assert all(r() is None for r in refs)
     for name, w in expected.items():
@@ -371,7 +372,7 @@ def test_fp32_compute_matches_an_fp32_copy_and_restores_dtypes(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    got = merge_mod._logits(model, tok, tuple(PROMPTS))
+    got = prompt_logits(model, tok, tuple(PROMPTS))
     assert all(v.dtype == torch.bfloat16 for v in model.state_dict().values())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not model._forward_pre_hooks and not model.model.embed_tokens._forward_hooks

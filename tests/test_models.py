@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from abba_cli.errors import UserError
-from abba_cli.models import SMOLLM2_ID, bundled_smollm2_dir, load_base
+from abba_cli.models.bundled import SMOLLM2_ID, bundled_smollm2_dir
+from abba_cli.models.loading import load_base
 
 
 def _spy_tokenizer_load(monkeypatch) -> dict:
@@ -111,7 +112,7 @@ def test_unreachable_hub_is_detected_without_retries(monkeypatch):
     """Offline without HF_HUB_OFFLINE: a quick probe switches to the hub cache, no network retries."""
     import socket
 
-    from abba_cli import hub
+    from abba_cli.util import hub
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):

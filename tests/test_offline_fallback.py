@@ -9,13 +9,14 @@ import shutil
 import torch
 from helpers import cli
 
-from abba_cli import models
-from abba_cli.models import SMOLLM2_ID, load_base
+from abba_cli.models import bundled
+from abba_cli.models.bundled import SMOLLM2_ID
+from abba_cli.models.loading import load_base
 
 
 def _plant_bundled_copy(tmp_path, tiny_model_dir, monkeypatch):
     cache = tmp_path / "models"
-    planted = cache / models._SMOLLM2_CACHE_NAME
+    planted = cache / bundled.SMOLLM2_CACHE_NAME
     shutil.copytree(tiny_model_dir, planted)
     monkeypatch.setenv("ABBA_MODELS_DIR", str(cache))  # this cache only: nothing is converted here
     return planted

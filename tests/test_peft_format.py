@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM
 
 from abba_cli.adapters import adapter_layers, load_adapter
 from abba_cli.errors import UserError
-from abba_cli.export import export_run
-from abba_cli.merge import merge_run
 from abba_cli.run.adapter_files import read_run_adapter
+from abba_cli.ship.export import export_run
+from abba_cli.ship.merge import merge_run
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

@@ -28,8 +28,8 @@ from abba_cli.adapters import (  # noqa: E402
 )
 from abba_cli.config import AdapterConfig, validate_config  # noqa: E402
 from abba_cli.errors import UserError  # noqa: E402
-from abba_cli.models import load_base  # noqa: E402
-from abba_cli.quant import dequantized_weight, is_quantized_linear  # noqa: E402
+from abba_cli.models.loading import load_base  # noqa: E402
+from abba_cli.models.quantization import dequantized_weight, is_quantized_linear  # noqa: E402
 
 QUANTS = ("nf4", "fp4", "int8")
 
@@ -277,7 +277,7 @@ def test_missing_bitsandbytes_names_the_extra(tiny_model_dir, monkeypatch):
 
 
 def test_a_device_bitsandbytes_cannot_serve_is_refused_before_loading(tiny_model_dir, monkeypatch):
-    from abba_cli import quant
+    from abba_cli.models import quantization as quant
 
     def no_kernel(*args, **kwargs):
         raise NotImplementedError("Could not run 'bitsandbytes::dequantize_4bit' with arguments from 'Meta'")
@@ -293,7 +293,7 @@ def test_a_device_bitsandbytes_cannot_serve_is_refused_before_loading(tiny_model
 
 
 def test_a_probe_that_runs_but_computes_garbage_is_refused(tiny_model_dir, monkeypatch):
-    from abba_cli import quant
+    from abba_cli.models import quantization as quant
 
     monkeypatch.setattr(quant, "_probe", lambda *a, **k: 0.9)
     with pytest.raises(UserError, match="computes a quantized matmul 0.9 .relative."):
@@ -345,7 +345,7 @@ def test_train_eval_merge_on_a_quantized_base(
     from safetensors.torch import load_file
 
     from abba_cli.eval.target import load_model_for_eval
-    from abba_cli.merge import merge_run
+    from abba_cli.ship.merge import merge_run
 
     ranks = {"r1": 2, "r2": 2} if adapter == "abba" else {"r1": None, "r2": None, "r": 4}
     cfg = _config(tmp_path, tiny_model_dir, quantization, type=adapter, **ranks)
@@ -393,7 +393,7 @@ def test_train_eval_merge_on_a_quantized_base(
 def test_smollm2_nf4_run_merges_into_bf16(tmp_path, smollm2_dir):
     """The bundled SmolLM2 (a bf16 folder converted from its GGUF) quantizes on load, trains, and merges into
     its bf16 base; the merged model's distance to the nf4 base + adapter is recorded."""
-    from abba_cli.merge import merge_run
+    from abba_cli.ship.merge import merge_run
 
     cfg = _config(tmp_path, smollm2_dir, "nf4", dropout=0.0)
     raw = yaml.safe_load(cfg.read_text())

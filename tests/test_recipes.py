@@ -282,7 +282,7 @@ def test_math_gold_is_the_last_boxed_of_the_solution(tmp_path):
         {"problem": "p2", "solution": "first \\boxed{3}, then \\boxed{\\{1, 2\\}^{x}}."},
     ]
     a, b = load_examples("math", path=_write_jsonl(tmp_path / "m.jsonl", rows))
-    # The copy's own 'answer' field is ignored: the bundled one is Minerva-normalised and broken (issue 13.1).
+    # The copy's own 'answer' field is ignored: the bundled one is Minerva-normalised and broken.
     assert a.gold == "\\frac{1}{2}" and b.gold == "\\{1, 2\\}^{x}"
     assert b.output.endswith("\nThe answer is: \\{1, 2\\}^{x}")
     assert last_boxed("no box here") is None

@@ -171,7 +171,7 @@ def test_truncate_at_first_stop_string():
     assert truncate_at_stop("a</s>b###c", ["###", "</s>"]) == "a"
 
 
-# ---------------------------------------------------------------- issue 13: defects 2-5
+# ---------------------------------------------------------------- answer extraction: the references' defects
 
 
 def test_later_marker_without_an_answer_is_ignored():

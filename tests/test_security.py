@@ -142,7 +142,7 @@ def test_load_base_does_not_trust_remote_code_unless_asked(tiny_model_dir, monke
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from abba_cli.config import ModelConfig
-    from abba_cli.models import load_base
+    from abba_cli.models.loading import load_base
 
     seen: list[tuple[str, object]] = []
     for cls in (AutoModelForCausalLM, AutoTokenizer):

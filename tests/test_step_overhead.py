@@ -1,4 +1,4 @@
-"""Per-step work outside the layers (issue 16), made cheaper without changing what it decides."""
+"""Per-step work outside the layers, made cheaper without changing what it decides."""
 
 from __future__ import annotations
 

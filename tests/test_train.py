@@ -18,7 +18,7 @@ from abba_cli.errors import UserError
 from abba_cli.run.latest import resolve_run
 from abba_cli.run.layout import base_model_reference
 from abba_cli.train.loss import target_loss_sum
-from abba_cli.train.recipe import run_training
+from abba_cli.train.pipeline import run_training
 from abba_cli.train.setup import count_total_steps, micro_batches_per_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def _train(path: Path, *args: str):
 
 def test_two_steps_write_a_loadable_run_dir(tmp_path, tiny_model_dir):
     from abba_cli.adapters import adapter_state_dict, load_adapter
-    from abba_cli.models import load_base
+    from abba_cli.models.loading import load_base
 
     result = _train(_config(tmp_path, tiny_model_dir))
     assert result.exit_code == 0, result.output

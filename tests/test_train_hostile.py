@@ -1,4 +1,4 @@
-"""`abba train` against hostile situations (issue 14): each is one `error:` line (exit 2) or a warning, and
+"""`abba train` against hostile situations: each is one `error:` line (exit 2) or a warning, and
 nothing already on disk is lost."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import yaml
 from helpers import cli, cli_error_line, gsm8k_rows, replace_training_loss, request_stop, tiny_config
 from safetensors.torch import load_file, save_file
 
-from abba_cli import models
+from abba_cli.models import loading as models
 from abba_cli.run.layout import last_finite_checkpoint
 from abba_cli.train import checkpoint as ckpt_mod
 from abba_cli.train.loss import target_loss_sum
@@ -342,7 +342,7 @@ def test_lock_is_released_when_a_run_is_stopped(tmp_path, tiny_model_dir, monkey
     assert not (run / ".lock").exists()
 
 
-# ----------------------------------------------------------------------------------------------- issue 22
+# ----------------------------------------------------------------------------------------------- disk, NaN checkpoints, signals
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")

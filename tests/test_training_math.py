@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from abba_cli.config import RunConfig
 from abba_cli.train.loss import target_loss_sum
-from abba_cli.train.recipe import run_training
+from abba_cli.train.pipeline import run_training
 
 # Four problems of clearly different lengths: per-micro-batch averaging then weighs tokens differently from
 # one average over the step's target tokens.
@@ -59,7 +59,7 @@ def _train(cfg: RunConfig) -> tuple[list[dict], dict[str, torch.Tensor]]:
 def _initial_model(cfg: RunConfig):
     """The base with the adapters as training initialises them (seeded per layer), plus the tokenizer."""
     from abba_cli.adapters import inject_adapters
-    from abba_cli.models import load_base
+    from abba_cli.models.loading import load_base
 
     model, tok = load_base(cfg.model.name_or_path, cfg.model.dtype)
     tok.padding_side = "right"

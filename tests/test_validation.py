@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from abba_cli.data.recipes import load_split
 from abba_cli.train.loss import target_loss_sum
-from abba_cli.train.validation import validation_loss
+from abba_cli.train.val_loss import validation_loss
 
 _rows = gsm8k_rows
 
@@ -55,7 +55,7 @@ def _reference_val_loss(model_dir: Path, run: Path, examples, train_on_inputs: b
     """Mean next-token loss per target token of `examples` under the run's final adapter, in float64."""
     from abba_cli.adapters import load_adapter
     from abba_cli.data.tokenize import build_train_dataset
-    from abba_cli.models import load_base
+    from abba_cli.models.loading import load_base
 
     model, tokenizer = load_base(str(model_dir), "float32")
     load_adapter(model, run)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from abba_cli.errors import UserError
-from abba_cli.quant import dequantized_weight, is_quantized_linear, unpack_cpu_weight
+from abba_cli.models.quantization import dequantized_weight, is_quantized_linear, unpack_cpu_weight
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -24,9 +24,8 @@ from typing import Any
 
 COST_CONSTANTS = ("KR_COST", "HYBRID_COST", "BUILD_COST", "ELEMENT_COST", "KR_ELEMENT_COST", "LAUNCH_COST")
 
-# CPU: fitted on the full layer sweep with and without dropout, 94 cells (2-core AMD EPYC, fp32, 1 torch
-# thread): auto within 0.7% of the fastest path in every cell (benchmarks/RESULTS.md "## Performance"). A launch
-# there costs a few microseconds against matmuls of milliseconds: no launch term.
+# CPU: a launch costs microseconds against matmuls of milliseconds, so no launch term. How each device's
+# constants were fitted, and how well they pick: benchmarks/RESULTS.md, "Fitted cost constants".
 CPU_COSTS = {
     "KR_COST": 0.708,
     "HYBRID_COST": 0.92,
@@ -35,15 +34,8 @@ CPU_COSTS = {
     "KR_ELEMENT_COST": 16.0,
     "LAUNCH_COST": 0.0,
 }
-# CUDA: fitted on an NVIDIA H200 (bf16, torch 2.11+cu130; 70 cells at 512 and 4096 tokens, recorded in
-# benchmarks/results/gpu/layer_sweep_fit_h200_bf16.json with the code before launches were cut) by
-# `layer_sweep.py --refit that.json --launch-cost 3.16e9`: worst regret 28.5%, mean 1.9% on those cells. The launch
-# cost is held at ~10 us of big-matmul work (3e14 multiply-adds/s), what an eager op costs there: the free fit
-# (3.2e8, worst regret 17.9%) picks hybrid for Mistral's MLP layers at 512 tokens, which the whole-step
-# measurement on the same GPU contradicts (1 x 512 tokens, 8 Mistral-7B layers: merged 46 ms, hybrid 54 ms).
-# These picks agree with it: merged on every layer at 512 tokens, hybrid on the MLP layers at 4096 (8 x 512:
-# Khatri-Rao 47, hybrid 49, merged 58 ms). The cells are single-repeat and noisy: refit on a new sweep.
-# Other accelerators use these too: they are launch-bound in the same regime.
+# CUDA (and other accelerators, launch-bound in the same regime): the launch cost is held at about 10 us of
+# big-matmul work, what an eager op costs there; refit with `benchmarks/layer_sweep.py --fit` on a new sweep.
 CUDA_COSTS = {
     "KR_COST": 1.148,
     "HYBRID_COST": 1.148,

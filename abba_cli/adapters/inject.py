@@ -19,7 +19,7 @@ from abba_cli.adapters.hira import HiRALinear
 from abba_cli.adapters.lora import LoRALinear, lora_scaling
 from abba_cli.config import AdapterConfig
 from abba_cli.errors import UserError
-from abba_cli.quant import is_quantized_linear
+from abba_cli.models.quantization import is_quantized_linear
 
 
 def scaling_for(cfg: AdapterConfig) -> float:

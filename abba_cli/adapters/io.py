@@ -24,7 +24,6 @@ from abba_cli.adapters.inject import (
 from abba_cli.adapters.peft_format import config_from_peft, is_peft_config, to_our_tensors
 from abba_cli.config import AdapterConfig
 from abba_cli.errors import UserError
-from abba_cli.fsutil import atomic_save_safetensors, atomic_write_json
 from abba_cli.run.layout import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -34,6 +33,7 @@ from abba_cli.run.layout import (
     read_run_config,
     run_files,
 )
+from abba_cli.util.files import atomic_save_safetensors, atomic_write_json
 
 FORMAT = "abba-cli-adapter"
 

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from abba_cli.config import DataConfig
-from abba_cli.fsutil import atomic_directory
 from abba_cli.run.layout import abba_home
+from abba_cli.util.files import atomic_directory
 
 # Bump when the tokenized layout changes, so old cache entries are never read as new ones.
 CACHE_VERSION = 1

@@ -1,4 +1,4 @@
-"""Which copy of a data set ran: `SourceInfo`, recorded as `data_source` in eval metrics.json (issue 13.7).
+"""Which copy of a data set ran: `SourceInfo`, recorded as `data_source` in eval metrics.json.
 
 The hub and bundled copies of one benchmark can differ (the bundled MATH `answer` field did), so a number is
 comparable only with the copy, its revision and a hash of the exact examples used beside it.

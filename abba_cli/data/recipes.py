@@ -118,7 +118,9 @@ def load_recipe(name_or_path: str) -> Recipe:
             raise UserError(
                 f"unknown recipe {name_or_path!r}; valid: {', '.join(sorted(files))} (or a path to a .yaml)"
             )
-    from abba_cli.yamlfile import read_yaml  # one line for non-UTF-8 bytes, syntax errors and duplicate keys
+    from abba_cli.util.yaml_file import (
+        read_yaml,  # one line for non-UTF-8 bytes, syntax errors and duplicate keys
+    )
 
     recipe = parse_recipe(read_yaml(path), str(path))
     if path.parent == RECIPES_DIR and recipe.name != path.stem:

@@ -15,7 +15,7 @@ from typing import Any
 
 from abba_cli.data.recipe_schema import BundledSource, Derive, HubSource, Recipe
 from abba_cli.errors import UserError
-from abba_cli.hub import note_once, use_hub
+from abba_cli.util.hub import note_once, use_hub
 
 LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
 

@@ -28,7 +28,7 @@ def greedy_generation_config(model, tokenizer, max_new_tokens: int, stop: Sequen
 
     transformers fills any field left None from the checkpoint's generation_config.json, so a checkpoint's
     repetition_penalty or no_repeat_ngram_size would silently survive; `generate` also swaps this config in as
-    the model's own while it runs, so nothing of the checkpoint's is left to inherit (issue 13.6).
+    the model's own while it runs, so nothing of the checkpoint's is left to inherit.
     """
     from transformers import GenerationConfig
 

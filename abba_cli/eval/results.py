@@ -20,12 +20,40 @@ from pathlib import Path
 from typing import Any
 
 from abba_cli.errors import UserError
-from abba_cli.fsutil import atomic_file, atomic_write_json
+from abba_cli.util.files import atomic_file, atomic_write_json
 
+EVAL_DIR = "eval"  # RUN_DIR/eval/<task>/ for the run's own base (eval/target.py picks other folders)
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
 PARTIAL = "predictions.jsonl.partial"
 _KEY = "_resume_key"  # the partial file's first line: {"_resume_key": {...}}
+
+
+def run_eval_dir(run_dir: Path) -> Path:
+    """Where `abba eval` of a run on its own base writes its tasks' folders."""
+    return Path(run_dir) / EVAL_DIR
+
+
+def task_finished(results_dir: Path, task: str) -> bool:
+    """metrics.json is written last: a task folder holding it is complete."""
+    return (Path(results_dir) / task / METRICS).is_file()
+
+
+def read_task_metrics(results_dir: Path) -> dict[str, dict]:
+    """{task: its metrics.json} of the finished tasks under a results folder (RUN_DIR/eval)."""
+    out = {}
+    for path in sorted(Path(results_dir).glob(f"*/{METRICS}")):
+        data = json.loads(path.read_text())
+        out[data["task"]] = data
+    return out
+
+
+def read_predictions(results_dir: Path, task: str) -> list[dict] | None:
+    """A finished task's predictions.jsonl rows (None when the task has none)."""
+    path = Path(results_dir) / task / PREDICTIONS
+    if not path.is_file():
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def refuse_existing(task_dir: Path, *, resume: bool, overwrite: bool) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from abba_cli.errors import UserError
+from abba_cli.eval.results import run_eval_dir
 
 
 @dataclass
@@ -36,7 +37,7 @@ def resolve_target(
 ) -> EvalTarget:
     """What `--run`/`--model` (and `--base`, `--out`) mean; UserError before anything loads."""
     from abba_cli.adapters import read_adapter_config
-    from abba_cli.models import load_kwargs
+    from abba_cli.models.loading import load_kwargs
     from abba_cli.run.latest import recorded_base, resolve_run
     from abba_cli.run.layout import full_model_dir, read_run_config, run_files
 
@@ -56,7 +57,7 @@ def resolve_target(
                 f"--run {run_dir} is a full fine-tuning run (its model is {trained}); pass --run or --model, not both"
             )
         kwargs = load_kwargs(cfg.model) if cfg is not None else {}
-        out_dir = out if out is not None else run_dir / "eval"
+        out_dir = out if out is not None else run_eval_dir(run_dir)
         return EvalTarget(str(trained), None, out_dir, kwargs, eval_defaults, train_data)
     base = read_adapter_config(run_dir)["base_model"]
     if model is None:  # the run's own base, or --base: another copy of it (UserError if it has gone)
@@ -64,7 +65,7 @@ def resolve_target(
     same_base = cfg is not None and (model is None or model == cfg.model.name_or_path)
     kwargs = load_kwargs(cfg.model) if same_base else {}
     if model is None or model == base:
-        out_dir = out if out is not None else run_dir / "eval"
+        out_dir = out if out is not None else run_eval_dir(run_dir)
         return EvalTarget(base, run_dir, out_dir, kwargs, eval_defaults, train_data)
     # The adapter on another base: keep those results apart from the run's own evaluation.
     out_dir = out if out is not None else run_dir / f"eval-on-{model_dir_name(model)}"
@@ -75,8 +76,8 @@ def load_model_for_eval(target_model: str, run_dir: Path | None, load_kwargs: di
     """(model, tokenizer, device): the base with the run's adapter merged in and unwrapped."""
     import torch
 
-    from abba_cli.models import load_base
-    from abba_cli.quant import is_quantized_model
+    from abba_cli.models.loading import load_base
+    from abba_cli.models.quantization import is_quantized_model
 
     model, tokenizer = load_base(target_model, **(load_kwargs or {}))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -112,7 +113,7 @@ def load_model_for_eval(target_model: str, run_dir: Path | None, load_kwargs: di
 
 
 def train_prompt_renderer(target: EvalTarget, tokenizer) -> Callable[[str, str | None], str]:
-    """The prompt builder the evaluated run trained with (the data engineer's hook, issue 15)."""
+    """The prompt builder the evaluated run trained with."""
     from abba_cli.data.prompts import prompt_renderer
     from abba_cli.data.training_set import run_chat_template
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from abba_cli.errors import UserError
-from abba_cli.fsutil import atomic_write_text
 from abba_cli.run.layout import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -21,6 +20,7 @@ from abba_cli.run.layout import (
     full_model_dir,
     run_files,
 )
+from abba_cli.util.files import atomic_write_text
 
 
 def record_latest(run_dir: str | Path) -> None:

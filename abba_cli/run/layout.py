@@ -7,6 +7,7 @@ through this module; nothing else spells a run file's name.
     RUN_DIR/config.yaml                                    the resolved run config
     RUN_DIR/metrics.jsonl, val_summary.json                the training log, the validation summary
     RUN_DIR/checkpoints/step-N/                            exact-resume state (train/checkpoint.py)
+    RUN_DIR/eval/<task>/                                   a task's results (eval/results.py owns its files)
     RUN_DIR/.lock                                          held while a run trains (run/training_dir.py)
 """
 
@@ -91,6 +92,46 @@ def base_model_reference(name_or_path: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- reading
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """An adapter run (its adapter config) or a full fine-tuning run (its model folder)."""
+    return (Path(path) / ADAPTER_CONFIG).is_file() or (Path(path) / FULL_MODEL_DIR).is_dir()
+
+
+def has_final_output(run_dir: str | Path) -> bool:
+    """The final adapter (or, for full fine-tuning, the model) is saved: training is over."""
+    run_dir = Path(run_dir)
+    adapter = (run_dir / ADAPTER_WEIGHTS).is_file() and (run_dir / ADAPTER_CONFIG).is_file()
+    return adapter or full_model_dir(run_dir) is not None
+
+
+def read_metrics_records(run_dir: str | Path) -> list[dict]:
+    """RUN_DIR/metrics.jsonl, one dict per logged step ([] before the first)."""
+    import json
+
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_val_summary(run_dir: str | Path) -> dict | None:
+    """RUN_DIR/val_summary.json (None when the run did not validate)."""
+    import json
+
+    path = Path(run_dir) / VAL_SUMMARY_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def refuse_run_dir_as_config(path: Path) -> None:
+    """`abba train RUN_DIR`: a run directory where a config file belongs is one line pointing at its config."""
+    saved = Path(path) / CONFIG_FILE
+    if Path(path).is_dir() and saved.is_file():
+        raise UserError(
+            f"{path} is a directory, not a config file; pass {saved} (the run's saved config; with --resume to "
+            "continue that run)"
+        )
 
 
 def read_run_config(run_dir: str | Path) -> RunConfig | None:

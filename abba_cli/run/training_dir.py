@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from abba_cli.errors import UserError
-from abba_cli.fsutil import atomic_write_text
 from abba_cli.run.layout import CONFIG_FILE, LOCK_FILE, latest_checkpoint, read_saved_config
+from abba_cli.util.files import atomic_write_text
 
 # Keys that may change between a run and its --resume without breaking exactness.
 RESUME_MAY_CHANGE = (

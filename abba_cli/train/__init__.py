@@ -1,3 +1,3 @@
-"""`abba train` (recipe.run_training) and `abba validate` (validate.validate_run), torchtune-style: setup steps in
-dependency order (setup), one loop (loop) over the run object (context), the loss (loss), validation
-(validation), checkpoint and resume state (checkpoint, state), and the end of the run (finish)."""
+"""`abba train` (pipeline.run_training) and `abba validate` (plan.validate_run), torchtune-style: setup steps in
+dependency order (setup), one loop (loop) over the run object (context), the loss (loss), validation loss
+(val_loss), checkpoint and resume state (checkpoint, state), and the end of the run (finish)."""

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from abba_cli.errors import UserError
-from abba_cli.fsutil import atomic_directory, atomic_save_safetensors
 from abba_cli.run.layout import ADAPTER_WEIGHTS, CHECKPOINT_STATE, CHECKPOINTS, list_checkpoints
+from abba_cli.util.files import atomic_directory, atomic_save_safetensors
 
 ENGINE_DIR = "engine"  # a DeepSpeed engine's own checkpoint inside checkpoints/step-N
 

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from abba_cli.config import RunConfig
-from abba_cli.signals import GracefulStop
 from abba_cli.train.loss import target_loss_sum
+from abba_cli.util.signals import GracefulStop
 
 
 @dataclass

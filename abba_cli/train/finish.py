@@ -75,7 +75,7 @@ def _print_outputs(run: Run) -> None:
 
 def _save_full_model(model: Any, tokenizer: Any, out: Path) -> None:
     """RUN_DIR/model: the trained weights as a plain Hugging Face folder (safetensors + tokenizer), atomically."""
-    from abba_cli.fsutil import atomic_directory
+    from abba_cli.util.files import atomic_directory
 
     model.config.use_cache = True  # turned off for training; generation from the saved model wants it
     with atomic_directory(out) as tmp:

@@ -19,7 +19,7 @@ from abba_cli.run.training_dir import resume_hint
 from abba_cli.train.context import Run
 from abba_cli.train.loss import count_targets
 from abba_cli.train.state import checkpoint_or_stop
-from abba_cli.train.validation import validate_if_due
+from abba_cli.train.val_loss import validate_if_due
 
 
 def fit(run: Run) -> None:

@@ -13,11 +13,11 @@ from typing import Any
 
 from abba_cli.config import RunConfig, dump_config
 from abba_cli.errors import UserError
-from abba_cli.fsutil import atomic_write_text
 from abba_cli.run.layout import CONFIG_FILE
 from abba_cli.run.training_dir import Resume
 from abba_cli.train.context import Run, TrainData
-from abba_cli.train.validation import describe_validation
+from abba_cli.train.val_loss import describe_validation
+from abba_cli.util.files import atomic_write_text
 
 ENGINES = {
     "ddp": "ddp",
@@ -66,7 +66,7 @@ def setup_accelerator(cfg: RunConfig, run_dir: Path) -> tuple[Any, str]:
 def setup_model(cfg: RunConfig, accelerator: Any = None, strategy: str = "ddp") -> tuple[Any, Any, list]:
     """(model with its adapters, tokenizer, trainable parameters)."""
     from abba_cli.adapters import inject_adapters
-    from abba_cli.models import load_configured_base
+    from abba_cli.models.loading import load_configured_base
 
     # FSDP2 start-up that scales (Accelerate's cpu_ram_efficient_loading): only the main process reads the
     # weights and initialises the adapters; the others build the model on the meta device, and prepare()

@@ -16,10 +16,10 @@ from typing import Any
 from abba_cli.errors import UserError
 from abba_cli.run.layout import ADAPTER_WEIGHTS, CHECKPOINTS, METRICS_FILE, latest_checkpoint
 from abba_cli.run.training_dir import resume_hint, truncate_metrics
-from abba_cli.signals import TrainingStopped, signal_name
 from abba_cli.train import sharded
 from abba_cli.train.context import Run
-from abba_cli.train.validation import best_val_so_far
+from abba_cli.train.val_loss import best_val_so_far
+from abba_cli.util.signals import TrainingStopped, signal_name
 
 
 def restore(run: Run, resume_from: Path | None) -> dict | None:

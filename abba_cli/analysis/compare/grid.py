@@ -1,9 +1,6 @@
 """`abba compare`: every (method, seed) trained and evaluated through the product's own train and eval code.
 
-Layout under OUT:
-    OUT/configs/<method>_seed<k>.yaml   the exact config each run trains with (`abba train` accepts it as is)
-    OUT/runs/<method>_seed<k>/          an ordinary run directory (+ eval/<task>/ and compare_resources.json)
-    OUT/compare.md, compare.json, compare.png   the table and the loss curves (abba_cli.compare.table)
+The folder's layout is analysis/compare/folder.py's; the table and curves are table.py's.
 
 Resumable by rerunning the same command: a finished run (final adapter or model saved, same config) is kept, an
 interrupted one resumes from its latest checkpoint (`train.save_every`; without one it restarts from step 0),
@@ -23,26 +20,24 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from abba_cli.compare.budget import format_budget, parse_methods, plan_methods, split_sets
-from abba_cli.compare.table import finished, run_name, write_outputs
+from abba_cli.analysis.compare.budget import format_budget, parse_methods, plan_methods, split_sets
+from abba_cli.analysis.compare.folder import RESOURCES, TABLE, config_path, run_dir, run_name
+from abba_cli.analysis.compare.table import finished, write_outputs
 from abba_cli.config import RunConfig, apply_overrides, dump_config, validate_config
 from abba_cli.errors import UserError
-from abba_cli.fsutil import atomic_write_text
-from abba_cli.yamlfile import read_yaml
-
-RESOURCES = "compare_resources.json"
+from abba_cli.util.files import atomic_write_text
+from abba_cli.util.yaml_file import read_yaml
 
 
-# The product's train and eval entry points, imported here and only here (their modules are being moved into
-# packages; these two functions are what has to follow them).
+# The product's train and eval entry points, imported here and only here.
 def _train(cfg: RunConfig, config_path: Path, resume: bool) -> None:
-    from abba_cli.train.recipe import run_training
+    from abba_cli.train.pipeline import run_training
 
     run_training(cfg, config_path=config_path, resume=resume)
 
 
 def _evaluate(run_dir: Path) -> None:
-    from abba_cli.eval.runner import run_eval
+    from abba_cli.eval.evaluate import run_eval
 
     run_eval(tasks=[], run=run_dir, resume=True)  # the run's own eval section; finished results are reused
 
@@ -94,11 +89,11 @@ def run_compare(config: Path, methods: str, seeds: int, out: Path, sets: list[st
                 print(f"[{i}/{len(jobs)}] {run_name(plan.method, seed)}: {plan.describe}", file=sys.stderr)
             train_one(run_cfg, path)
     if not _is_main():
-        return out / "compare.md"
+        return out / TABLE
     for plan, seed in jobs:
-        run_dir = out / "runs" / run_name(plan.method, seed)
-        if not _eval_done(run_dir, plan.cfg.eval.tasks):
-            _evaluate(run_dir)
+        folder = run_dir(out, run_name(plan.method, seed))
+        if not _eval_done(folder, plan.cfg.eval.tasks):
+            _evaluate(folder)
     return write_outputs(out, config, plans, seeds)
 
 
@@ -109,9 +104,9 @@ def _seeded(raw: dict, method: str, seed: int, out: Path) -> tuple[RunConfig, Pa
     name = run_name(method, seed)
     raw.setdefault("train", {})["seed"] = seed
     raw.setdefault("data", {})["seed"] = seed
-    raw["output_dir"] = str(out / "runs" / name)  # set, not parsed as YAML: any path works
+    raw["output_dir"] = str(run_dir(out, name))  # set, not parsed as YAML: any path works
     cfg = validate_config(raw, f"{method} seed {seed}")
-    path = out / "configs" / f"{name}.yaml"
+    path = config_path(out, name)
     if _is_main():
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, dump_config(cfg))
@@ -190,7 +185,9 @@ def one_process_group() -> Iterator[None]:
 
 
 def _eval_done(run_dir: Path, tasks: list[str]) -> bool:
-    return all((run_dir / "eval" / t / "metrics.json").is_file() for t in tasks)
+    from abba_cli.eval.results import run_eval_dir, task_finished
+
+    return all(task_finished(run_eval_dir(run_dir), t) for t in tasks)
 
 
 class PeakMemory:

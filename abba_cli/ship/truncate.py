@@ -2,14 +2,9 @@
 
 An ABBA layer is exactly the rank-R LoRA B* A* (R = r1·r2, export.py); LoRA servers want R small (vLLM
 pre-allocates --max-lora-rank). By Eckart-Young the best rank-K approximation in Frobenius norm keeps the top K
-singular triplets of dW, with relative error sqrt(sum_{i>K} σ_i²) / sqrt(sum_i σ_i²). The SVD never sees an
-(m, n) matrix:
-
-    B* = Qb Rb (m, p)(p, R),  A*ᵀ = Qa Ra (n, q)(q, R)      thin QR, p = min(m, R), q = min(n, R)
-    B* A* = Qb (Rb Raᵀ) Qaᵀ,  Rb Raᵀ = U Σ Vᵀ (p, q)         so dW's singular values are Σ's, exactly
-    B_K = Qb U[:, :K] Σ_K^½,  A_K = Σ_K^½ V[:, :K]ᵀ Qaᵀ       (split evenly, like PEFT's own SVD paths)
-
-All in float64; the cost is two thin QRs and one R x R SVD per layer.
+singular triplets of dW, with relative error sqrt(sum_{i>K} σ_i²) / sqrt(sum_i σ_i²). The SVD is the factored
+one of adapters/factors.py (never an (m, n) matrix); the kept triplets are split evenly between the factors,
+like PEFT's own SVD paths: B_K = U_K Σ_K^½, A_K = Σ_K^½ V_Kᵀ.
 """
 
 from __future__ import annotations
@@ -18,6 +13,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from abba_cli.adapters.factors import factored_svd
 
 
 @dataclass
@@ -30,18 +27,16 @@ class Truncated:
 
 def svd_truncate(B: torch.Tensor, A: torch.Tensor, k: int) -> Truncated:
     """The best rank-k factors of B @ A (B (m, R), A (R, n)); zero-padded to exactly k when rank(B A) < k."""
-    qb, rb = torch.linalg.qr(B.double())  # (m, p), (p, R)
-    qa, ra = torch.linalg.qr(A.double().T)  # (n, q), (q, R)
-    u, sigma, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)  # (p, c), (c,), (c, q)
-    kept = min(k, sigma.numel())
-    root = sigma[:kept].sqrt()
-    b = (qb @ u[:, :kept]) * root  # (m, kept)
-    a = root[:, None] * (vh[:kept] @ qa.T)  # (kept, n)
+    svd = factored_svd(B, A)
+    kept = min(k, svd.sigma.numel())
+    root = svd.sigma[:kept].sqrt()
+    b = svd.left[:, :kept] * root  # (m, kept)
+    a = root[:, None] * svd.right[:kept]  # (kept, n)
     if kept < k:  # zero columns of B meet zero rows of A: the product is unchanged (peft_format.pad_rank)
         b = torch.cat([b, b.new_zeros(b.shape[0], k - kept)], dim=1)
         a = torch.cat([a, a.new_zeros(k - kept, a.shape[1])], dim=0)
-    energy = float((sigma**2).sum())
-    tail = float((sigma[kept:] ** 2).sum())
+    energy = float((svd.sigma**2).sum())
+    tail = float((svd.sigma[kept:] ** 2).sum())
     return Truncated(b, a, math.sqrt(tail / energy) if energy > 0 else 0.0, kept)
 
 
@@ -58,15 +53,15 @@ def logit_change(
     from abba_cli.adapters import load_adapter
     from abba_cli.adapters.inject import adapter_layers, inject_adapters, remove_adapters
     from abba_cli.config import AdapterConfig
-    from abba_cli.merge import CHECK_PROMPTS, _logits
-    from abba_cli.models import load_base
+    from abba_cli.models.loading import load_base
+    from abba_cli.ship.logit_check import CHECK_PROMPTS, prompt_logits
 
     model, tokenizer = load_base(base, "auto", **(model_settings or {}))
     model.eval()
     originals = dict(model.named_modules())
-    base_logits = _logits(model, tokenizer, CHECK_PROMPTS)
+    base_logits = prompt_logits(model, tokenizer, CHECK_PROMPTS)
     load_adapter(model, run_dir)
-    exact = _logits(model, tokenizer, CHECK_PROMPTS)
+    exact = prompt_logits(model, tokenizer, CHECK_PROMPTS)
     remove_adapters(model, originals)
     k = next(iter(factors.values()))[0].shape[1]
     cfg = AdapterConfig(type="lora", r=k, alpha=float(k), target_modules=sorted(factors))
@@ -77,7 +72,7 @@ def logit_change(
             layer.B.copy_(b.to(layer.B.dtype))
             layer.A.copy_(a.to(layer.A.dtype))
     model.eval()
-    got = _logits(model, tokenizer, CHECK_PROMPTS)
+    got = prompt_logits(model, tokenizer, CHECK_PROMPTS)
     change = max(float((e - g).abs().max()) for e, g in zip(exact, got, strict=True))
     effect = max(float((e - b).abs().max()) for e, b in zip(exact, base_logits, strict=True))
     return {

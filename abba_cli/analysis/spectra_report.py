@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from abba_cli.analysis.spectra import ENERGY, effective_rank, energy_rank, expand_runs, inspect_run
 from abba_cli.config import DEFAULT_TARGETS
 from abba_cli.errors import UserError
-from abba_cli.fsutil import atomic_write_json, check_output_dir
-from abba_cli.inspect import ENERGY, effective_rank, energy_rank, expand_runs, inspect_run
+from abba_cli.util.files import atomic_write_json, check_output_dir
 
 if TYPE_CHECKING:
-    from abba_cli.inspect import LayerStats, RunReport
+    from abba_cli.analysis.spectra import LayerStats, RunReport
 
 DEPTH_GROUPS = 4  # the table's depth columns: layers split into this many contiguous groups
 

@@ -12,31 +12,24 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from abba_cli.fsutil import atomic_write_json, atomic_write_text
+from abba_cli.analysis.compare.folder import CURVES, RESOURCES, SUMMARY, TABLE, run_dir, run_name
+from abba_cli.eval.results import read_predictions, read_task_metrics, run_eval_dir
+from abba_cli.run.layout import has_final_output, read_metrics_records
+from abba_cli.util.files import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
-    from abba_cli.compare.budget import MethodPlan
+    from abba_cli.analysis.compare.budget import MethodPlan
 
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
 
 
-def run_name(method: str, seed: int) -> str:
-    return f"{method}_seed{seed}"
-
-
-def finished(run_dir: Path) -> bool:
-    """The final adapter (or, for full fine-tuning, the model) is saved: training is over."""
-    from abba_cli.run.layout import ADAPTER_CONFIG, ADAPTER_WEIGHTS, full_model_dir
-
-    adapter = (run_dir / ADAPTER_WEIGHTS).is_file() and (run_dir / ADAPTER_CONFIG).is_file()
-    return adapter or full_model_dir(run_dir) is not None
+def finished(run: Path) -> bool:
+    """Training is over (a run still training would mix a partial curve in)."""
+    return has_final_output(run)
 
 
 def records(run: Path) -> list[dict]:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_metrics_records(run)
 
 
 def val_curve(run: Path) -> list[tuple[int, float]]:
@@ -45,11 +38,7 @@ def val_curve(run: Path) -> list[tuple[int, float]]:
 
 def read_eval(run: Path) -> dict[str, dict]:
     """{task: its metrics.json} of a run's finished evaluation tasks."""
-    out = {}
-    for path in sorted((run / "eval").glob("*/metrics.json")):
-        data = json.loads(path.read_text())
-        out[data["task"]] = data
-    return out
+    return read_task_metrics(run_eval_dir(run))
 
 
 def wilson(correct: int, n: int) -> tuple[float, float]:
@@ -69,10 +58,10 @@ def mean_sd(values: list[float]) -> dict[str, Any] | None:
 
 def majority_share(run: Path, task: str) -> float | None:
     """Accuracy of always giving the most common gold label of the slice (choice tasks only)."""
-    path = run / "eval" / task / "predictions.jsonl"
-    if not path.is_file():
+    rows = read_predictions(run_eval_dir(run), task)
+    if rows is None:
         return None
-    golds = [json.loads(line).get("gold") for line in path.read_text().splitlines() if line.strip()]
+    golds = [row.get("gold") for row in rows]
     if not golds or len(set(golds)) > 8:  # numeric answers: no label prior to speak of
         return None
     return max(golds.count(g) for g in set(golds)) / len(golds)
@@ -105,7 +94,7 @@ def method_summary(runs: list[Path], tasks: list[str]) -> dict[str, Any]:
         rows = records(r)
         if rows:
             per_step.append(rows[-1]["elapsed_s"] / rows[-1]["step"])
-        res = r / "compare_resources.json"
+        res = r / RESOURCES
         if res.is_file():
             data = json.loads(res.read_text())
             if data.get("peak_memory_bytes") is not None:
@@ -126,7 +115,7 @@ def summarize(out: Path, config: Path, plans: list[MethodPlan], seeds: int) -> d
 
     methods = {}
     for plan in plans:
-        runs = [out / "runs" / run_name(plan.method, s) for s in range(1, seeds + 1)]
+        runs = [run_dir(out, run_name(plan.method, s)) for s in range(1, seeds + 1)]
         done = [r for r in runs if finished(r)]  # a run still training would mix a partial curve in
         methods[plan.method] = {
             "adapter": plan.describe,
@@ -135,10 +124,10 @@ def summarize(out: Path, config: Path, plans: list[MethodPlan], seeds: int) -> d
         }
     ref = next(
         (
-            out / "runs" / r
+            run_dir(out, r)
             for m in methods.values()
             for r in m["runs"]
-            if (out / "runs" / r / "eval").is_dir()
+            if run_eval_dir(run_dir(out, r)).is_dir()
         ),
         None,
     )
@@ -219,7 +208,7 @@ def plot(out: Path, summary: dict, path: Path) -> None:
     for i, (name, m) in enumerate(summary["methods"].items()):
         color = colors[i % len(colors)]
         for j, run in enumerate(m["runs"]):
-            rows = records(out / "runs" / run)
+            rows = records(run_dir(out, run))
             curve = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
             if curve:
                 axes[0].plot(
@@ -242,9 +231,9 @@ def plot(out: Path, summary: dict, path: Path) -> None:
 def write_outputs(out: Path, config: Path, plans: list[MethodPlan], seeds: int) -> Path:
     summary = summarize(out, config, plans, seeds)
     text = to_markdown(summary)
-    atomic_write_text(out / "compare.md", text)
-    atomic_write_json(out / "compare.json", summary)
-    plot(out, summary, out / "compare.png")
+    atomic_write_text(out / TABLE, text)
+    atomic_write_json(out / SUMMARY, summary)
+    plot(out, summary, out / CURVES)
     print(text)
-    print(f"written: {out / 'compare.md'}, {out / 'compare.json'}, {out / 'compare.png'}")
-    return out / "compare.md"
+    print(f"written: {out / TABLE}, {out / SUMMARY}, {out / CURVES}")
+    return out / TABLE

@@ -13,10 +13,10 @@ from typing import Any
 
 from abba_cli.config import RunConfig
 from abba_cli.data.collate import to_device
-from abba_cli.fsutil import atomic_write_text
 from abba_cli.run.layout import VAL_SUMMARY_FILE
 from abba_cli.train.context import Run
 from abba_cli.train.loss import count_targets, target_loss_sum
+from abba_cli.util.files import atomic_write_text
 
 
 def validate_if_due(run: Run, bar: Any) -> dict | None:

@@ -21,9 +21,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from abba_cli.config import RunConfig
-from abba_cli.fsutil import check_output_dir
 from abba_cli.run.training_dir import RunLock, check_run_dir
-from abba_cli.signals import GracefulStop, ctrl_c_interrupts
 from abba_cli.train.context import Run
 from abba_cli.train.distributed import describe_engine
 from abba_cli.train.finish import finish
@@ -38,6 +36,8 @@ from abba_cli.train.setup import (
     start_run_dir,
 )
 from abba_cli.train.state import restore
+from abba_cli.util.files import check_output_dir
+from abba_cli.util.signals import GracefulStop, ctrl_c_interrupts
 
 
 def run_training(

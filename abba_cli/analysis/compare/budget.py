@@ -151,7 +151,7 @@ def format_budget(plans: list[MethodPlan], cfg: RunConfig) -> str:
 
 
 def _meta_model(cfg: RunConfig) -> Any:
-    from abba_cli.models import load_base
+    from abba_cli.models.loading import load_base
 
     m = cfg.model
     model, _ = load_base(

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from abba_cli.errors import UserError
+from abba_cli.run.layout import read_val_summary
 
 ENERGY = 0.9  # the energy rank reported: smallest k whose top-k singular values hold 90% of ||dW||_F^2
 _DEPTH = re.compile(r"\.(\d+)\.")
@@ -60,15 +60,6 @@ def numerical_floor(sv: np.ndarray, shape: tuple[int, int]) -> float:
     """Values at or below this are round-off of a float64 decomposition (numpy.linalg.matrix_rank's tolerance)."""
     top = float(np.max(sv)) if len(sv) else 0.0
     return top * max(shape) * np.finfo(np.float64).eps
-
-
-def factored_singular_values(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Singular values of P @ Q (m x k, k x n) without forming it: P = Q_P R_P, Qᵀ = Q_Q R_Q, so
-    P Q = Q_P (R_P R_Qᵀ) Q_Qᵀ, and Q_P, Q_Q have orthonormal columns. Float64; descending."""
-    p, q = p.to(torch.float64), q.to(torch.float64)
-    _, r_p = torch.linalg.qr(p, mode="reduced")  # (min(m, k), k)
-    _, r_q = torch.linalg.qr(q.T, mode="reduced")  # (min(n, k), k)
-    return torch.linalg.svdvals(r_p @ r_q.T)
 
 
 def dense_singular_values(dw: torch.Tensor) -> torch.Tensor:
@@ -125,16 +116,16 @@ def weights_folder(name: str) -> Path:
         return path
     from huggingface_hub import snapshot_download
 
-    from abba_cli.hub import use_hub
-    from abba_cli.models import SMOLLM2_ID, bundled_smollm2_dir
+    from abba_cli.models.bundled import bundled_stand_in
+    from abba_cli.util.hub import use_hub
 
     try:
         patterns = ["*.safetensors", "*.json"]
         return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=not use_hub()))
     except Exception as err:  # huggingface_hub raises several unrelated types for "not available"
-        if name == SMOLLM2_ID:
-            print(f"note: using the bundled copy of {name} for W0 ({type(err).__name__})", file=sys.stderr)
-            return bundled_smollm2_dir()
+        stand_in = bundled_stand_in(name, f"W0 of {name} is not in the hub cache ({type(err).__name__})")
+        if stand_in is not None:
+            return stand_in
         raise UserError(
             f"base model {name}: not a local directory and not in the hub cache ({type(err).__name__}); "
             "pass --base PATH"
@@ -193,16 +184,11 @@ def adapter_layer_stats(
     kind: str, scaling: float, f: dict[str, torch.Tensor], w0: torch.Tensor | None, module: str
 ) -> LayerStats:
     """LayerStats of one adapted layer from its stored factors (w0 needed for HiRA and the norm ratio)."""
-    from abba_cli.adapters.abba import khatri_rao_factors
+    from abba_cli.adapters.factors import factored_singular_values, thin_factors
 
     f = {k: v.to(torch.float64) for k, v in f.items()}
-    if kind == "abba":
-        b, a = khatri_rao_factors(f["B1"], f["A1"], f["B2"], f["A2"])
-        sv, bound = scaling * factored_singular_values(b, a), f["B1"].shape[1] * f["B2"].shape[1]
-    elif kind == "lora":
-        b, a = f["B"], f["A"]
-        if "B0" in f:  # PiSSA: dW = s (B A - B0 A0) = s [B, -B0] [A; A0]
-            b, a = torch.cat([b, -f["B0"]], dim=1), torch.cat([a, f["A0"]], dim=0)
+    if kind in ("abba", "lora"):
+        b, a = thin_factors(kind, f)  # rank bound: r1 r2 for ABBA, r (PiSSA 2r) for LoRA
         sv, bound = abs(scaling) * factored_singular_values(b, a), b.shape[1]
     else:  # hira: W0 ⊙ (B A) is full rank in general; no thin form to exploit
         if w0 is None:
@@ -249,11 +235,6 @@ def _adapter_method(cfg: dict) -> tuple[str, str]:
     return "hira", f"r={cfg.get('r')} {s}"
 
 
-def _val_summary(root: Path) -> dict | None:
-    path = root / "val_summary.json"
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def _adapter_run(run_dir: Path, base: Path | None) -> RunReport:
     from abba_cli.run.adapter_files import read_run_adapter
     from abba_cli.run.latest import recorded_base
@@ -276,7 +257,7 @@ def _adapter_run(run_dir: Path, base: Path | None) -> RunReport:
     )
     method, settings = _adapter_method(adapter.config)
     seconds = time.perf_counter() - start
-    return RunReport(run_dir, method, settings, trainable, layers, seconds, _val_summary(adapter.root))
+    return RunReport(run_dir, method, settings, trainable, layers, seconds, read_val_summary(adapter.root))
 
 
 def _full_run(run_dir: Path, model_dir: Path, base: Path | None) -> RunReport:
@@ -315,7 +296,7 @@ def _full_run(run_dir: Path, model_dir: Path, base: Path | None) -> RunReport:
         del w, w0
     trainable = sum(math.prod(trained.shape(k)) for k in trained.files)
     seconds = time.perf_counter() - start
-    return RunReport(run_dir, "full", "every weight", trainable, layers, seconds, _val_summary(run_dir))
+    return RunReport(run_dir, "full", "every weight", trainable, layers, seconds, read_val_summary(run_dir))
 
 
 def _layer_order(name: str) -> tuple[int, str]:
@@ -336,13 +317,11 @@ def inspect_run(run: str | Path, base: Path | None = None) -> RunReport:
 
 def expand_runs(runs: list[Path]) -> list[Path]:
     """An `abba compare` folder (OUT, with OUT/runs/<method>_seed<k>/) stands for its finished runs."""
+    from abba_cli.analysis.compare.folder import compare_runs
+    from abba_cli.run.layout import has_final_output, is_run_dir
+
     out = []
     for run in runs:
-        inner = sorted(
-            p
-            for p in (Path(run) / "runs").glob("*_seed*")
-            if (p / "adapter_model.safetensors").is_file() or (p / "model" / "config.json").is_file()
-        )
-        is_run = (Path(run) / "adapter_config.json").is_file() or (Path(run) / "model").is_dir()
-        out += inner if inner and not is_run else [Path(run)]
+        inner = [p for p in compare_runs(Path(run)) if has_final_output(p)]
+        out += inner if inner and not is_run_dir(run) else [Path(run)]
     return out

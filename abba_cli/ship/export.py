@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 
 from abba_cli.adapters.peft_format import PEFT_PREFIX
 from abba_cli.errors import UserError
-from abba_cli.fsutil import check_not_inside, check_output_dir
 from abba_cli.run.adapter_files import RunAdapter, check_against_base, read_run_adapter
 from abba_cli.run.latest import recorded_base
+from abba_cli.util.files import check_not_inside, check_output_dir
 
 if TYPE_CHECKING:
     import torch
@@ -74,16 +74,17 @@ def _meta_base(base: str) -> tuple[torch.nn.Module, list[str]] | None:
 
     if not base:
         return None
-    from abba_cli.models import SMOLLM2_ID, bundled_smollm2_dir
+    from abba_cli.models.bundled import bundled_stand_in
 
     try:
-        # Offline, the bundled SmolLM2 stands in for its hub id, as it did when the run was trained.
+        # Offline, the bundled copy stands in for its hub id, as it did when the run was trained.
         try:
             config = AutoConfig.from_pretrained(base)
-        except OSError:
-            if base != SMOLLM2_ID:
+        except OSError as err:
+            stand_in = bundled_stand_in(base, f"{base} is not readable ({type(err).__name__})")
+            if stand_in is None:
                 raise
-            config = AutoConfig.from_pretrained(bundled_smollm2_dir())
+            config = AutoConfig.from_pretrained(stand_in)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception as e:  # noqa: BLE001 - any failure only means we cannot check; say so and go on
@@ -155,29 +156,22 @@ def _check_base(adapter: RunAdapter) -> list[str] | None:
 def _exact_lora_factors(adapter: RunAdapter) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int, int]:
     """Each layer's exact LoRA factors (B (m, R), A (R, n)) without the scale; R; the ABBA factors' parameter
     count (0 for LoRA). The Khatri-Rao identity is checked on every layer in float64."""
-    import torch
     from tqdm.auto import tqdm
 
-    from abba_cli.adapters.abba import khatri_rao_factors
+    from abba_cli.adapters.factors import thin_factors
 
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     abba_params = 0
     max_rel_err = 0.0
     for module in tqdm(sorted(adapter.factors), desc="export", unit="layer", disable=None):
         f = adapter.factors[module]
+        B, A = thin_factors(adapter.type, f)
         if adapter.type == "abba":
-            B, A = khatri_rao_factors(f["B1"], f["A1"], f["B2"], f["A2"])
             abba_params += sum(t.numel() for t in f.values())
             # Verify the identity on this layer in float64 (one m x n matrix at a time).
             ref = (f["B1"].double() @ f["A1"].double()) * (f["B2"].double() @ f["A2"].double())
             got = B.double() @ A.double()
             max_rel_err = max(max_rel_err, float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
-        else:
-            B, A = f["B"], f["A"]
-            if "B0" in f:
-                # PiSSA trained against W0 - s B0 A0; relative to W0 the update is s [B, -B0] [A; A0].
-                B = torch.cat([B, -f["B0"]], dim=1)  # (m, 2r)
-                A = torch.cat([A, f["A0"]], dim=0)  # (2r, n)
         pairs[module] = (B, A)
     ranks = {a.shape[0] for _, a in pairs.values()}
     if len(ranks) != 1:
@@ -192,8 +186,8 @@ def _truncate_all(
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict]:
     """Every layer's best rank-k factors (fp32) and the error report: relative Frobenius error of dW (max and
     mean over layers) and, when the base model loads, the logit change on merge's check prompts."""
-    from abba_cli.merge import _run_model_settings
-    from abba_cli.truncate import logit_change, svd_truncate
+    from abba_cli.ship.run_base import run_load_settings
+    from abba_cli.ship.truncate import logit_change, svd_truncate
 
     out, errors = {}, {}
     for module, (B, A) in pairs.items():
@@ -215,7 +209,7 @@ def _truncate_all(
     )
     try:
         logits = logit_change(
-            adapter.base_model, adapter.run_dir, out, adapter.scaling, _run_model_settings(adapter.root)
+            adapter.base_model, adapter.run_dir, out, adapter.scaling, run_load_settings(adapter.root)
         )
     except UserError as e:  # the export itself needs no base: say why the logits are not measured and go on
         print(f"note: logit change not measured: {e}", file=sys.stderr)
@@ -230,7 +224,7 @@ def _truncate_all(
 
 def _export_peft_lora(adapter: RunAdapter, out: Path, rank: int | None = None) -> Path:
 
-    from abba_cli.fsutil import atomic_directory, atomic_save_safetensors, atomic_write_json
+    from abba_cli.util.files import atomic_directory, atomic_save_safetensors, atomic_write_json
 
     modules = sorted(adapter.factors)
     linear_names = _check_base(adapter)
@@ -301,7 +295,7 @@ def _export_peft_loha(adapter: RunAdapter, out: Path) -> Path:
     """ABBA as PEFT LoHa: hada_w1_a = B1, hada_w1_b = A1, hada_w2_a = B2, hada_w2_b = A2 at one r = max(r1, r2),
     the smaller pair zero-padded (exact, peft_format.pad_rank); alpha / r = s (or s folded into w1_a)."""
     from abba_cli.adapters.peft_format import loha_config, loha_tensors
-    from abba_cli.fsutil import atomic_directory, atomic_save_safetensors, atomic_write_json
+    from abba_cli.util.files import atomic_directory, atomic_save_safetensors, atomic_write_json
 
     modules = sorted(adapter.factors)
     linear_names = _check_base(adapter)

@@ -16,7 +16,7 @@ def validate_run(cfg: RunConfig, config_path: str | Path) -> None:
     from abba_cli.adapters import inject_adapters, trainable_summary
     from abba_cli.adapters.abba import describe_paths
     from abba_cli.data.training_set import check_examples, load_train_examples
-    from abba_cli.models import load_configured_base
+    from abba_cli.models.loading import load_configured_base
 
     print(f"# resolved config from {config_path}")
     print(dump_config(cfg), end="")

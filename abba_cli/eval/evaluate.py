@@ -34,8 +34,8 @@ from abba_cli.eval.tasks import (
     task_protocol,
     valid_tasks,
 )
-from abba_cli.fsutil import check_output_dir
-from abba_cli.signals import GracefulStop, TrainingStopped, signal_name
+from abba_cli.util.files import check_output_dir
+from abba_cli.util.signals import GracefulStop, TrainingStopped, signal_name
 
 
 class EvalStopped(TrainingStopped):
