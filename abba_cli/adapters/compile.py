@@ -1,6 +1,6 @@
 """torch.compile for a model with adapter layers.
 
-Every ABBA path, `auto` included, traces with `fullgraph=True` (tests/test_compile.py): the path is chosen by a
+Every ABBA path, `auto` included, traces with `fullgraph=True` (tests/adapters/test_compile_paths.py): the path is chosen by a
 few arithmetic operations on the shapes and on constants held in a plain dict per device type, and the custom
 autograd functions use only traceable ops. On a GPU the compiled step fuses the element-wise work (casts, the
 Khatri-Rao builds, the scale) that eager mode launches one kernel at a time.

@@ -9,7 +9,7 @@ Reading: a PEFT LoRA or LoHa folder becomes our own adapter config dict and `<mo
                                                                    s = alpha / r: B1 = w1_a, A1 = w1_b, ...
 
 Writing: LoHa tensors and config for `abba export --format peft-loha` (the LoRA export lives in export.py).
-Key names are the ones PEFT's own save_pretrained writes (checked against PEFT in tests/test_peft_format.py):
+Key names are the ones PEFT's own save_pretrained writes (checked against PEFT in tests/adapters/test_peft_format.py):
 `base_model.model.<module>.lora_A.weight` / `.lora_B.weight`, `base_model.model.<module>.hada_w1_a` (no
 `.weight`). PEFT itself is not imported: it is a test dependency only.
 """

@@ -22,7 +22,7 @@ from abba_cli.util.files import (
     check_output_dir,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 META = {"format": "pt", "producer": "abba-cli-adapter", "zeta": "1", "alpha": "2", "mid": "3"}
 
 

@@ -21,7 +21,7 @@ from abba_cli.data.recipes import (
 )
 from abba_cli.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> str:

@@ -22,7 +22,7 @@ from abba_cli.config import RunConfig
 from abba_cli.errors import UserError
 from abba_cli.train.pipeline import run_training
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ROWS = [
     {
         "question": "Natalia sold 48 clips" + " to her friends" * k + "?",

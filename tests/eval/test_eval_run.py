@@ -296,5 +296,5 @@ def test_bundled_smollm2_on_five_gsm8k_problems(tmp_path):
     )
     assert metrics["n"] == 5 and [p["gold"] for p in preds] == ["18", "3", "70000", "540", "20"]
     # A 135M model writes real English about the problem (not garbage, not empty). Stop strings and the stored
-    # verdicts are checked against hand-written outputs in tests/test_eval_known_outputs.py.
+    # verdicts are checked against hand-written outputs in tests/eval/test_eval_known_outputs.py.
     assert all(len(p["output"].split()) >= 3 for p in preds)

@@ -161,7 +161,7 @@ def test_sigterm_to_a_background_eval_keeps_its_batches(tiny_model_dir, tmp_path
     out = tmp_path / "o"
     args = ["--task", "gsm8k", "--model", str(tiny_model_dir), "--limit", "300", "--batch-size", "1"]
     cmd = [sys.executable, "-m", "abba_cli", "eval", *args, "--max-new-tokens", "24", "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.Popen(
         cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

@@ -3,9 +3,9 @@ act from inside the process, at a known point, through real signals:
 
 - ABBA_TEST_SIGTERM_AT=N: the process of rank 1 sends itself SIGTERM during its N-th micro-batch (inside the
   loss, through the run's `loss_fn` seam), so a stop lands at a known step on one process only: every process
-  must still agree to stop after that step, checkpoint and exit (tests/test_distributed.py).
+  must still agree to stop after that step, checkpoint and exit (tests/train/test_distributed_strategies.py).
 - ABBA_TEST_SIGINT_IN_LOAD=1: the process sends itself SIGINT as the base model starts loading
-  (tests/test_train_hostile.py).
+  (tests/cli/test_hostile_train.py).
 """
 
 from __future__ import annotations

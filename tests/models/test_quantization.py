@@ -326,7 +326,7 @@ def _config(tmp_path: Path, model_dir: Path, quantization: str, **adapter) -> Pa
 @pytest.fixture
 def fresh_accelerate():
     """Accelerate keeps one AcceleratorState per process and refuses another mixed_precision once it exists (the
-    CLI trains once per process; tests/test_claims.py does the same): each run here starts from none."""
+    CLI trains once per process; tests/train/test_precision_claims.py does the same): each run here starts from none."""
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)

@@ -406,7 +406,7 @@ def test_ctrl_c_while_the_base_loads_stops_even_when_sigint_was_ignored(tmp_path
     the end and exited 0."""
     import signal
 
-    worker = Path(__file__).with_name("abba_worker.py")
+    worker = Path(__file__).resolve().parents[1] / "train" / "abba_worker.py"
     env = dict(os.environ, ABBA_TEST_SIGINT_IN_LOAD="1", ABBA_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1")
     proc = subprocess.run(
         [sys.executable, str(worker), "train", str(_config(tmp_path, tiny_model_dir))],

@@ -21,7 +21,7 @@ from abba_cli.train.loss import target_loss_sum
 from abba_cli.train.pipeline import run_training
 from abba_cli.train.setup import count_total_steps, micro_batches_per_epoch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _config(tmp_path: Path, model_dir: Path, out: str = "run", **train) -> Path:
@@ -63,7 +63,7 @@ def test_two_steps_write_a_loadable_run_dir(tmp_path, tiny_model_dir):
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
         assert {"loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"} <= set(m)
-        assert m["tokens_per_s"] > 0  # the loss values themselves: tests/test_training_math.py
+        assert m["tokens_per_s"] > 0  # the loss values themselves: tests/train/test_step_math.py
     assert load_config(run / "config.yaml").output_dir == str(run)  # the resolved config reloads
 
     weights = load_file(run / "adapter_model.safetensors")
@@ -259,4 +259,4 @@ def test_adapter_base_model_is_recorded_as_an_absolute_path(tmp_path, tiny_model
 
 
 # Sharded (FSDP2, ZeRO-3) checkpoints and final adapters are checked on real 2-process runs:
-# tests/test_distributed.py (test_the_checkpoint_holds_what_the_engine_needs, test_zero3_saves_full_adapter_tensors).
+# tests/train/test_distributed_strategies.py (test_the_checkpoint_holds_what_the_engine_needs, test_zero3_saves_full_adapter_tensors).

@@ -21,7 +21,7 @@ from abba_cli.data.tokenize import IGNORE_INDEX, build_train_dataset
 from abba_cli.data.training_set import prepare_train_dataset, run_chat_template
 from abba_cli.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # ChatML, as SmolLM2/Qwen write it; a second copy marks assistant text with {% generation %}.
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
