@@ -28,8 +28,9 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# Two workers for two cores; each test file stays on one worker (its module fixtures are built once).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -x --durations=15
+	$(BIN)/python -m pytest -q -x --durations=15 -n 2 --dist loadfile
 
 # The edit loop: everything but the end-to-end SmolLM2 and subprocess tests (@pytest.mark.slow).
 test-fast: $(STAMP)

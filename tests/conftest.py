@@ -104,10 +104,24 @@ def _fresh_hub_probe() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config) -> None:
+    # `make test` runs two pytest-xdist workers on two cores: one torch thread each, not two apiece.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def abba_models_dir(tmp_path_factory) -> Path:
-    """One converted-models cache per test session, so the bundled SmolLM2 is converted at most once."""
-    return tmp_path_factory.mktemp("abba-models")
+    """One converted-models cache per test run, shared by the xdist workers, so the bundled SmolLM2 is converted
+    at most once."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    path = root / "abba-models"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @pytest.fixture(autouse=True)
@@ -123,12 +137,15 @@ def smollm2_dir(abba_models_dir) -> Path:
     """The bundled SmolLM2-135M-Instruct GGUF converted to a normal HF folder by abba_cli.models.loading (real, offline)."""
     import os
 
+    from filelock import FileLock
+
     from abba_cli.models.bundled import bundled_smollm2_dir
 
     old = os.environ.get("ABBA_MODELS_DIR")
     os.environ["ABBA_MODELS_DIR"] = str(abba_models_dir)
     try:
-        return bundled_smollm2_dir()
+        with FileLock(str(abba_models_dir / "convert.lock")):  # one worker converts, the other waits for it
+            return bundled_smollm2_dir()
     finally:
         if old is None:
             os.environ.pop("ABBA_MODELS_DIR", None)

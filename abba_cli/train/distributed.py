@@ -181,9 +181,14 @@ def select_fsdp_on_cpu_processes(accelerator: Any, plugin: Any) -> None:
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
 
-    if plugin is None or accelerator.distributed_type != DistributedType.MULTI_CPU:
-        return
     state = accelerator.state
+    # FSDP already, but without the plugin: an earlier run in these processes (compare, one launch training
+    # several configs) left FSDP in the shared process state, which a fresh Accelerator copies.
+    unset = (
+        accelerator.distributed_type == DistributedType.FSDP and getattr(state, "fsdp_plugin", None) is None
+    )
+    if plugin is None or not (accelerator.distributed_type == DistributedType.MULTI_CPU or unset):
+        return
     state.fsdp_plugin = plugin
     state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP

@@ -1,6 +1,7 @@
 """distributed.strategy ddp | fsdp | zero2 | zero3 on 2 CPU processes (torchrun, gloo) with the tiny model.
 
-For each strategy: the adapter after 4 steps (accumulation 2, clipping active) matches one process with the same
+For each strategy (one launch training ABBA, LoRA and a run stopped by SIGTERM, one more to resume it): the
+adapter after 4 steps (accumulation 2, clipping active) matches one process with the same
 global batch, for ABBA and LoRA; a real SIGTERM on one process mid-run, then --resume, ends at the very adapter
 of the uninterrupted run; DeepSpeed's engine stepped exactly once per logged step; zero3's saved adapter holds
 full, non-empty tensors. DeepSpeed runs on CPU with its CPU accelerator (DS_ACCELERATOR=cpu, set by abba).
@@ -80,9 +81,17 @@ def _env(tmp: Path, **extra: str) -> dict[str, str]:
     return subprocess_env(tmp, ACCELERATE_USE_CPU="true", **extra)
 
 
+LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
 def _torchrun(tmp: Path, config: Path, strategy: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd = [*launch, str(WORKER), "train", str(config), "--set", f"distributed.strategy={strategy}", *args]
+    cmd = [*LAUNCH, str(WORKER), "train", str(config), "--set", f"distributed.strategy={strategy}", *args]
+    return subprocess.run(cmd, env=_env(tmp, **env), capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def _train_each(tmp: Path, strategy: str, configs: list[Path], launch: list[str], **env: str):
+    """Every config trained in turn by one launch (the processes start once)."""
+    cmd = [*launch, str(WORKER), "train-each", strategy, *map(str, configs)]
     return subprocess.run(cmd, env=_env(tmp, **env), capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
@@ -94,19 +103,12 @@ def _metrics(run: Path) -> list[dict]:
 def single(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     """One process, micro-batch 1 x accumulation 4: the global batch of 2 processes x 1 x 2."""
     tmp = tmp_path_factory.mktemp("single")
-    runs = {}
-    for adapter in ("abba", "lora"):
-        config = _config(tmp, tiny_model_dir, f"one-{adapter}", adapter, accum=4)
-        p = subprocess.run(
-            [sys.executable, str(WORKER), "train", str(config)],
-            env=_env(tmp),
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_S,
-        )
-        assert p.returncode == 0, p.stderr[-3000:]
-        runs[adapter] = tmp / f"one-{adapter}"
-    return runs
+    configs = [
+        _config(tmp, tiny_model_dir, f"one-{adapter}", adapter, accum=4) for adapter in ("abba", "lora")
+    ]
+    p = _train_each(tmp, "ddp", configs, [sys.executable])
+    assert p.returncode == 0, p.stderr[-3000:]
+    return {adapter: tmp / f"one-{adapter}" for adapter in ("abba", "lora")}
 
 
 @pytest.fixture(scope="module", params=STRATEGIES)
@@ -116,18 +118,18 @@ def two(request, tiny_model_dir, tmp_path_factory) -> dict:
     if strategy.startswith("zero") and not _has_deepspeed():
         pytest.skip("DeepSpeed is not installed (pip install 'abba-cli[deepspeed]'; make test installs it)")
     tmp = tmp_path_factory.mktemp(strategy)
-    out: dict = {"strategy": strategy, "logs": {}}
-    for adapter in ("abba", "lora"):
-        config = _config(tmp, tiny_model_dir, adapter, adapter, accum=2)
-        p = _torchrun(tmp, config, strategy)
-        assert p.returncode == 0, p.stderr[-4000:]
-        out[adapter], out["logs"][adapter] = tmp / adapter, p.stderr
+    out: dict = {"strategy": strategy}
+    configs = [_config(tmp, tiny_model_dir, adapter, adapter, accum=2) for adapter in ("abba", "lora")]
     config = _config(tmp, tiny_model_dir, "stopped", "abba", accum=2)
-    # Rank 1's 5th micro-batch is in step 3: both processes finish step 3, checkpoint, and exit 143.
-    stop = _torchrun(tmp, config, strategy, ABBA_TEST_SIGTERM_AT="5")
+    # One launch trains ABBA, LoRA, then the run stopped by SIGTERM: rank 1's 5th micro-batch of that run is in
+    # step 3, so both processes finish step 3, checkpoint, and exit 143.
+    stop = _train_each(
+        tmp, strategy, [*configs, config], LAUNCH, ABBA_TEST_SIGTERM_AT="5", ABBA_TEST_SIGTERM_RUN="stopped"
+    )
     assert stop.returncode != 0 and f"stopped by SIGTERM after step 3/{STEPS}" in stop.stderr, stop.stderr[
         -4000:
     ]
+    out["abba"], out["lora"], out["log"] = tmp / "abba", tmp / "lora", stop.stderr
     out["checkpoints_at_stop"] = sorted(p.name for p in (tmp / "stopped" / "checkpoints").iterdir())
     resumed = _torchrun(tmp, config, strategy, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
@@ -147,7 +149,7 @@ def _close(got: dict, ref: dict) -> None:
 @pytest.mark.parametrize("adapter", ["abba", "lora"])
 def test_two_processes_match_one_with_the_same_global_batch(two, single, adapter):
     # Really this engine on 2 processes (Accelerate's own state; on CPU it would otherwise fall back to DDP).
-    assert f"x 2 process(es) ({ENGINE[two['strategy']]})" in two["logs"][adapter]
+    assert f"x 2 process(es) ({ENGINE[two['strategy']]})" in two["log"]
     ref = load_file(single[adapter] / "adapter_model.safetensors")
     _close(load_file(two[adapter] / "adapter_model.safetensors"), ref)
     # The factor that starts at zero moved: the adapters trained, so the match is not vacuous.

@@ -16,8 +16,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 from abba_cli.analysis.compare.budget import format_budget, parse_methods, plan_methods, split_sets
@@ -25,6 +24,7 @@ from abba_cli.analysis.compare.folder import RESOURCES, TABLE, config_path, run_
 from abba_cli.analysis.compare.table import finished, write_outputs
 from abba_cli.config import RunConfig, apply_overrides, dump_config, validate_config
 from abba_cli.errors import UserError
+from abba_cli.train.run_sequence import one_process_group
 from abba_cli.util.files import atomic_write_text
 from abba_cli.util.yaml_file import read_yaml
 
@@ -83,11 +83,11 @@ def run_compare(config: Path, methods: str, seeds: int, out: Path, sets: list[st
     runs = [_seeded(plan.raw, plan.method, seed, out) for plan, seed in jobs]
     for run_cfg, _ in runs:
         run_state(run_cfg)  # refuses a folder of other settings now, not after the runs before it
-    with one_process_group():
+    with one_process_group() as fresh_state:
         for i, ((plan, seed), (run_cfg, path)) in enumerate(zip(jobs, runs, strict=True), 1):
             if _is_main():
                 print(f"[{i}/{len(jobs)}] {run_name(plan.method, seed)}: {plan.describe}", file=sys.stderr)
-            train_one(run_cfg, path)
+            train_one(run_cfg, path, fresh_state)
     if not _is_main():
         return out / TABLE
     for plan, seed in jobs:
@@ -136,8 +136,9 @@ def run_state(cfg: RunConfig) -> str:
     return "finished" if finished(run_dir) else "interrupted"
 
 
-def train_one(cfg: RunConfig, config_path: Path) -> None:
-    """Keep a finished run, resume an interrupted one (from its latest checkpoint), else start it."""
+def train_one(cfg: RunConfig, config_path: Path, fresh_state: Callable[[], None]) -> None:
+    """Keep a finished run, resume an interrupted one (from its latest checkpoint), else start it
+    (`fresh_state`: run_sequence.one_process_group's reset before each run)."""
     state = run_state(cfg)
     run_dir = Path(cfg.output_dir)
     if state == "finished":
@@ -146,42 +147,12 @@ def train_one(cfg: RunConfig, config_path: Path) -> None:
         return
     resume = state == "interrupted"
     gc.collect()  # what an earlier run left behind should not count in this run's peak
-    _fresh_accelerate_state()
+    fresh_state()
     with PeakMemory() as peak:
         _train(cfg, config_path, resume)
     if _is_main():
         record = {"peak_memory_bytes": peak.bytes, "memory_kind": peak.kind, "resumed": resume}
         atomic_write_text(run_dir / RESOURCES, json.dumps(record, indent=2) + "\n")
-
-
-def _fresh_accelerate_state() -> None:
-    """Each run builds its Accelerator from its own config (mixed precision may differ per method); the process
-    group (PartialState) is kept: see `one_process_group`."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-
-
-@contextmanager
-def one_process_group() -> Iterator[None]:
-    """Under a launcher, keep one distributed process group for all the runs, destroyed once at the end.
-
-    run_training ends with Accelerator.end_training(), which destroys the group; initialising a second one in
-    the same processes reuses the rendezvous keys of the first and races (gloo: "connection refused" on a stale
-    address). So while compare trains, PartialState.destroy_process_group does nothing. (A train option not to
-    end the group would make this unnecessary.)"""
-    import torch
-    from accelerate.state import PartialState
-
-    original = PartialState.destroy_process_group
-    PartialState.destroy_process_group = lambda self, group=None: None
-    try:
-        yield
-    finally:
-        PartialState.destroy_process_group = original
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 def _eval_done(run_dir: Path, tasks: list[str]) -> bool:
