@@ -11,7 +11,7 @@ cache, then again with the cache filled (a fresh $ABBA_HOME each round, so the f
 With --train-steps N, also N optimizer-free forward+backward micro-batches of SmolLM2 + ABBA per order, timed
 round-robin (benchmarks/common.interleaved), reporting non-pad tokens/s.
 
-    python benchmarks/data_padding.py [--batch-sizes 4 8 16] [--max-seq-len 512] [--cache-rounds 2]
+    python -m benchmarks.data_padding [--batch-sizes 4 8 16] [--max-seq-len 512] [--cache-rounds 2]
                                       [--train-steps 0] [--write]
 """
 
@@ -21,11 +21,9 @@ import os
 import statistics
 import sys
 import tempfile
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 SOURCES = ["commonsense_bundled_train", "gsm8k_bundled_train"]
 LARGEST = "commonsense_bundled_train"  # 8 sets, 200 rows each held out: the largest bundled training source

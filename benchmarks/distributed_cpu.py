@@ -12,8 +12,8 @@ interleaved over rounds (common.round_robin); only meaningful on a quiet machine
 These are CPU numbers: they show what sharding costs in communication and saves in memory per process on this
 model, not GPU speed.
 
-    python benchmarks/distributed_cpu.py                 # 2 rounds of ddp, fsdp, zero2, zero3
-    python benchmarks/distributed_cpu.py --strategies ddp fsdp --rounds 1
+    python -m benchmarks.distributed_cpu                 # 2 rounds of ddp, fsdp, zero2, zero3
+    python -m benchmarks.distributed_cpu --strategies ddp fsdp --rounds 1
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common, e2e_step  # noqa: E402
+from benchmarks import common, e2e_step
 
 STRATEGIES = ["ddp", "fsdp", "zero2", "zero3"]
 STEPS, SKIP = 6, 2

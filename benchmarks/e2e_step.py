@@ -11,9 +11,9 @@ metrics.jsonl. The first `skip` = 2 steps are left out, so model loading, tokeni
 cancel. Runs are interleaved (A B C D, B C D A, ...: common.round_robin), and the ratio ABBA / LoRA is taken per
 round at each dropout, so background load hits both alike; we report its median and range.
 
-    python benchmarks/e2e_step.py                    # 5 rounds, dropout 0 and 0.05 (~20 runs of ~1 min, quiet CPU)
-    python benchmarks/e2e_step.py --quick            # 2 rounds, dropout 0 (what `make bench` runs)
-    python benchmarks/e2e_step.py --rounds 3 --set train.mixed_precision=bf16   # any extra `abba --set`
+    python -m benchmarks.e2e_step                    # 5 rounds, dropout 0 and 0.05 (~20 runs of ~1 min, quiet CPU)
+    python -m benchmarks.e2e_step --quick            # 2 rounds, dropout 0 (what `make bench` runs)
+    python -m benchmarks.e2e_step --rounds 3 --set train.mixed_precision=bf16   # any extra `abba --set`
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 CONFIG = common.ROOT / "configs" / "quickstart.yaml"
 TARGETS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"

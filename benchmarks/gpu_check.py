@@ -16,8 +16,8 @@ fails records its error and the next one runs):
 `--smoke` runs every stage on the CPU at tiny sizes (tests/test_gpu_check.py), so GPU time is never spent on a
 script that has not run.
 
-    python benchmarks/gpu_check.py --out gpu_check.json                  # on the GPU: needs torch, transformers, peft
-    python benchmarks/gpu_check.py --smoke --out /tmp/smoke.json         # CPU, about a minute
+    python -m benchmarks.gpu_check --out gpu_check.json                  # on the GPU: needs torch, transformers, peft
+    python -m benchmarks.gpu_check --smoke --out /tmp/smoke.json         # CPU, about a minute
 """
 
 from __future__ import annotations
@@ -35,10 +35,9 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
-from benchmarks import layer_sweep as sweep  # noqa: E402
-from benchmarks.op_count import OpCounter  # noqa: E402
+from benchmarks import common
+from benchmarks import layer_sweep as sweep
+from benchmarks.op_count import OpCounter
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["none", "lora", "peft_lora", "abba", "abba_merged", "abba_khatri_rao", "abba_hybrid"]

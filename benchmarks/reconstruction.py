@@ -8,8 +8,8 @@ LoRA errors are exact (truncated SVD). The ABBA error is a non-convex fit; we us
 (ALS) over the four factors, from several starts, then an optional L-BFGS polish, and keep the best.
 Reported errors are relative Frobenius errors ||M - X||_F / ||M||_F.
 
-    python benchmarks/reconstruction.py            # full run (a few minutes on 2 CPU cores)
-    python benchmarks/reconstruction.py --quick    # seconds: small sizes, few sweeps
+    python -m benchmarks.reconstruction            # full run (a few minutes on 2 CPU cores)
+    python -m benchmarks.reconstruction --quick    # seconds: small sizes, few sweeps
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import csv
 import importlib.util
 import json
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,8 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 RESULTS_DIR = common.RESULTS_DIR
 RESULTS_MD = common.RESULTS_MD
