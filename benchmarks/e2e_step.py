@@ -1,4 +1,4 @@
-"""End-to-end training step of ABBA against our LoRA as a user meets it: wall time per step of `abba train` (issue 16).
+"""End-to-end training step of ABBA against our LoRA as a user meets it: wall time per step of `abba train`.
 
 Every run is a real `abba train` subprocess (this tree's code) of configs/quickstart.yaml on the bundled
 SmolLM2-135M with the overrides below, which pin every setting the time depends on, so the measurement does not
@@ -34,7 +34,7 @@ from benchmarks import common
 
 CONFIG = common.ROOT / "configs" / "quickstart.yaml"
 TARGETS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
-# The measured setting (issue 16): everything that sets the step's cost, stated here rather than inherited.
+# The measured setting: everything that sets the step's cost, stated here rather than inherited.
 SETTING = [
     "model.dtype=float32",
     "data.recipe=gsm8k_bundled_train",
