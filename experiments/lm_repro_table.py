@@ -1,4 +1,4 @@
-"""Collect the fine-tuning reproduction runs into markdown tables (scripts/repro_cpu.sh writes the runs).
+"""Collect the fine-tuning reproduction runs into markdown tables (experiments/repro_cpu.sh writes the runs).
 
 Layout read under ROOT (default runs/repro):
     ROOT/<setting>/<method>/eval/<task>/metrics.json   `abba eval` summaries (method `base`: the untuned model)
@@ -6,7 +6,7 @@ Layout read under ROOT (default runs/repro):
     ROOT/<setting>/<method>/adapter_model.safetensors   adapter factors, or model/*.safetensors for `full`
 Nothing is typed in by hand: every cell comes from these files, and a missing file shows as "-".
 
-    python -m benchmarks.lm_repro_table [--root runs/repro] [--out benchmarks/results/lm_repro.md]
+    python -m experiments.lm_repro_table [--root runs/repro] [--out experiments/results/lm_repro.md]
 """
 
 from __future__ import annotations

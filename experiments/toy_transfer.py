@@ -16,8 +16,8 @@ Task design:
 - Learning rate per method: a small sweep scored by mean final validation loss (a split of the 8/9 training
   images) over separate sweep seeds; the chosen rate then runs on the reported seeds.
 
-    python -m benchmarks.toy_transfer            # full: LR sweep + 5 seeds (about a minute on 2 cores)
-    python -m benchmarks.toy_transfer --quick    # a few steps, one seed, fixed LRs
+    python -m experiments.toy_transfer            # full: LR sweep + 5 seeds (about a minute on 2 cores)
+    python -m experiments.toy_transfer --quick    # a few steps, one seed, fixed LRs
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks import common
+from experiments import RESULTS_DIR
 
-RESULTS_DIR = common.RESULTS_DIR
 METHODS = ("abba", "lora", "hira", "full")
 LR_GRID = {
     "abba": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),

@@ -8,8 +8,8 @@ LoRA errors are exact (truncated SVD). The ABBA error is a non-convex fit; we us
 (ALS) over the four factors, from several starts, then an optional L-BFGS polish, and keep the best.
 Reported errors are relative Frobenius errors ||M - X||_F / ||M||_F.
 
-    python -m benchmarks.reconstruction            # full run (a few minutes on 2 CPU cores)
-    python -m benchmarks.reconstruction --quick    # seconds: small sizes, few sweeps
+    python -m experiments.reconstruction            # full run (a few minutes on 2 CPU cores)
+    python -m experiments.reconstruction --quick    # seconds: small sizes, few sweeps
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from benchmarks import common
+from experiments import RESULTS_DIR
 
-RESULTS_DIR = common.RESULTS_DIR
 RESULTS_MD = common.RESULTS_MD
-SECTION_TITLE = "## Reproduction: matrix reconstruction and toy transfer"
+SECTION_TITLE = "## Study: matrix reconstruction and toy transfer (2026-11-23)"
 BEGIN_MARK = "<!-- reconstruction:begin -->"
 END_MARK = "<!-- reconstruction:end -->"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
