@@ -253,7 +253,7 @@ def main() -> None:
         print(json.dumps(child(args.child, args.steps, args.micro, args.seq)))
         return
     result = measure(args.rounds, args.steps, args.micro, args.seq)
-    common.write_json(common.RESULTS_DIR / "quant_bench.json", result)
+    common.write_json(common.RESULTS_DIR / "quant_smollm2_cpu.json", result)
     print(measured_table(result))
     print(json.dumps(result["machine"]))
 
