@@ -13,8 +13,8 @@ fails records its error and the next one runs):
 - decode: greedy decode ms per step at batch 8, 16 and 64 (as `abba eval` generates, adapter merged: plain
   Linear layers), and the GSM8K time it implies (1319 questions, every batch to 512 new tokens: an upper bound).
 
-`--smoke` runs every stage on the CPU at tiny sizes (tests/test_gpu_check.py), so GPU time is never spent on a
-script that has not run.
+`--smoke` runs every stage on the CPU at tiny sizes (tests/benchmarks/test_bench_gpu_check.py), so GPU time is
+never spent on a script that has not run.
 
     python -m benchmarks.gpu_check --out gpu_check.json                  # on the GPU: needs torch, transformers, peft
     python -m benchmarks.gpu_check --smoke --out /tmp/smoke.json         # CPU, about a minute
