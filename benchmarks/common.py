@@ -271,7 +271,7 @@ def replace_marked_block(
 def update_results_block(key: str, text: str) -> None:
     """Replace (or append) the block `<!-- perf:KEY:begin -->...end` inside the "## Performance" section.
 
-    Only this section is touched; other sections of RESULTS.md (e.g. "## Reproduction") stay as they are.
+    Only this section is touched; other sections of RESULTS.md (the studies, for one) stay as they are.
     """
     begin, end = f"<!-- perf:{key}:begin -->", f"<!-- perf:{key}:end -->"
     replace_marked_block(RESULTS_MD, begin, end, text, PERF_TITLE, (PERF_BEGIN, PERF_END))
