@@ -44,7 +44,7 @@ demo: $(STAMP)
 	bash scripts/demo.sh
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_cpu.py
+	$(BIN)/python -m benchmarks.run_cpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

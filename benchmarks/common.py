@@ -198,14 +198,14 @@ def load_smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(smollm2_dir())
 
 
-def run_json_subprocess(args: list[str], timeout: float | None = None) -> dict[str, Any]:
-    """Run a benchmark script in a fresh interpreter (with MEASURE_ENV) and parse the JSON on its last line."""
+def run_json_subprocess(module: str, args: list[str], timeout: float | None = None) -> dict[str, Any]:
+    """Run `python -m module args` from the checkout's root in a fresh interpreter (with MEASURE_ENV) and
+    parse the JSON on its last line."""
     env = {**os.environ, **MEASURE_ENV}
-    proc = subprocess.run(
-        [sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout
-    )
+    cmd = [sys.executable, "-m", module, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"{' '.join(cmd[1:])} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -271,7 +271,7 @@ def replace_marked_block(
 def update_results_block(key: str, text: str) -> None:
     """Replace (or append) the block `<!-- perf:KEY:begin -->...end` inside the "## Performance" section.
 
-    Only this section is touched; other sections of RESULTS.md (e.g. "## Reproduction") stay as they are.
+    Only this section is touched; other sections of RESULTS.md (the studies, for one) stay as they are.
     """
     begin, end = f"<!-- perf:{key}:begin -->", f"<!-- perf:{key}:end -->"
     replace_marked_block(RESULTS_MD, begin, end, text, PERF_TITLE, (PERF_BEGIN, PERF_END))

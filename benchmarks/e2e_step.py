@@ -1,4 +1,4 @@
-"""End-to-end training step of ABBA against our LoRA as a user meets it: wall time per step of `abba train` (issue 16).
+"""End-to-end training step of ABBA against our LoRA as a user meets it: wall time per step of `abba train`.
 
 Every run is a real `abba train` subprocess (this tree's code) of configs/quickstart.yaml on the bundled
 SmolLM2-135M with the overrides below, which pin every setting the time depends on, so the measurement does not
@@ -11,9 +11,9 @@ metrics.jsonl. The first `skip` = 2 steps are left out, so model loading, tokeni
 cancel. Runs are interleaved (A B C D, B C D A, ...: common.round_robin), and the ratio ABBA / LoRA is taken per
 round at each dropout, so background load hits both alike; we report its median and range.
 
-    python benchmarks/e2e_step.py                    # 5 rounds, dropout 0 and 0.05 (~20 runs of ~1 min, quiet CPU)
-    python benchmarks/e2e_step.py --quick            # 2 rounds, dropout 0 (what `make bench` runs)
-    python benchmarks/e2e_step.py --rounds 3 --set train.mixed_precision=bf16   # any extra `abba --set`
+    python -m benchmarks.e2e_step                    # 5 rounds, dropout 0 and 0.05 (~20 runs of ~1 min, quiet CPU)
+    python -m benchmarks.e2e_step --quick            # 2 rounds, dropout 0 (what `make bench` runs)
+    python -m benchmarks.e2e_step --rounds 3 --set train.mixed_precision=bf16   # any extra `abba --set`
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 CONFIG = common.ROOT / "configs" / "quickstart.yaml"
 TARGETS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
-# The measured setting (issue 16): everything that sets the step's cost, stated here rather than inherited.
+# The measured setting: everything that sets the step's cost, stated here rather than inherited.
 SETTING = [
     "model.dtype=float32",
     "data.recipe=gsm8k_bundled_train",

@@ -5,21 +5,19 @@ projections) merged and unwrapped into plain nn.Linear layers, as `abba eval` do
 same adapter left unmerged (every projection runs the adapter's forward), to show what merging buys. Every generation produces
 exactly --new-tokens tokens per prompt (min_new_tokens = max_new_tokens), so tokens/s compare like for like.
 
-    python benchmarks/eval_speed.py [--new-tokens 32] [--repeats 3] [--dtype fp32]
+    python -m benchmarks.eval_speed [--new-tokens 32] [--repeats 3] [--dtype fp32]
 """
 
 from __future__ import annotations
 
 import copy
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 PROMPTS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "

@@ -13,11 +13,11 @@ fails records its error and the next one runs):
 - decode: greedy decode ms per step at batch 8, 16 and 64 (as `abba eval` generates, adapter merged: plain
   Linear layers), and the GSM8K time it implies (1319 questions, every batch to 512 new tokens: an upper bound).
 
-`--smoke` runs every stage on the CPU at tiny sizes (tests/test_gpu_check.py), so GPU time is never spent on a
-script that has not run.
+`--smoke` runs every stage on the CPU at tiny sizes (tests/benchmarks/test_bench_gpu_check.py), so GPU time is
+never spent on a script that has not run.
 
-    python benchmarks/gpu_check.py --out gpu_check.json                  # on the GPU: needs torch, transformers, peft
-    python benchmarks/gpu_check.py --smoke --out /tmp/smoke.json         # CPU, about a minute
+    python -m benchmarks.gpu_check --out gpu_check.json                  # on the GPU: needs torch, transformers, peft
+    python -m benchmarks.gpu_check --smoke --out /tmp/smoke.json         # CPU, about a minute
 """
 
 from __future__ import annotations
@@ -35,10 +35,9 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
-from benchmarks import layer_sweep as sweep  # noqa: E402
-from benchmarks.op_count import OpCounter  # noqa: E402
+from benchmarks import common
+from benchmarks import layer_sweep as sweep
+from benchmarks.op_count import OpCounter
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["none", "lora", "peft_lora", "abba", "abba_merged", "abba_khatri_rao", "abba_hybrid"]

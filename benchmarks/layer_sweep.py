@@ -13,10 +13,10 @@ allocated; CPU: VmHWM, see common.py).
 (minimising auto's worst regret, then the total) and prints the constants to put in abba_cli/adapters/abba.py.
 `--refit JSON...` does the same on recorded sweeps without measuring again.
 
-    python benchmarks/layer_sweep.py --quick               # SmolLM2 + Llama-1B shapes, small ranks (CPU minutes)
-    python benchmarks/layer_sweep.py --fit                 # full grid; big cells get fewer repeats
-    python benchmarks/layer_sweep.py --quick --dropout     # the same cells with adapter dropout on
-    python benchmarks/layer_sweep.py --device cuda --dtype bf16 --fit
+    python -m benchmarks.layer_sweep --quick               # SmolLM2 + Llama-1B shapes, small ranks (CPU minutes)
+    python -m benchmarks.layer_sweep --fit                 # full grid; big cells get fewer repeats
+    python -m benchmarks.layer_sweep --quick --dropout     # the same cells with adapter dropout on
+    python -m benchmarks.layer_sweep --device cuda --dtype bf16 --fit
 """
 
 from __future__ import annotations
@@ -32,10 +32,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from abba_cli.adapters import abba, cost  # noqa: E402
-from benchmarks import common  # noqa: E402
-from benchmarks.op_count import OpCounter  # noqa: E402
+from abba_cli.adapters import abba, cost
+from benchmarks import common
+from benchmarks.op_count import OpCounter
 
 SHAPES = {
     "smollm2.q/o": (576, 576),

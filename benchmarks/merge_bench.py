@@ -6,14 +6,13 @@ Two measurements, each in a fresh subprocess (peak memory, see common.py):
   the HF folder, reload it and compare logits), timed as a whole.
 The adapter is random (r1 = r2 = 16, all seven projections, B2 ~ N(0, 1e-3)) so the merge does real work.
 
-    python benchmarks/merge_bench.py
+    python -m benchmarks.merge_bench
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,8 +20,7 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -93,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps((in_memory if args.only == "in_memory" else end_to_end)(dtype)))
         return {}
     rows = [
-        common.run_json_subprocess([__file__, f"--dtype={args.dtype}", f"--only={what}"])
+        common.run_json_subprocess(__spec__.name, [f"--dtype={args.dtype}", f"--only={what}"])
         for what in ("in_memory", "end_to_end")
     ]
     res = {"config": {"dtype": args.dtype}, "machine": common.machine_info(), "rows": rows}

@@ -7,8 +7,8 @@ views and metadata ops (they launch nothing). The model: a random 2-layer Llama 
 fp32 adapter factors (as `abba train` runs), adapters on all seven projections; ABBA r1 = r2 = 16 on each path,
 LoRA r = 32 (the same parameter budget).
 
-    python benchmarks/op_count.py                  # the table
-    python benchmarks/op_count.py --out ops.json   # and the counts per op
+    python -m benchmarks.op_count                  # the table
+    python -m benchmarks.op_count --out ops.json   # and the counts per op
 """
 
 from __future__ import annotations
@@ -16,15 +16,13 @@ from __future__ import annotations
 import collections
 import copy
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ABBA_PATHS = ["auto", "khatri_rao", "merged", "hybrid"]

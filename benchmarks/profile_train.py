@@ -7,13 +7,12 @@ loss, backward, clipping, the finiteness check, collation. Prints the share of t
 and each top op takes (self CPU time). Shares, not seconds: the profiler's per-op overhead inflates small ops,
 and on a shared machine absolute times mean little.
 
-    python benchmarks/profile_train.py --method abba --dropout 0 [--steps 6 --skip 2] [--out trace.json]
+    python -m benchmarks.profile_train --method abba --dropout 0 [--steps 6 --skip 2] [--out trace.json]
 """
 
 from __future__ import annotations
 
 import functools
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,7 @@ from typing import Any
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common, e2e_step  # noqa: E402
+from benchmarks import common, e2e_step
 
 LABELS = (
     "model forward",

@@ -8,10 +8,10 @@ tensors (state dict, quantization constants included; exact), the resident memor
 peak resident memory over the training steps (VmHWM, common.read_peak), and the median step time after two
 warm-up steps. Variants are run round-robin (common.round_robin), so background load hits them alike.
 
-    python benchmarks/quant_bench.py                 # 3 rounds of fp32, bf16, nf4 (bf16 compute), nf4 (fp32)
-    python benchmarks/quant_bench.py --rounds 1 --steps 4
-    python benchmarks/quant_bench.py --estimate      # the computed GPU table of README "Quantized bases"
-    python benchmarks/quant_bench.py --sizes         # bytes of each variant's base tensors only (exact, no timing)
+    python -m benchmarks.quant_bench                 # 3 rounds of fp32, bf16, nf4 (bf16 compute), nf4 (fp32)
+    python -m benchmarks.quant_bench --rounds 1 --steps 4
+    python -m benchmarks.quant_bench --estimate      # the computed GPU table of README "Quantized bases"
+    python -m benchmarks.quant_bench --sizes         # bytes of each variant's base tensors only (exact, no timing)
 
 Run the measurement only on a quiet machine (`uptime` load below 1.5): the times are wall-clock.
 """
@@ -21,12 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 # name -> (model.dtype, model.quantization)
 VARIANTS = {
@@ -101,11 +98,9 @@ def sizes() -> dict[str, float]:
 
 
 def measure(rounds: int, steps: int, micro: int, seq: int) -> dict:
-    script = str(Path(__file__).resolve())
-
     def run(name: str):
-        args = [script, "--child", name, "--steps", str(steps), "--micro", str(micro), "--seq", str(seq)]
-        return lambda: common.run_json_subprocess(args, timeout=900)
+        args = ["--child", name, "--steps", str(steps), "--micro", str(micro), "--seq", str(seq)]
+        return lambda: common.run_json_subprocess(__spec__.name, args, timeout=900)
 
     out = common.round_robin({name: run(name) for name in VARIANTS}, rounds)
     rows = {}
@@ -258,7 +253,7 @@ def main() -> None:
         print(json.dumps(child(args.child, args.steps, args.micro, args.seq)))
         return
     result = measure(args.rounds, args.steps, args.micro, args.seq)
-    common.write_json(common.RESULTS_DIR / "quant_bench.json", result)
+    common.write_json(common.RESULTS_DIR / "quant_smollm2_cpu.json", result)
     print(measured_table(result))
     print(json.dumps(result["machine"]))
 

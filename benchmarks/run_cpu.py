@@ -4,10 +4,11 @@ Runs, in order, each as its own process: the SmolLM2 training step table (step_b
 (layer_sweep --quick), generation speed with a merged adapter (eval_speed), the merge (merge_bench) and the
 end-to-end `abba train` step, ABBA against our LoRA (e2e_step --quick: 2 rounds at dropout 0). JSON goes
 to benchmarks/results/, tables replace their blocks inside the "## Performance" section of RESULTS.md (other
-sections are left alone). The full layer sweep is not part of this set: `python benchmarks/layer_sweep.py --fit`.
+sections are left alone). The full layer sweep is not part of this set: `python -m benchmarks.layer_sweep --fit`.
 
-    python benchmarks/run_cpu.py [--skip step sweep eval merge e2e] [--no-results-md]
-    python benchmarks/run_cpu.py --record step "python benchmarks/step_bench.py ..." results/step_cpu.json
+    python -m benchmarks.run_cpu [--skip step sweep eval merge e2e] [--no-results-md]
+    python -m benchmarks.run_cpu --record step "python -m benchmarks.step_bench ..." \
+        benchmarks/results/step_smollm2_cpu.json
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common, e2e_step, eval_speed, layer_sweep, merge_bench, step_bench  # noqa: E402
+from benchmarks import common, e2e_step, eval_speed, layer_sweep, merge_bench, step_bench
 
-HERE = Path(__file__).resolve().parent
+# key: (module in this package, its arguments, the JSON it writes to benchmarks/results/)
 JOBS = {
     "step": (
-        "step_bench.py",
+        "step_bench",
         # one measured step for memory (after two warm-up steps the peak repeats): keeps the set under 15 min
         [
             "--repeats",
@@ -41,19 +41,19 @@ JOBS = {
             "peft_loha",
             "full",
         ],
-        "step_cpu.json",
+        "step_smollm2_cpu.json",
     ),
     # One torch thread: on a shared 2-core machine a descheduled OpenMP thread stalls every op, which swamps
     # the per-cell differences the cost model is judged on.
     "sweep": (
-        "layer_sweep.py",
+        "layer_sweep",
         ["--quick", "--repeats", "3", "--threads", "1"],
         "layer_sweep_quick_cpu.json",
     ),
-    "eval": ("eval_speed.py", ["--repeats", "3"], "eval_speed_cpu.json"),
-    "merge": ("merge_bench.py", [], "merge_cpu.json"),
+    "eval": ("eval_speed", ["--repeats", "3"], "eval_speed_smollm2_cpu.json"),
+    "merge": ("merge_bench", [], "merge_smollm2_cpu.json"),
     # Real `abba train` subprocesses (6 steps each, the first 2 left out); the full run is 5 rounds with dropout.
-    "e2e": ("e2e_step.py", ["--quick"], "e2e_step_quick_cpu.json"),
+    "e2e": ("e2e_step", ["--quick"], "e2e_step_smollm2_quick_cpu.json"),
 }
 
 
@@ -74,6 +74,14 @@ def render(key: str, res: dict[str, Any]) -> str:
     return merge_bench.to_markdown(res)
 
 
+def _shown_path(out: Path) -> str:
+    """The result file as RESULTS.md cites it: relative to the checkout (gpu/ files keep their folder)."""
+    try:
+        return str(out.resolve().relative_to(common.ROOT))
+    except ValueError:
+        return f"benchmarks/results/{out.name}"
+
+
 def record(key: str, shown: str, out: Path, minutes: float | None = None) -> None:
     """Put the table of one result JSON into its block of RESULTS.md, with the command and the machine."""
     res = json.loads(out.read_text())
@@ -82,7 +90,7 @@ def record(key: str, shown: str, out: Path, minutes: float | None = None) -> Non
     meta = (
         f"`{shown}`{took} on {m['cpu']} ({m['cpu_count']} cores, {m['torch_threads']} torch threads), "
         f"torch {m['torch']}, transformers {m['transformers']}, peft {m['peft']}; "
-        f"JSON: `benchmarks/results/{out.name}`"
+        f"JSON: `{_shown_path(out)}`"
     )
     common.update_results_block(key, f"{meta}\n\n{render(key, res)}")
 
@@ -99,12 +107,12 @@ def main() -> None:
         return
     env = {**os.environ, **common.MEASURE_ENV}
     started = time.perf_counter()
-    for key, (script, extra, out_name) in JOBS.items():
+    for key, (module, extra, out_name) in JOBS.items():
         if key in args.skip:
             continue
         out = common.RESULTS_DIR / out_name
-        cmd = [sys.executable, str(HERE / script), *extra, "--out", str(out)]
-        shown = " ".join(["python", f"benchmarks/{script}", *extra])
+        cmd = [sys.executable, "-m", f"benchmarks.{module}", *extra, "--out", str(out)]
+        shown = " ".join(["python -m", f"benchmarks.{module}", *extra])
         print(f"== {shown}", flush=True)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, cwd=common.ROOT, stdout=subprocess.PIPE, text=True, check=False)

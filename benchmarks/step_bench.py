@@ -9,8 +9,8 @@ with P; PEFT LoHa has no input dropout (its module/rank dropouts are other regul
 Times: all variants live in one process and are stepped round-robin (see common.interleaved); ratios are the
 median of per-round ratios against PEFT LoRA. Peak memory: one fresh subprocess per variant (common docstring).
 
-    python benchmarks/step_bench.py                               # SmolLM2-135M, CPU fp32, 4 x 256 tokens
-    python benchmarks/step_bench.py --device cuda --dtype bf16 --model stack4096 --layers 4 --batch 4 --seq 2048
+    python -m benchmarks.step_bench                               # SmolLM2-135M, CPU fp32, 4 x 256 tokens
+    python -m benchmarks.step_bench --device cuda --dtype bf16 --model stack4096 --layers 4 --batch 4 --seq 2048
 """
 
 from __future__ import annotations
@@ -19,14 +19,12 @@ import argparse
 import copy
 import gc
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["peft_lora", "abba", "abba_merged", "abba_kr", "abba_hybrid", "lora", "hira", "peft_loha", "full"]
@@ -160,7 +158,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         del models, steps
         gc.collect()
         for name in args.variants:
-            memory[name] = common.run_json_subprocess([__file__, *_passthrough(args), "--memory-only", name])
+            memory[name] = common.run_json_subprocess(
+                __spec__.name, [*_passthrough(args), "--memory-only", name]
+            )
     ref = "peft_lora" if "peft_lora" in times else args.variants[0]
     rows = []
     for name in args.variants:

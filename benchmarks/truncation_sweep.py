@@ -1,7 +1,7 @@
 """`abba export --rank K` against K on a trained run: dW's relative Frobenius error, the logit change, and
 (optionally) held-out accuracy of the truncated export evaluated by `abba eval` itself (a PEFT LoRA folder).
 
-    python benchmarks/truncation_sweep.py --run runs/quickstart --ranks 8,16,32,64,128 \
+    python -m benchmarks.truncation_sweep --run runs/quickstart --ranks 8,16,32,64,128 \
         --tasks piqa,siqa,winogrande,obqa --limit 50 --json benchmarks/results/truncation_quickstart.json
 
 Counts and errors only (no timing), so a busy machine changes nothing but how long it takes. Accuracy uses rows
@@ -11,14 +11,12 @@ Counts and errors only (no timing), so a busy machine changes nothing but how lo
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from abba_cli.eval.evaluate import run_eval  # noqa: E402
-from abba_cli.ship.export import TRUNCATION_REPORT, export_run  # noqa: E402
-from benchmarks import common  # noqa: E402
+from abba_cli.eval.evaluate import run_eval
+from abba_cli.ship.export import TRUNCATION_REPORT, export_run
+from benchmarks import common
 
 
 def accuracy(run: Path, tasks: list[str], limit: int, out: Path) -> dict[str, dict]:

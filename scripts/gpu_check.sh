@@ -21,7 +21,7 @@
 #
 # `run` writes $OUT/gpu_check.tar.gz (the whole results folder), $OUT/summary.md and $OUT/log.txt; unpack the
 # tarball into benchmarks/results/gpu/ here and record the tables in benchmarks/RESULTS.md
-# (`python benchmarks/run_cpu.py --record step_gpu "<command>" benchmarks/results/gpu/step_smollm2_bf16.json`
+# (`python -m benchmarks.run_cpu --record step_gpu "<command>" benchmarks/results/gpu/step_smollm2_bf16.json`
 # and likewise sweep_gpu / step_gpu_stack). Each stage has its own time limit (in `run`, 420 s in all, plus ~1 min of
 # setup) and a failed or timed-out stage is logged and skipped, so one problem still brings the other results back.
 # Budget on an H200 (estimated, not measured: no GPU was lent when this was written): unpack + wheels + GGUF
@@ -115,7 +115,6 @@ summarize() {
     python3 - "$RES" <<'EOF'
 import json, sys
 from pathlib import Path
-sys.path.insert(0, ".")
 from benchmarks import run_cpu
 res = Path(sys.argv[1])
 out = [f"# GPU check ({res.name})\n"]
@@ -145,12 +144,12 @@ run() {
     {
         setup || exit $?
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-        stage_run step_smollm2 90 python3 benchmarks/step_bench.py --device cuda --dtype bf16 --repeats 10 \
+        stage_run step_smollm2 90 python3 -m benchmarks.step_bench --device cuda --dtype bf16 --repeats 10 \
             --mem-steps 1 --variants peft_lora abba abba_merged abba_kr abba_hybrid lora --out "$RES/step_smollm2_bf16.json"
         stage_run train 160 bash "$0" train-pair
-        stage_run sweep_fit 110 python3 benchmarks/layer_sweep.py --device cuda --dtype bf16 --fit --repeats 3 \
+        stage_run sweep_fit 110 python3 -m benchmarks.layer_sweep --device cuda --dtype bf16 --fit --repeats 3 \
             --out "$RES/layer_sweep_fit_cuda.json"
-        stage_run step_stack4096 60 python3 benchmarks/step_bench.py --device cuda --dtype bf16 --model stack4096 \
+        stage_run step_stack4096 60 python3 -m benchmarks.step_bench --device cuda --dtype bf16 --model stack4096 \
             --layers 4 --batch 4 --seq 2048 --repeats 5 --mem-steps 1 --variants peft_lora abba lora \
             --out "$RES/step_stack4096_bf16.json"
         summarize

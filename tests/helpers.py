@@ -60,20 +60,6 @@ def ours_vs_peft(base_dir: Path, run_dir: Path, export_dir: Path) -> tuple[float
     return max_rel(ref, logits(peft_model, base_dir)), max_rel(ref, base)
 
 
-def load_benchmark(name: str):
-    """Import benchmarks/<name>.py (a folder of scripts, not a package) as a module."""
-    import importlib.util
-    import sys
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses and pickling look the module up by name
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def replace_training_loss(monkeypatch, loss_fn) -> None:
     """Every training run of the test computes its loss with `loss_fn(logits, labels)`: the run object's seam
     (`Run.loss_fn`), so a test can fail or count a step without patching a private function."""

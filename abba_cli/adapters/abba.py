@@ -19,9 +19,9 @@ the Khatri-Rao path). `auto` picks the cheapest path per layer and per call (T i
 that cost model (cost.py: constants per device type, and a price per kernel launch, which decides on a GPU at
 the shipped 512 tokens); `benchmarks/layer_sweep.py --fit` calibrates its constants by measurement.
 
-Launches are kept few (benchmarks/op_count.py; tests/test_op_count.py holds every path within 1.25x our LoRA's):
-the factors are cast once per call as one packed copy that backward reuses, B1A1 and B2A2 come from one batched
-matmul when r1 == r2, s rides in addmm's alpha or in the one op that casts the gradients back.
+Launches are kept few (benchmarks/op_count.py; tests/benchmarks/test_bench_op_count.py holds every path within
+1.25x our LoRA's): the factors are cast once per call as one packed copy that backward reuses, B1A1 and B2A2 come
+from one batched matmul when r1 == r2, s rides in addmm's alpha or in the one op that casts the gradients back.
 """
 
 from __future__ import annotations

@@ -51,7 +51,8 @@ PATHS = ("khatri_rao", "merged", "hybrid")
 # Kernel-launching ops of one forward + backward of an adapted layer (its frozen matmuls included, x needing a
 # gradient, fp32 factors in a bf16 computation; with dropout, its own 3 ops and the sum of x's two gradients too),
 # per path and by (dropout, r1 == r2): what abba.py runs, as benchmarks/layer_sweep.py counts it, checked by
-# tests/test_op_count.py. The merged and hybrid paths build B1A1 and B2A2 in one batched matmul when r1 == r2.
+# tests/benchmarks/test_bench_op_count.py. The merged and hybrid paths build B1A1 and B2A2 in one batched matmul
+# when r1 == r2.
 LAUNCHES = {
     (False, True): {"khatri_rao": 21, "merged": 13, "hybrid": 21},
     (False, False): {"khatri_rao": 21, "merged": 18, "hybrid": 23},

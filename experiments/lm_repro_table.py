@@ -1,4 +1,4 @@
-"""Collect the fine-tuning reproduction runs into markdown tables (scripts/repro_cpu.sh writes the runs).
+"""Collect the fine-tuning reproduction runs into markdown tables (experiments/repro_cpu.sh writes the runs).
 
 Layout read under ROOT (default runs/repro):
     ROOT/<setting>/<method>/eval/<task>/metrics.json   `abba eval` summaries (method `base`: the untuned model)
@@ -6,19 +6,17 @@ Layout read under ROOT (default runs/repro):
     ROOT/<setting>/<method>/adapter_model.safetensors   adapter factors, or model/*.safetensors for `full`
 Nothing is typed in by hand: every cell comes from these files, and a missing file shows as "-".
 
-    python benchmarks/lm_repro_table.py [--root runs/repro] [--out benchmarks/results/lm_repro.md]
+    python -m experiments.lm_repro_table [--root runs/repro] [--out experiments/results/lm_repro.md]
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from abba_cli.analysis.compare.table import read_eval  # noqa: E402
-from benchmarks import common  # noqa: E402
+from abba_cli.analysis.compare.table import read_eval
+from benchmarks import common
 
 METHODS = ("base", "abba", "lora", "hira", "full")
 LABELS = {"base": "base", "abba": "ABBA", "lora": "LoRA", "hira": "HiRA", "full": "full FT"}

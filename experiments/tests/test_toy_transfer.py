@@ -1,13 +1,12 @@
-"""The toy-transfer harness (benchmarks/toy_transfer.py) on one seed and a handful of steps."""
+"""The toy-transfer harness (experiments/toy_transfer.py) on one seed and a handful of steps."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-from helpers import load_benchmark
 
-T = load_benchmark("toy_transfer")
+from experiments import toy_transfer as T
 
 
 def test_data_splits_are_disjoint_by_digit() -> None:

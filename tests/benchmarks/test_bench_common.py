@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 
-from helpers import load_benchmark
-
-common = load_benchmark("common")
+from benchmarks import common
 
 
 def test_results_block_is_added_then_replaced_and_nothing_else_moves(tmp_path):

@@ -1,22 +1,14 @@
-"""benchmarks/lm_repro_table.py: every cell comes from the run files, missing ones show as '-'."""
+"""experiments/lm_repro_table.py: every cell comes from the run files, missing ones show as '-'."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("lm_repro_table", ROOT / "benchmarks" / "lm_repro_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from experiments import lm_repro_table
 
 
 def _eval(run: Path, task: str, n: int, correct: int, invalid: int, seconds: float = 2.0) -> None:
@@ -42,7 +34,6 @@ def _train_log(run: Path, losses: list[float]) -> None:
 
 
 def test_table_from_run_files(tmp_path):
-    mod = _module()
     s = tmp_path / "commonsense"
     for task, c in (("boolq", 5), ("piqa", 6)):
         _eval(s / "base", task, 10, c - 4, 3)
@@ -59,7 +50,9 @@ def test_table_from_run_files(tmp_path):
     golds = ["true"] * 7 + ["false"] * 3
     preds = "".join(json.dumps({"gold": g, "extracted": None}) + "\n" for g in golds)
     (s / "abba" / "eval" / "boolq" / "predictions.jsonl").write_text(preds)
-    text = mod.main(["--root", str(tmp_path), "--settings", "commonsense", "--out", str(tmp_path / "t.md")])
+    text = lm_repro_table.main(
+        ["--root", str(tmp_path), "--settings", "commonsense", "--out", str(tmp_path / "t.md")]
+    )
     assert (tmp_path / "t.md").read_text() == text
     lines = text.splitlines()
     assert "| boolq | 10 | 70.0 | 10.0 (3) | 50.0 (0) | - | - | - |" in lines  # 7 of 10 golds are 'true'

@@ -5,12 +5,12 @@
 #   math         train on bundled GSM8K test problems [100, ...), evaluate GSM8K problems [0, eval.limit)
 #   commonsense  train on commonsense_bundled_train, evaluate the first eval.limit rows of the eight sets
 # Every run goes through the product itself (`abba train`, `abba eval`), sequentially (the machine has 2 cores).
-# Writes runs/repro/<setting>/<method>/ and the table benchmarks/results/lm_repro_cpu.md.
+# Writes runs/repro/<setting>/<method>/ and the table experiments/results/lm_repro_cpu.md.
 #
-#   scripts/repro_cpu.sh                      # everything (about 70 min on the busy shared 2-core CPU)
-#   SETTINGS=commonsense METHODS="abba lora" scripts/repro_cpu.sh
-#   REPRO_ROOT=runs/repro2 scripts/repro_cpu.sh train.seed=1 data.seed=1   # another seed (KEY=VALUE overrides)
-#   REPRO_PREFIX=gpu_ REPRO_ROOT=runs/repro_gpu TABLE=benchmarks/results/lm_repro_gpu.md scripts/repro_cpu.sh
+#   experiments/repro_cpu.sh                      # everything (about 70 min on the busy shared 2-core CPU)
+#   SETTINGS=commonsense METHODS="abba lora" experiments/repro_cpu.sh
+#   REPRO_ROOT=runs/repro2 experiments/repro_cpu.sh train.seed=1 data.seed=1   # another seed (KEY=VALUE overrides)
+#   REPRO_PREFIX=gpu_ REPRO_ROOT=runs/repro_gpu TABLE=experiments/results/lm_repro_gpu.md experiments/repro_cpu.sh
 #                                             # the longer GPU version (configs/repro/gpu_*.yaml)
 # A run directory that already holds a finished run (or eval results) is reused, so an interrupted script
 # picks up where it stopped; delete runs/repro to start over.
@@ -22,7 +22,7 @@ PY=${PY:-.venv/bin/python}
 ROOT=${REPRO_ROOT:-runs/repro}
 SETTINGS=${SETTINGS:-"commonsense math"}
 METHODS=${METHODS:-"abba lora hira full"}
-TABLE=${TABLE:-benchmarks/results/lm_repro_cpu.md}
+TABLE=${TABLE:-experiments/results/lm_repro_cpu.md}
 PREFIX=${REPRO_PREFIX:-}   # configs/repro/${PREFIX}<setting>_<method>.yaml
 THREADS=${REPRO_THREADS:-2}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
@@ -85,6 +85,6 @@ PYEOF
 done
 
 log "table"
-"$PY" benchmarks/lm_repro_table.py --root "$ROOT" --out "$TABLE"
+"$PY" -m experiments.lm_repro_table --root "$ROOT" --out "$TABLE"
 echo "finished $(date -u +%FT%TZ), $(( $(date +%s) - start )) s" >> "$ROOT/machine.txt"
 log "done: $TABLE"

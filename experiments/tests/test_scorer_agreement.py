@@ -1,4 +1,4 @@
-"""benchmarks/scorer_agreement.py on small planted prediction files, verdicts decided by hand per row."""
+"""experiments/scorer_agreement.py on small planted prediction files, verdicts decided by hand per row."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import load_benchmark
 
-agreement = load_benchmark("scorer_agreement")
+from experiments import scorer_agreement as agreement
 
 
 def _write(path: Path, task: str, rows: list[tuple[str, str]]) -> Path:

@@ -11,7 +11,7 @@ cache, then again with the cache filled (a fresh $ABBA_HOME each round, so the f
 With --train-steps N, also N optimizer-free forward+backward micro-batches of SmolLM2 + ABBA per order, timed
 round-robin (benchmarks/common.interleaved), reporting non-pad tokens/s.
 
-    python benchmarks/data_padding.py [--batch-sizes 4 8 16] [--max-seq-len 512] [--cache-rounds 2]
+    python -m experiments.data_padding [--batch-sizes 4 8 16] [--max-seq-len 512] [--cache-rounds 2]
                                       [--train-steps 0] [--write]
 """
 
@@ -21,11 +21,10 @@ import os
 import statistics
 import sys
 import tempfile
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
+from benchmarks import common
+from experiments import RESULTS_DIR
 
 SOURCES = ["commonsense_bundled_train", "gsm8k_bundled_train"]
 LARGEST = "commonsense_bundled_train"  # 8 sets, 200 rows each held out: the largest bundled training source
@@ -138,7 +137,7 @@ def main() -> None:
     ap.add_argument("--max-seq-len", type=int, default=512)
     ap.add_argument("--cache-rounds", type=int, default=2)
     ap.add_argument("--train-steps", type=int, default=0, help="timed micro-batches per order (0: skip)")
-    ap.add_argument("--write", action="store_true", help="write results/data_padding.json and RESULTS.md")
+    ap.add_argument("--write", action="store_true", help="write experiments/results/data_padding.json")
     args = ap.parse_args()
 
     tokenizer = common.load_smollm2_tokenizer()
@@ -174,7 +173,7 @@ def main() -> None:
             f"{c['cached_s']['median']:.1f} s from the cache (median of {c['cold_s']['n']})"
         )
     if args.write:
-        common.write_json(common.RESULTS_DIR / "data_padding.json", result)
+        common.write_json(RESULTS_DIR / "data_padding.json", result)
     print(__import__("json").dumps(result))
 
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from helpers import load_benchmark
 
-bench = load_benchmark("quant_bench")
+from benchmarks import quant_bench as bench
 
 
 @pytest.mark.parametrize(

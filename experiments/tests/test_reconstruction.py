@@ -1,4 +1,4 @@
-"""The ABBA reconstruction solver (benchmarks/reconstruction.py): exact recovery, SVD sandwich, monotone ALS."""
+"""The ABBA reconstruction solver (experiments/reconstruction.py): exact recovery, SVD sandwich, monotone ALS."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_benchmark
 
-R = load_benchmark("reconstruction")
+from experiments import reconstruction as R
 
 
 def _abba_target(m: int, n: int, r1: int, r2: int, seed: int) -> torch.Tensor:

@@ -16,8 +16,8 @@ Task design:
 - Learning rate per method: a small sweep scored by mean final validation loss (a split of the 8/9 training
   images) over separate sweep seeds; the chosen rate then runs on the reported seeds.
 
-    python benchmarks/toy_transfer.py            # full: LR sweep + 5 seeds (about a minute on 2 cores)
-    python benchmarks/toy_transfer.py --quick    # a few steps, one seed, fixed LRs
+    python -m experiments.toy_transfer            # full: LR sweep + 5 seeds (about a minute on 2 cores)
+    python -m experiments.toy_transfer --quick    # a few steps, one seed, fixed LRs
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import copy
 import json
 import math
 import statistics
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,10 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
+from benchmarks import common
+from experiments import RESULTS_DIR
 
-RESULTS_DIR = common.RESULTS_DIR
 METHODS = ("abba", "lora", "hira", "full")
 LR_GRID = {
     "abba": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),

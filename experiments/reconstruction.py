@@ -8,8 +8,8 @@ LoRA errors are exact (truncated SVD). The ABBA error is a non-convex fit; we us
 (ALS) over the four factors, from several starts, then an optional L-BFGS polish, and keep the best.
 Reported errors are relative Frobenius errors ||M - X||_F / ||M||_F.
 
-    python benchmarks/reconstruction.py            # full run (a few minutes on 2 CPU cores)
-    python benchmarks/reconstruction.py --quick    # seconds: small sizes, few sweeps
+    python -m experiments.reconstruction            # full run (a few minutes on 2 CPU cores)
+    python -m experiments.reconstruction --quick    # seconds: small sizes, few sweeps
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import csv
 import importlib.util
 import json
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,12 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
+from benchmarks import common
+from experiments import RESULTS_DIR
 
-RESULTS_DIR = common.RESULTS_DIR
 RESULTS_MD = common.RESULTS_MD
-SECTION_TITLE = "## Reproduction: matrix reconstruction and toy transfer"
+SECTION_TITLE = "## Study: matrix reconstruction and toy transfer (2026-11-23)"
 BEGIN_MARK = "<!-- reconstruction:begin -->"
 END_MARK = "<!-- reconstruction:end -->"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

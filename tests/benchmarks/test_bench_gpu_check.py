@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py --smoke: every stage of the GPU call runs (CPU, tiny sizes) and writes what the GPU run
+"""benchmarks.gpu_check --smoke: every stage of the GPU call runs (CPU, tiny sizes) and writes what the GPU run
 will record, so device time is never spent on a script that has not run. Timings are not asserted."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from abba_cli.adapters import cost
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow  # compiles and trains a tiny model several times: about a minute
 
@@ -21,8 +21,8 @@ pytestmark = pytest.mark.slow  # compiles and trains a tiny model several times:
 def test_smoke_runs_every_stage_and_records_each(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out", str(out)]
-    subprocess.run(cmd, env=env, check=True, timeout=900, capture_output=True)
+    cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--smoke", "--out", str(out)]
+    subprocess.run(cmd, env=env, cwd=ROOT, check=True, timeout=900, capture_output=True)
     res = json.loads(out.read_text())
     stages = res["stages"]
     assert list(stages) == ["bf16_error", "step_1x512", "step_8x512", "layers", "decode"]

@@ -8,12 +8,9 @@ import itertools
 import json
 
 import pytest
-from helpers import load_benchmark
 
 from abba_cli.adapters import abba
-
-sweep = load_benchmark("layer_sweep")
-
+from benchmarks import layer_sweep as sweep
 
 PLAIN = {"KR_COST": 1.0, "HYBRID_COST": 1.0, "BUILD_COST": 1.0, "ELEMENT_COST": 0.0, "KR_ELEMENT_COST": 0.0}
 # A small grid holding the constants the synthetic cells are made from (the default grid takes ~30 s per fit).

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import load_benchmark
 
 from abba_cli.adapters import cost
-
-op_count = load_benchmark("op_count")
-sweep = load_benchmark("layer_sweep")
+from benchmarks import layer_sweep as sweep
+from benchmarks import op_count
 
 
 def test_every_abba_path_launches_at_most_1_25x_our_loras_ops():

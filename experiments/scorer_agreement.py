@@ -1,4 +1,4 @@
-"""How often does our scorer agree with the references' on real predictions? (issue 13)
+"""How often does our scorer agree with the references' on real predictions?
 
 Re-scores every row of one or more `abba eval` predictions.jsonl files twice, from the stored `output` and
 `gold` only: with our scorer (abba_cli.eval.scoring, as it is now) and with a re-implementation of the scorer the
@@ -12,23 +12,20 @@ papers' numbers came from:
 It prints, per file, both accuracies, the agreement rate and the disagreeing rows (which side said correct,
 what each extracted). Where they disagree, README "Evaluation" says which verdict we keep and why.
 
-    python benchmarks/scorer_agreement.py RUN_DIR/eval/gsm8k/predictions.jsonl [...] [--show 20] [--out x.json]
+    python -m experiments.scorer_agreement RUN_DIR/eval/gsm8k/predictions.jsonl [...] [--show 20] [--out x.json]
 """
 
 from __future__ import annotations
 
 import json
 import re
-import sys
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
-
-from abba_cli.data.recipes import load_recipe  # noqa: E402
-from abba_cli.eval.scoring import score  # noqa: E402
+from abba_cli.data.recipes import load_recipe
+from abba_cli.eval.scoring import score
+from benchmarks import common
 
 METAMATH_MARKER = "The answer is: "
 

@@ -1,8 +1,8 @@
 """distributed.strategy on 2 CPU processes: start-up time, step time and peak host memory per process of
-fsdp, zero2 and zero3 against ddp (issue 22).
+fsdp, zero2 and zero3 against ddp.
 
 Every run is a real `abba train` launched by torchrun (2 processes, gloo; DeepSpeed on its CPU accelerator)
-with the setting of benchmarks/e2e_step.py (bundled SmolLM2-135M, fp32, ABBA r1 = r2 = 16 on every linear
+with the setting of benchmarks.e2e_step (bundled SmolLM2-135M, fp32, ABBA r1 = r2 = 16 on every linear
 layer, micro-batch 4, 6 steps) and micro-batch 2 per process, so the global batch is the same 4. Each process
 reports, from inside (this script is also the torchrun worker, `--worker`):
 - startup_s: from the process's creation to the first training step (imports, loading, adapter init, prepare);
@@ -12,8 +12,8 @@ interleaved over rounds (common.round_robin); only meaningful on a quiet machine
 These are CPU numbers: they show what sharding costs in communication and saves in memory per process on this
 model, not GPU speed.
 
-    python benchmarks/distributed_cpu.py                 # 2 rounds of ddp, fsdp, zero2, zero3
-    python benchmarks/distributed_cpu.py --strategies ddp fsdp --rounds 1
+    python -m experiments.distributed_cpu                 # 2 rounds of ddp, fsdp, zero2, zero3
+    python -m experiments.distributed_cpu --strategies ddp fsdp --rounds 1
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common, e2e_step  # noqa: E402
+from benchmarks import common, e2e_step
+from experiments import RESULTS_DIR
 
 STRATEGIES = ["ddp", "fsdp", "zero2", "zero3"]
 STEPS, SKIP = 6, 2
@@ -52,18 +52,18 @@ def worker(argv: list[str]) -> None:
 
     import psutil
 
-    from abba_cli.train import recipe
+    from abba_cli.train import pipeline
 
     created = psutil.Process().create_time()
     report: dict[str, Any] = {"rank": int(os.environ.get("RANK", "0"))}
-    fit = recipe.fit
+    fit = pipeline.fit
 
     def timed_fit(run: Any) -> None:
         report["startup_s"] = time.time() - created
         report["peak_setup_mib"] = _vm_hwm_mib()
         fit(run)
 
-    recipe.fit = timed_fit  # the name run_training calls
+    pipeline.fit = timed_fit  # the name run_training calls
 
     def write() -> None:
         report["peak_mib"] = _vm_hwm_mib()
@@ -87,7 +87,7 @@ def train_once(strategy: str) -> dict[str, Any]:
         f"output_dir={scratch / 'run'}",
     ]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd = [*launch, __file__, "--worker", "train", str(e2e_step.CONFIG)]
+    cmd = [*launch, "-m", __spec__.name, "--worker", "train", str(e2e_step.CONFIG)]
     for o in overrides:
         cmd += ["--set", o]
     try:
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fns = {s: (lambda s=s: train_once(s)) for s in args.strategies}
     runs = common.round_robin(fns, args.rounds)
     res = {"strategies": runs, "rounds": args.rounds, "machine": common.machine_info()}
-    common.write_json(common.RESULTS_DIR / "distributed_cpu.json", res)
+    common.write_json(RESULTS_DIR / "distributed_cpu.json", res)
     print(to_markdown(res))
     return res
 

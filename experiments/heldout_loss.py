@@ -1,12 +1,12 @@
 """Mean per-token response loss of trained runs on a fixed held-out slice of the commonsense sets.
 
-The selection metric of session 3's scale / learning-rate sweep (benchmarks/RESULTS.md "ABBA vs LoRA"):
+The selection metric of the 2026-12-02 scale / learning-rate sweep (benchmarks/RESULTS.md "ABBA vs LoRA"):
 rows [skip, skip + limit) of each eval recipe (default [150, 158): inside the 200 rows
 commonsense_bundled_train never trains on, and outside the [0, 50) slice that `abba eval` reports), rendered and
 masked exactly as training renders them. The loss is written out here in plain torch (sum of next-token cross-entropy over response tokens / their count) rather than
 through abba_cli.train, so it also cross-checks the `val_loss` that training logs.
 
-    python benchmarks/heldout_loss.py runs/compare/sweep/* --out benchmarks/results/compare_sweep_heldout.json
+    python -m experiments.heldout_loss runs/compare/sweep/* --out experiments/results/compare_smollm2_commonsense_sweep_cpu.json
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 TASKS = ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa"]
 
