@@ -34,7 +34,7 @@ test: $(STAMP)
 
 # The edit loop: everything but the end-to-end SmolLM2 and subprocess tests (@pytest.mark.slow).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -x -m "not slow"
+	$(BIN)/python -m pytest -q -x -m "not slow" -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check abba_cli tests benchmarks

@@ -137,11 +137,54 @@ def tiny_raw_config(
     }
 
 
+def bundled_gsm8k_data(num_samples: int, **data) -> dict:
+    """A `data:` section training on the bundled GSM8K copy (past the 50 rows evaluation reads), instead of the
+    default rows file; the tiny tokenizer spends many tokens per problem, hence the long max_seq_len."""
+    return {
+        "recipe": "gsm8k_bundled_train",
+        "path": UNSET,
+        "skip_samples": 50,
+        "num_samples": num_samples,
+        "max_seq_len": 512,
+        **data,
+    }
+
+
 def tiny_config(tmp_path: Path, model_dir: Path, out: str = "run", **sections: dict | None) -> Path:
     """`tiny_raw_config` written as tmp_path/<out's name>.yaml; returns its path."""
     path = tmp_path / f"{Path(out).name}.yaml"
     path.write_text(yaml.safe_dump(tiny_raw_config(tmp_path, model_dir, out, **sections)))
     return path
+
+
+def train_config(tmp_path: Path, model_dir: Path, out: str = "run", **train) -> Path:
+    """`tiny_config` with only `train:` keys changed."""
+    return tiny_config(tmp_path, model_dir, out, train=train)
+
+
+def train_cli(config: Path, *args: str | Path):
+    """`abba train CONFIG ARGS...` in this process."""
+    return cli("train", config, *args)
+
+
+def reset_accelerate() -> None:
+    """Accelerate keeps one AcceleratorState per process and refuses another mixed_precision once it exists (the
+    CLI trains once per process): a run in a test process starts from none."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def train_in_process(cfg) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """run_training(cfg) from a fresh Accelerate state; its metrics.jsonl rows and its final adapter tensors."""
+    from safetensors.torch import load_file
+
+    from abba_cli.run.layout import ADAPTER_WEIGHTS, read_metrics_records
+    from abba_cli.train.pipeline import run_training
+
+    reset_accelerate()
+    run = run_training(cfg, config_path="test")
+    return read_metrics_records(run), load_file(run / ADAPTER_WEIGHTS)
 
 
 def cli(*args: str | Path):

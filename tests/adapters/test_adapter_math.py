@@ -563,3 +563,23 @@ def test_pissa_on_a_bf16_base_computes_with_the_exact_residual():
         y = layer(x)  # fp32 input: fp32 compute
     ref = x.double() @ ref_w.T
     assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_adapter_init_does_not_depend_on_the_process_rng(tiny_model_dir):
+    """Every process must start from the same factors: the SVD/Kaiming init is seeded per layer, not drawn
+    from the global RNG that differs between processes."""
+    from transformers import AutoModelForCausalLM
+
+    from abba_cli.adapters import adapter_state_dict, inject_adapters
+    from abba_cli.config import AdapterConfig
+
+    cfg = AdapterConfig(type="abba", r1=2, r2=2, target_modules=["q_proj", "down_proj"])
+    states = []
+    for process_seed in (0, 12345):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        torch.manual_seed(process_seed)  # as if another process had consumed its RNG differently
+        torch.rand(100)
+        inject_adapters(model, cfg)
+        states.append(adapter_state_dict(model))
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key

@@ -242,7 +242,7 @@ def test_wilson_interval_known_value():
 
 @pytest.mark.slow
 def test_under_torchrun_every_run_uses_both_processes(tmp_path, tiny_model_dir):
-    """2 CPU processes (gloo; see test_multiprocess.py for why torchrun): every run is one distributed run,
+    """2 CPU processes (gloo; see train/test_distributed_strategies.py for why torchrun): every run is one distributed run,
     runs go one after another, and the budget, evaluation and table come once, from the main process."""
     import subprocess
     import sys

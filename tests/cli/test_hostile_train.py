@@ -14,22 +14,21 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import cli, cli_error_line, gsm8k_rows, replace_training_loss, request_stop, tiny_config
+from helpers import (
+    cli,
+    cli_error_line,
+    gsm8k_rows,
+    replace_training_loss,
+    request_stop,
+    train_cli,
+    train_config,
+)
 from safetensors.torch import load_file, save_file
 
 from abba_cli.models import loading as models
 from abba_cli.run.layout import last_finite_checkpoint
 from abba_cli.train import checkpoint as ckpt_mod
 from abba_cli.train.loss import target_loss_sum
-
-
-def _config(tmp_path: Path, model_dir: Path, out: str = "run", **train) -> Path:
-    return tiny_config(tmp_path, model_dir, out, train=train)
-
-
-def _train(path: Path, *args: str):
-    return cli("train", path, *args)
-
 
 _error_line = cli_error_line
 
@@ -59,8 +58,8 @@ def _hold_lock(run: Path) -> subprocess.Popen:
 
 
 def test_a_second_train_on_a_run_dir_in_use_fails_at_once(tmp_path, tiny_model_dir, monkeypatch):
-    cfg = _config(tmp_path, tiny_model_dir, save_every=1)
-    assert _train(cfg).exit_code == 0
+    cfg = train_config(tmp_path, tiny_model_dir, save_every=1)
+    assert train_cli(cfg).exit_code == 0
     run = tmp_path / "run"
     assert not [p.name for p in run.rglob(".*")]  # the lock is gone once the run ends
     before = _snapshot(run)
@@ -68,7 +67,7 @@ def test_a_second_train_on_a_run_dir_in_use_fails_at_once(tmp_path, tiny_model_d
     try:
         _no_model_load(monkeypatch)
         for args in ((), ("--resume",)):
-            result = _train(cfg, *args)
+            result = train_cli(cfg, *args)
             assert result.exit_code == 2
             line = _error_line(result)
             assert f"{run} is in use by another abba train (pid {holder.pid})" in line
@@ -82,14 +81,14 @@ def test_a_fresh_run_dir_in_use_is_refused_and_a_failed_start_leaves_no_director
     run = tmp_path / "new"
     holder = _hold_lock(run)
     try:
-        result = _train(_config(tmp_path, tiny_model_dir, "new"))
+        result = train_cli(train_config(tmp_path, tiny_model_dir, "new"))
         assert result.exit_code == 2 and "in use by another abba train" in _error_line(result)
     finally:
         holder.communicate("\n", timeout=30)
     assert not run.exists()  # the holder created it and, having written nothing, removed it
     # A run that fails after taking the lock (here: a bad target list) leaves no directory either, so a retry
     # is not refused with "already exists".
-    bad = _train(_config(tmp_path, tiny_model_dir, "bad"), "--set", "adapter.target_modules=[nope]")
+    bad = train_cli(train_config(tmp_path, tiny_model_dir, "bad"), "--set", "adapter.target_modules=[nope]")
     assert bad.exit_code == 2 and not (tmp_path / "bad").exists()
 
 
@@ -109,7 +108,7 @@ def test_unusable_output_dir_is_one_line_before_the_model_loads(tmp_path, tiny_m
         blocker.symlink_to(tmp_path / "gone")
         out, want = blocker, "dangling symlink"
     _no_model_load(monkeypatch)
-    result = _train(_config(tmp_path, tiny_model_dir, str(out)))
+    result = train_cli(train_config(tmp_path, tiny_model_dir, str(out)))
     assert result.exit_code == 2 and want in _error_line(result) and str(out) in _error_line(result)
     assert blocker.is_symlink() or blocker.read_text() == "x"
 
@@ -126,7 +125,7 @@ def test_read_only_output_dir_is_one_line_before_the_model_loads(tmp_path, tiny_
     monkeypatch.setattr(Path, "mkdir", read_only)
     _no_model_load(monkeypatch)
     (tmp_path / "ro").mkdir()
-    result = _train(_config(tmp_path, tiny_model_dir, str(tmp_path / "ro" / "run")))
+    result = train_cli(train_config(tmp_path, tiny_model_dir, str(tmp_path / "ro" / "run")))
     assert result.exit_code == 2 and "read-only file system" in _error_line(result)
 
 
@@ -135,7 +134,7 @@ def test_output_dir_without_write_permission(tmp_path, tiny_model_dir, monkeypat
     parent = tmp_path / "locked"
     parent.mkdir(mode=0o500)
     _no_model_load(monkeypatch)
-    result = _train(_config(tmp_path, tiny_model_dir, str(parent / "run")))
+    result = train_cli(train_config(tmp_path, tiny_model_dir, str(parent / "run")))
     assert result.exit_code == 2 and "no permission to write" in _error_line(result)
 
 
@@ -145,7 +144,7 @@ def test_output_dir_tilde_is_the_home_directory(tmp_path, tiny_model_dir, monkey
     cwd.mkdir()
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(cwd)
-    result = _train(_config(tmp_path, tiny_model_dir, "~/runs/x"))
+    result = train_cli(train_config(tmp_path, tiny_model_dir, "~/runs/x"))
     assert result.exit_code == 0, result.output
     assert (home / "runs" / "x" / "adapter_model.safetensors").is_file()
     assert not (cwd / "~").exists()
@@ -155,57 +154,57 @@ def test_output_dir_tilde_is_the_home_directory(tmp_path, tiny_model_dir, monkey
 
 
 def test_resume_drops_a_half_written_metrics_line(tmp_path, tiny_model_dir):
-    cfg = _config(tmp_path, tiny_model_dir, save_every=1, max_steps=3)
-    assert _train(cfg).exit_code == 0
+    cfg = train_config(tmp_path, tiny_model_dir, save_every=1, max_steps=3)
+    assert train_cli(cfg).exit_code == 0
     run = tmp_path / "run"
     metrics = run / "metrics.jsonl"
     lines = metrics.read_text().splitlines(keepends=True)
     # As a kill -9 during the write of step 3's line leaves it, with the step-2 checkpoint the latest.
     (run / "checkpoints" / "step-3").rename(run / "checkpoints" / "gone")
     metrics.write_text("".join(lines[:2]) + lines[2][:15])
-    result = _train(cfg, "--resume")
+    result = train_cli(cfg, "--resume")
     assert result.exit_code == 0, result.output
     assert "dropped a half-written last line" in result.stderr
     assert [json.loads(x)["step"] for x in metrics.read_text().splitlines()] == [1, 2, 3]
 
 
 def test_resume_with_a_corrupt_metrics_line_names_it(tmp_path, tiny_model_dir):
-    cfg = _config(tmp_path, tiny_model_dir, save_every=1)
-    assert _train(cfg).exit_code == 0
+    cfg = train_config(tmp_path, tiny_model_dir, save_every=1)
+    assert train_cli(cfg).exit_code == 0
     metrics = tmp_path / "run" / "metrics.jsonl"
     lines = metrics.read_text().splitlines(keepends=True)
     metrics.write_text("{broken\n" + "".join(lines[1:]))
     before = metrics.read_bytes()
-    result = _train(cfg, "--resume")
+    result = train_cli(cfg, "--resume")
     assert result.exit_code == 2 and f"{metrics}, line 1: not a JSON record" in _error_line(result)
     assert metrics.read_bytes() == before
 
 
 def test_resume_with_a_broken_run_config_names_the_file(tmp_path, tiny_model_dir, monkeypatch):
-    cfg = _config(tmp_path, tiny_model_dir, save_every=1)
-    assert _train(cfg).exit_code == 0
+    cfg = train_config(tmp_path, tiny_model_dir, save_every=1)
+    assert train_cli(cfg).exit_code == 0
     saved = tmp_path / "run" / "config.yaml"
     saved.write_text(saved.read_text() + "train: [unclosed\n")
     _no_model_load(monkeypatch)
-    result = _train(cfg, "--resume")
+    result = train_cli(cfg, "--resume")
     assert result.exit_code == 2
     line = _error_line(result)
     assert f"{saved}: YAML syntax error (line" in line
 
 
 def test_resume_after_the_training_data_changed_is_refused(tmp_path, tiny_model_dir):
-    cfg = _config(tmp_path, tiny_model_dir, save_every=1, max_steps=3)
-    assert _train(cfg).exit_code == 0
+    cfg = train_config(tmp_path, tiny_model_dir, save_every=1, max_steps=3)
+    assert train_cli(cfg).exit_code == 0
     run = tmp_path / "run"
     (run / "checkpoints" / "step-3").rename(run / "checkpoints" / "gone")  # resumable from step 2
-    assert _train(cfg, "--resume").exit_code == 0  # the same data resumes
+    assert train_cli(cfg, "--resume").exit_code == 0  # the same data resumes
     (run / "checkpoints" / "step-3").rename(run / "checkpoints" / "gone3")
     data = tmp_path / "train.jsonl"
     data.write_text(
         "".join(json.dumps(r) + "\n" for r in gsm8k_rows(8, answer_offset=1))
     )  # same rows, new answers
     before = _snapshot(run)
-    result = _train(cfg, "--resume")
+    result = train_cli(cfg, "--resume")
     assert result.exit_code == 2
     line = _error_line(result)
     assert f"the training examples of data.path {data} changed" in line
@@ -216,11 +215,11 @@ def test_resume_after_the_training_data_changed_is_refused(tmp_path, tiny_model_
 
 
 def test_extend_a_finished_run_to_more_steps(tmp_path, tiny_model_dir):
-    cfg = _config(tmp_path, tiny_model_dir, save_every=1, scheduler="linear")
-    assert _train(cfg).exit_code == 0
+    cfg = train_config(tmp_path, tiny_model_dir, save_every=1, scheduler="linear")
+    assert train_cli(cfg).exit_code == 0
     run = tmp_path / "run"
     first = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    result = _train(cfg, "--resume", "--set", "train.max_steps=4")
+    result = train_cli(cfg, "--resume", "--set", "train.max_steps=4")
     assert result.exit_code == 0, result.output
     assert "extending the run from 2 to 4 steps" in result.stderr
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -229,19 +228,19 @@ def test_extend_a_finished_run_to_more_steps(tmp_path, tiny_model_dir):
     # The schedule recomputed for 4 steps (linear, no warmup): step k trains at lr * (4 - (k - 1)) / 4.
     assert [r["lr"] for r in records[2:]] == pytest.approx([1e-2 * 2 / 4, 1e-2 * 1 / 4], rel=1e-9)
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 4
-    assert _train(cfg, "--resume", "--set", "train.max_steps=4").exit_code == 0  # the new config resumes
+    assert train_cli(cfg, "--resume", "--set", "train.max_steps=4").exit_code == 0  # the new config resumes
 
 
 def test_extend_refuses_to_shorten_or_to_start_without_a_checkpoint(tmp_path, tiny_model_dir):
-    cfg = _config(tmp_path, tiny_model_dir, save_every=1)
-    assert _train(cfg).exit_code == 0
-    result = _train(cfg, "--resume", "--set", "train.max_steps=1")
+    cfg = train_config(tmp_path, tiny_model_dir, save_every=1)
+    assert train_cli(cfg).exit_code == 0
+    result = train_cli(cfg, "--resume", "--set", "train.max_steps=1")
     assert result.exit_code == 2 and "not shortened" in _error_line(result)
-    plain = _config(tmp_path, tiny_model_dir, "plain")  # no save_every: no checkpoint to continue from
-    assert _train(plain).exit_code == 0
-    result = _train(plain, "--resume", "--set", "train.max_steps=4")
+    plain = train_config(tmp_path, tiny_model_dir, "plain")  # no save_every: no checkpoint to continue from
+    assert train_cli(plain).exit_code == 0
+    result = train_cli(plain, "--resume", "--set", "train.max_steps=4")
     assert result.exit_code == 2 and "has none (train.save_every was not set)" in _error_line(result)
-    result = _train(cfg, "--resume", "--set", "train.max_steps=4", "--set", "train.lr=0.5")
+    result = train_cli(cfg, "--resume", "--set", "train.max_steps=4", "--set", "train.lr=0.5")
     assert result.exit_code == 2 and "train.max_steps, train.lr" in _error_line(result)
 
 
@@ -266,8 +265,8 @@ def test_nan_names_a_finite_checkpoint_written_before_it(tmp_path, tiny_model_di
         return real(logits, labels)
 
     replace_training_loss(monkeypatch, nan_at_third)
-    result = _train(
-        _config(tmp_path, tiny_model_dir, str(run), max_steps=4, save_every=1, micro_batch_size=4)
+    result = train_cli(
+        train_config(tmp_path, tiny_model_dir, str(run), max_steps=4, save_every=1, micro_batch_size=4)
     )
     assert result.exit_code == 2
     line = _error_line(result)
@@ -293,7 +292,7 @@ def test_last_finite_checkpoint_skips_non_finite_optimizer_state(tmp_path):
 def test_stop_signal_hint_is_shell_quoted(tmp_path, tiny_model_dir, monkeypatch):
     run = tmp_path / "a run's dir"
     request_stop(monkeypatch)
-    result = _train(_config(tmp_path, tiny_model_dir, str(run), max_steps=3))
+    result = train_cli(train_config(tmp_path, tiny_model_dir, str(run), max_steps=3))
     assert result.exit_code == 143  # SIGTERM's convention when no signal number was caught
     hint = result.stderr.split("resume with: ")[1].splitlines()[0]
     assert shlex.split(hint) == ["abba", "train", str(run / "config.yaml"), "--resume"]
@@ -309,7 +308,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, tiny_mod
         return real(tensors, path, *args, **kwargs)
 
     monkeypatch.setattr(ckpt_mod, "atomic_save_safetensors", disk_full_on_second)
-    result = _train(_config(tmp_path, tiny_model_dir, max_steps=3, save_every=1))
+    result = train_cli(train_config(tmp_path, tiny_model_dir, max_steps=3, save_every=1))
     assert result.exit_code == 2
     line = _error_line(result)
     ckpts = tmp_path / "run" / "checkpoints"
@@ -324,7 +323,7 @@ def test_read_only_abba_home_warns_and_the_run_succeeds(tmp_path, tiny_model_dir
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
     monkeypatch.setenv("ABBA_HOME", str(blocker / "home"))  # cannot be created, even by root
-    result = _train(_config(tmp_path, tiny_model_dir))
+    result = train_cli(train_config(tmp_path, tiny_model_dir))
     assert result.exit_code == 0, result.output
     assert "warning: could not record the latest run" in result.stderr
     assert f"--run {tmp_path / 'run'}" in result.stderr
@@ -334,10 +333,10 @@ def test_read_only_abba_home_warns_and_the_run_succeeds(tmp_path, tiny_model_dir
 def test_lock_is_released_when_a_run_is_stopped(tmp_path, tiny_model_dir, monkeypatch):
     run = tmp_path / "run"
     request_stop(monkeypatch)
-    cfg = _config(tmp_path, tiny_model_dir, max_steps=3)
-    assert _train(cfg).exit_code == 143
+    cfg = train_config(tmp_path, tiny_model_dir, max_steps=3)
+    assert train_cli(cfg).exit_code == 143
     monkeypatch.undo()
-    result = _train(cfg, "--resume")  # not refused as "in use"
+    result = train_cli(cfg, "--resume")  # not refused as "in use"
     assert result.exit_code == 0, result.output
     assert not (run / ".lock").exists()
 
@@ -364,23 +363,23 @@ def test_full_disk_while_the_optimizer_state_is_written_is_one_line(tmp_path, ti
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", save)
-    cfg = _config(tmp_path, tiny_model_dir, max_steps=3, save_every=1)
-    result = _train(cfg)
+    cfg = train_config(tmp_path, tiny_model_dir, max_steps=3, save_every=1)
+    result = train_cli(cfg)
     assert result.exit_code == 2, result.output
     line = _error_line(result)
     ckpts = tmp_path / "run" / "checkpoints"
     assert f"no space left on device writing checkpoint {ckpts / 'step-2'}" in line
     assert f"the last checkpoint {ckpts / 'step-1'} is intact" in line
     monkeypatch.undo()  # space freed: the run resumes from step-1
-    resumed = _train(cfg, "--resume")
+    resumed = train_cli(cfg, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert "resuming from" in resumed.stderr and "step-1" in resumed.stderr
 
 
 def test_resume_from_a_non_finite_checkpoint_names_it_before_any_step(tmp_path, tiny_model_dir, monkeypatch):
     run = tmp_path / "run"
-    cfg = _config(tmp_path, tiny_model_dir, max_steps=3, save_every=1, save_total_limit=3)
-    assert _train(cfg).exit_code == 0
+    cfg = train_config(tmp_path, tiny_model_dir, max_steps=3, save_every=1, save_total_limit=3)
+    assert train_cli(cfg).exit_code == 0
     bad = run / "checkpoints" / "step-3" / "adapter_model.safetensors"
     tensors = load_file(bad)
     key = sorted(tensors)[0]
@@ -392,7 +391,9 @@ def test_resume_from_a_non_finite_checkpoint_names_it_before_any_step(tmp_path, 
         raise AssertionError("a step ran before the bad checkpoint was named")
 
     replace_training_loss(monkeypatch, no_step)
-    result = _train(cfg, "--set", "train.max_steps=5", "--resume")  # extend the run from its last checkpoint
+    result = train_cli(
+        cfg, "--set", "train.max_steps=5", "--resume"
+    )  # extend the run from its last checkpoint
     assert result.exit_code == 2, result.output
     line = _error_line(result)
     assert f"--resume: {bad} holds non-finite (inf/nan) values in 1 tensor(s), e.g. {key}" in line
@@ -409,7 +410,7 @@ def test_ctrl_c_while_the_base_loads_stops_even_when_sigint_was_ignored(tmp_path
     worker = Path(__file__).resolve().parents[1] / "train" / "abba_worker.py"
     env = dict(os.environ, ABBA_TEST_SIGINT_IN_LOAD="1", ABBA_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1")
     proc = subprocess.run(
-        [sys.executable, str(worker), "train", str(_config(tmp_path, tiny_model_dir))],
+        [sys.executable, str(worker), "train", str(train_config(tmp_path, tiny_model_dir))],
         env=env,
         capture_output=True,
         text=True,

@@ -16,7 +16,7 @@ bnb = pytest.importorskip(
     "bitsandbytes", reason="bitsandbytes is not installed (the `quant` extra; `make test` installs it)"
 )
 
-from helpers import UNSET, cli, tiny_config  # noqa: E402
+from helpers import UNSET, bundled_gsm8k_data, cli, reset_accelerate, tiny_config  # noqa: E402
 
 from abba_cli.adapters import (  # noqa: E402
     ABBALinear,
@@ -311,27 +311,17 @@ def _config(tmp_path: Path, model_dir: Path, quantization: str, **adapter) -> Pa
         model_dir,
         model={"dtype": UNSET, "quantization": quantization},
         adapter={"dropout": 0.1, "target_modules": UNSET, **adapter},
-        data={
-            "recipe": "gsm8k_bundled_train",
-            "path": UNSET,
-            "skip_samples": 50,
-            "num_samples": 8,
-            "max_seq_len": 512,
-            "val_samples": 2,
-        },
+        data=bundled_gsm8k_data(8, val_samples=2),
         train={"max_steps": 3, "eval_every": 1, "gradient_checkpointing": True},
     )
 
 
 @pytest.fixture
 def fresh_accelerate():
-    """Accelerate keeps one AcceleratorState per process and refuses another mixed_precision once it exists (the
-    CLI trains once per process; tests/train/test_precision_claims.py does the same): each run here starts from none."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+    """Each run here starts from a fresh Accelerate state and leaves none behind (helpers.reset_accelerate)."""
+    reset_accelerate()
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+    reset_accelerate()
 
 
 @pytest.mark.usefixtures("fresh_accelerate")

@@ -13,6 +13,10 @@ which scales that noise up for tiny gradients over 4 steps at lr 1e-2: measured 
 wrong normalisation (a gradient off by the accumulation factor or the process count) shows in the logged
 grad_norm, compared at rel 1e-4, and a per-shard clip changes the adapter far beyond it.
 Resume is compared exactly: the same strategy on the same processes repeats the same operations.
+
+Why torchrun: `accelerate launch --cpu --num_processes 2` starts ONE process on CPU (Accelerate's simple launcher
+only fans out through mpirun); torchrun, which `accelerate launch --multi_gpu` also uses, with
+ACCELERATE_USE_CPU=true makes Accelerate select multi-CPU gloo, and abba then the engine asked for.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ def _rows(path: Path) -> Path:
             "question": "Natalia sold clips" + " to friends" * (i % 4) + f" {i}?",
             "answer": f"{'so ' * (i % 3)}#### {i}",
         }
-        for i in range(8)
+        for i in range(11)  # 3 held out for validation (split 2 + 1 over the processes), 8 trained on
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -66,8 +70,9 @@ def _config(tmp: Path, model_dir: Path, out: str, adapter: str, accum: int) -> P
         model_dir,
         out,
         adapter={**adapter_cfg, "target_modules": ["q_proj", "v_proj", "down_proj"]},
-        data={"path": str(_rows(tmp / "rows.jsonl"))},
+        data={"path": str(_rows(tmp / "rows.jsonl")), "val_samples": 3},
         train={
+            "eval_every": 2,
             "max_steps": STEPS,
             "micro_batch_size": 1,
             "grad_accum_steps": accum,
@@ -160,6 +165,21 @@ def test_two_processes_match_one_with_the_same_global_batch(two, single, adapter
     for key in ("loss", "grad_norm"):  # the global norm, before clipping, and the globally normalised loss
         assert [r[key] for r in m2] == pytest.approx([r[key] for r in m1], rel=1e-4)
     assert max(r["grad_norm"] for r in m1) > 0.1  # so clipping acted
+    # 3 validation examples over 2 processes (2 + 1): the token sums are reduced, so val_loss is the same.
+    v1, v2 = ([r["val_loss"] for r in m if "val_loss" in r] for m in (m1, m2))
+    assert len(v1) == 2 and v2 == pytest.approx(v1, rel=1e-4)
+
+
+def test_only_the_main_process_writes(two):
+    assert two["log"].count("run directory:") == 3  # each of the launch's three runs printed it once
+    run = two["abba"]
+    assert [r["step"] for r in _metrics(run)] == list(
+        range(1, STEPS + 1)
+    )  # one line per step, not per process
+    rng = torch.load(run / "checkpoints" / f"step-{STEPS}" / "rng.pt", weights_only=True)
+    assert len(rng) == 2  # every process's RNG state, gathered to the main process
+    leftovers = [p.name for p in run.rglob("*") if p.name.startswith(".")]
+    assert leftovers == []  # no temporary files from a second writer
 
 
 def test_sigterm_then_resume_ends_at_the_uninterrupted_adapter(two):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import UNSET, cli, replace_training_loss, tiny_config
+from helpers import UNSET, bundled_gsm8k_data, cli, replace_training_loss, tiny_config
 from safetensors.torch import load_file
 
 from abba_cli.config import validate_config
@@ -23,13 +23,7 @@ def _config(tmp_path: Path, model_dir: Path, out: str = "full", **train) -> Path
         model_dir,
         out,
         adapter={"type": "full", "r1": UNSET, "r2": UNSET, "target_modules": UNSET},
-        data={
-            "recipe": "gsm8k_bundled_train",
-            "path": UNSET,
-            "skip_samples": 50,
-            "num_samples": 8,
-            "max_seq_len": 512,
-        },
+        data=bundled_gsm8k_data(8),
         train={"lr": 1e-3, **train},
     )
 

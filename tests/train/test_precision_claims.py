@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import cli, tiny_raw_config, write_jsonl
-from safetensors.torch import load_file
+from helpers import cli, reset_accelerate, tiny_raw_config, train_in_process, write_jsonl
 
 from abba_cli.config import RunConfig
 from abba_cli.errors import UserError
@@ -40,26 +39,14 @@ def _raw(tmp_path: Path, model_dir: Path, out: str, **train) -> dict:
     )
 
 
-def _reset_accelerate() -> None:
-    """Accelerate keeps one AcceleratorState per process and refuses another mixed_precision once it exists (the
-    CLI trains once per process): each run here starts from none."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 @pytest.fixture(autouse=True)
 def _no_accelerate_state_left_behind():
     yield
-    _reset_accelerate()  # a bf16 state would make later in-process runs (mixed_precision "no") fail
+    reset_accelerate()  # a bf16 state would make later in-process runs (mixed_precision "no") fail
 
 
 def _train(tmp_path: Path, model_dir: Path, out: str, **train) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    cfg = RunConfig.model_validate(_raw(tmp_path, model_dir, out, **train))
-    _reset_accelerate()
-    run = run_training(cfg, config_path="test")
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return metrics, load_file(run / "adapter_model.safetensors")
+    return train_in_process(RunConfig.model_validate(_raw(tmp_path, model_dir, out, **train)))
 
 
 # ----------------------------------------------------------------------------------------------- precision

@@ -5,18 +5,16 @@ and the saved adapter."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_raw_config, write_jsonl
+from helpers import tiny_raw_config, train_in_process, write_jsonl
 from safetensors.torch import load_file
 
 from abba_cli.config import RunConfig
 from abba_cli.train.loss import target_loss_sum
-from abba_cli.train.pipeline import run_training
 
 # Four problems of clearly different lengths: per-micro-batch averaging then weighs tokens differently from
 # one average over the step's target tokens.
@@ -48,12 +46,6 @@ def _cfg(tmp_path: Path, model_dir: Path, out: str, **train) -> RunConfig:
         train=settings,
     )
     return RunConfig.model_validate(raw)
-
-
-def _train(cfg: RunConfig) -> tuple[list[dict], dict[str, torch.Tensor]]:
-    run = run_training(cfg, config_path="test")
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return metrics, load_file(run / "adapter_model.safetensors")
 
 
 def _initial_model(cfg: RunConfig):
@@ -114,7 +106,7 @@ def test_logged_loss_is_the_mean_over_the_target_tokens_of_the_whole_step(tmp_pa
     """Micro-batches of 1 accumulated over the 4 examples: the step's loss is sum(CE) / all target tokens, not the
     mean of the four per-example means. B2 starts at 0, so step 1 runs the base model exactly."""
     cfg = _cfg(tmp_path, tiny_model_dir, "run", micro_batch_size=1, grad_accum_steps=4)
-    metrics, _ = _train(cfg)
+    metrics, _ = train_in_process(cfg)
     model, tok = _initial_model(cfg)
     batch = _all_examples_batch(cfg, tok)
     with torch.no_grad():
@@ -129,10 +121,12 @@ def test_logged_loss_is_the_mean_over_the_target_tokens_of_the_whole_step(tmp_pa
 def test_accumulation_trains_exactly_like_one_big_micro_batch(tmp_path, tiny_model_dir):
     """Micro-batch 1 x accumulation 2 and micro-batch 2 x accumulation 1 see the same examples per step."""
     steps = dict(max_steps=2, max_grad_norm=1.0)
-    small, a = _train(
+    small, a = train_in_process(
         _cfg(tmp_path, tiny_model_dir, "small", micro_batch_size=1, grad_accum_steps=2, **steps)
     )
-    big, b = _train(_cfg(tmp_path, tiny_model_dir, "big", micro_batch_size=2, grad_accum_steps=1, **steps))
+    big, b = train_in_process(
+        _cfg(tmp_path, tiny_model_dir, "big", micro_batch_size=2, grad_accum_steps=1, **steps)
+    )
     assert [m["loss"] for m in small] == pytest.approx([m["loss"] for m in big], rel=1e-5)
     assert a.keys() == b.keys()
     # Weights after two AdamW steps at lr 1e-2: an element whose gradient is near Adam's eps moves by an amount
@@ -159,7 +153,7 @@ SCHEDULES = {
 def test_lr_per_step_follows_warmup_and_the_schedule(tmp_path, tiny_model_dir, scheduler):
     schedule = dict(scheduler=scheduler, warmup_ratio=0.4, save_every=1, save_total_limit=5)
     cfg = _cfg(tmp_path, tiny_model_dir, "run", micro_batch_size=1, max_steps=5, **schedule)
-    metrics, _ = _train(cfg)
+    metrics, _ = train_in_process(cfg)
     assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
     assert [m["lr"] for m in metrics] == pytest.approx([1e-2 * f for f in SCHEDULES[scheduler]], abs=1e-12)
     # The logged lr is the applied one: step 1 at lr 0 leaves the adapter at its initialisation.
@@ -184,7 +178,7 @@ def test_first_step_is_a_clipped_adamw_step_with_weight_decay(tmp_path, tiny_mod
     """
     lr, wd, max_norm, eps = 1e-2, 0.1, 1e-6, 1e-8
     cfg = _cfg(tmp_path, tiny_model_dir, "run", lr=lr, weight_decay=wd, max_grad_norm=max_norm)
-    metrics, trained = _train(cfg)
+    metrics, trained = train_in_process(cfg)
 
     from abba_cli.adapters import adapter_state_dict
 

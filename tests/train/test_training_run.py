@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import UNSET, cli, replace_training_loss, tiny_config
+from helpers import UNSET, bundled_gsm8k_data, replace_training_loss, tiny_config, train_cli
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -33,26 +33,16 @@ def _config(tmp_path: Path, model_dir: Path, out: str = "run", **train) -> Path:
         out,
         model={"dtype": UNSET},
         adapter={"dropout": 0.1, "target_modules": UNSET},
-        data={
-            "recipe": "gsm8k_bundled_train",
-            "path": UNSET,
-            "skip_samples": 50,
-            "num_samples": 10,
-            "max_seq_len": 512,
-        },
+        data=bundled_gsm8k_data(10),
         train={"grad_accum_steps": 1, **train},
     )
-
-
-def _train(path: Path, *args: str):
-    return cli("train", path, *args)
 
 
 def test_two_steps_write_a_loadable_run_dir(tmp_path, tiny_model_dir):
     from abba_cli.adapters import adapter_state_dict, load_adapter
     from abba_cli.models.loading import load_base
 
-    result = _train(_config(tmp_path, tiny_model_dir))
+    result = train_cli(_config(tmp_path, tiny_model_dir))
     assert result.exit_code == 0, result.output
     run = tmp_path / "run"
     for name in ("adapter_config.json", "adapter_model.safetensors", "config.yaml", "metrics.jsonl"):
@@ -81,7 +71,7 @@ def test_existing_output_dir_is_refused(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
     run.mkdir()
     (run / "precious.txt").write_text("keep me")
-    result = _train(_config(tmp_path, tiny_model_dir))
+    result = train_cli(_config(tmp_path, tiny_model_dir))
     assert result.exit_code == 2
     assert "already exists" in result.stderr and "--resume" in result.stderr
     assert (run / "precious.txt").read_text() == "keep me"
@@ -89,14 +79,14 @@ def test_existing_output_dir_is_refused(tmp_path, tiny_model_dir):
 
 
 def test_dry_run_writes_nothing(tmp_path, tiny_model_dir):
-    result = _train(_config(tmp_path, tiny_model_dir), "--dry-run")
+    result = train_cli(_config(tmp_path, tiny_model_dir), "--dry-run")
     assert result.exit_code == 0, result.output
     assert "optimizer steps" in result.stderr and "trainable" in result.stderr
     assert not (tmp_path / "run").exists()
 
 
 def test_resume_without_a_run_is_refused(tmp_path, tiny_model_dir):
-    result = _train(_config(tmp_path, tiny_model_dir), "--resume")
+    result = train_cli(_config(tmp_path, tiny_model_dir), "--resume")
     assert result.exit_code == 2 and "no run to resume" in result.stderr
 
 
@@ -126,11 +116,11 @@ def test_resume_mid_epoch_is_bitwise_exact(tmp_path, tiny_model_dir, monkeypatch
         warmup_ratio=0.2,
     )
     whole = _config(tmp_path, tiny_model_dir, "whole", **settings)
-    assert _train(whole).exit_code == 0
+    assert train_cli(whole).exit_code == 0
 
     split = _config(tmp_path, tiny_model_dir, "split", **settings)
     _interrupt_after(monkeypatch, calls=6)  # dies inside step 4, after checkpoint step-2
-    result = _train(split)
+    result = train_cli(split)
     assert result.exit_code == 130
     run = tmp_path / "split"
     assert not (run / "adapter_model.safetensors").exists()
@@ -139,7 +129,7 @@ def test_resume_mid_epoch_is_bitwise_exact(tmp_path, tiny_model_dir, monkeypatch
     assert (state["epoch"], state["batch_in_epoch"]) == (0, 4)
     monkeypatch.undo()
 
-    result = _train(split, "--resume")
+    result = train_cli(split, "--resume")
     assert result.exit_code == 0, result.output
     assert "resuming from" in result.stderr
     a = load_file(tmp_path / "whole" / "adapter_model.safetensors")
@@ -155,15 +145,15 @@ def test_resume_mid_epoch_is_bitwise_exact(tmp_path, tiny_model_dir, monkeypatch
 
 
 def test_save_total_limit_prunes_old_checkpoints(tmp_path, tiny_model_dir):
-    result = _train(_config(tmp_path, tiny_model_dir, max_steps=3, save_every=1, save_total_limit=2))
+    result = train_cli(_config(tmp_path, tiny_model_dir, max_steps=3, save_every=1, save_total_limit=2))
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-2", "step-3"]
 
 
 def test_resume_with_a_changed_config_is_refused(tmp_path, tiny_model_dir):
     path = _config(tmp_path, tiny_model_dir, save_every=1)
-    assert _train(path).exit_code == 0
-    result = _train(path, "--resume", "--set", "train.lr=0.5")
+    assert train_cli(path).exit_code == 0
+    result = train_cli(path, "--resume", "--set", "train.lr=0.5")
     assert result.exit_code == 2 and "train.lr" in result.stderr
 
 
@@ -249,7 +239,7 @@ def test_adapter_base_model_is_recorded_as_an_absolute_path(tmp_path, tiny_model
     """A relative local base path in the config still resolves when eval/merge run from another directory."""
     monkeypatch.chdir(tiny_model_dir.parent)
     cfg = _config(tmp_path, Path(tiny_model_dir.name))
-    result = _train(cfg)
+    result = train_cli(cfg)
     assert result.exit_code == 0, result.output
     recorded = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["base_model"]
     assert recorded == str(tiny_model_dir.resolve())

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli, gsm8k_rows, replace_training_loss, tiny_config, write_jsonl
+from helpers import gsm8k_rows, replace_training_loss, tiny_config, train_cli, write_jsonl
 from safetensors.torch import load_file
 
 from abba_cli.data.recipes import load_split
@@ -41,10 +41,6 @@ def _config(
         data={"path": rows, **(data or {})},
         train={"max_steps": 3, **train},
     )
-
-
-def _train(path: Path, *args: str):
-    return cli("train", path, *args)
 
 
 def _records(run: Path) -> list[dict]:
@@ -104,7 +100,7 @@ def test_val_loss_matches_an_independent_computation(tmp_path, tiny_model_dir, t
     # dropout (validation in training mode would be caught).
     data = {"val_path": str(val_file), "train_on_inputs": train_on_inputs}
     cfg = _config(tmp_path, tiny_model_dir, data=data, dropout=0.5, lr=0.1)
-    result = _train(cfg)
+    result = train_cli(cfg)
     assert result.exit_code == 0, result.output
     run = tmp_path / "run"
     records = _records(run)
@@ -120,7 +116,7 @@ def test_val_loss_matches_an_independent_computation(tmp_path, tiny_model_dir, t
 
 def test_eval_every_cadence_best_step_and_held_out_loss(tmp_path, tiny_model_dir):
     cfg = _config(tmp_path, tiny_model_dir, data={"val_samples": 3}, max_steps=5, eval_every=2, log_every=3)
-    result = _train(cfg)
+    result = train_cli(cfg)
     assert result.exit_code == 0, result.output
     run = tmp_path / "run"
     records = _records(run)
@@ -144,7 +140,7 @@ def test_validation_never_changes_training(tmp_path, tiny_model_dir):
     """Evaluating every step draws no randomness: with dropout on, training is identical to evaluating once."""
     every = _config(tmp_path, tiny_model_dir, "every", data={"val_samples": 3}, max_steps=4, eval_every=1)
     once = _config(tmp_path, tiny_model_dir, "once", data={"val_samples": 3}, max_steps=4)
-    assert _train(every).exit_code == 0 and _train(once).exit_code == 0
+    assert train_cli(every).exit_code == 0 and train_cli(once).exit_code == 0
     a, b = (
         load_file(tmp_path / "every" / "adapter_model.safetensors"),
         load_file(tmp_path / "once" / "adapter_model.safetensors"),
@@ -160,7 +156,7 @@ def test_resume_with_eval_every_is_bitwise_exact(tmp_path, tiny_model_dir, monke
     settings = dict(max_steps=6, grad_accum_steps=2, save_every=2, save_total_limit=5, eval_every=3)
     data = {"val_samples": 3}
     whole = _config(tmp_path, tiny_model_dir, "whole", data=data, **settings)
-    assert _train(whole).exit_code == 0
+    assert train_cli(whole).exit_code == 0
 
     split = _config(tmp_path, tiny_model_dir, "split", data=data, **settings)
     real, calls = target_loss_sum, {"n": 0}
@@ -173,12 +169,12 @@ def test_resume_with_eval_every_is_bitwise_exact(tmp_path, tiny_model_dir, monke
         return real(logits, labels)
 
     replace_training_loss(monkeypatch, interrupted)
-    assert _train(split).exit_code == 130
+    assert train_cli(split).exit_code == 130
     run = tmp_path / "split"
     assert [r["step"] for r in _records(run)] == [1, 2, 3]  # step 3's validation was logged, then killed
     monkeypatch.undo()
 
-    result = _train(split, "--resume")  # from step-2: step 3 and its validation run again
+    result = train_cli(split, "--resume")  # from step-2: step 3 and its validation run again
     assert result.exit_code == 0, result.output
     a = load_file(tmp_path / "whole" / "adapter_model.safetensors")
     b = load_file(run / "adapter_model.safetensors")
@@ -193,7 +189,7 @@ def test_resume_with_eval_every_is_bitwise_exact(tmp_path, tiny_model_dir, monke
 def test_best_val_step_survives_resume(tmp_path, tiny_model_dir):
     """The best step is recomputed from metrics.jsonl on resume, so an earlier best is not forgotten."""
     cfg = _config(tmp_path, tiny_model_dir, data={"val_samples": 3}, max_steps=4, save_every=2, eval_every=1)
-    assert _train(cfg).exit_code == 0
+    assert train_cli(cfg).exit_code == 0
     run = tmp_path / "run"
     # Plant a best at step 1 (before the step-2 checkpoint that the resume below starts from).
     records = _records(run)
@@ -204,7 +200,7 @@ def test_best_val_step_survives_resume(tmp_path, tiny_model_dir):
     import shutil
 
     shutil.rmtree(run / "checkpoints" / "step-4")
-    result = _train(cfg, "--resume")
+    result = train_cli(cfg, "--resume")
     assert result.exit_code == 0, result.output
     summary = json.loads((run / "val_summary.json").read_text())
     assert (summary["best_val_step"], summary["best_val_loss"]) == (1, 0.001)
@@ -222,7 +218,7 @@ def test_best_val_step_survives_resume(tmp_path, tiny_model_dir):
     ids=["both-sources", "eval-without-data", "all-held-out", "zero"],
 )
 def test_validation_config_errors(tmp_path, tiny_model_dir, data, train, message):
-    result = _train(_config(tmp_path, tiny_model_dir, data=data, **train))
+    result = train_cli(_config(tmp_path, tiny_model_dir, data=data, **train))
     assert result.exit_code == 2, result.output
     [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert message in line and "Traceback" not in result.output
