@@ -195,3 +195,34 @@ def test_rslora_and_default_alpha():
 
     assert scaling_for(AdapterConfig(type="dora", r=16)) == 2.0  # alpha 2r, s = alpha / r
     assert scaling_for(AdapterConfig(type="dora", r=16, alpha=8, use_rslora=True)) == 2.0  # 8 / sqrt(16)
+
+
+def test_on_an_nf4_base_dora_is_exact_for_the_dequantized_weight(tiny_model_dir):
+    """Row norms from the dequantized W0 (as PEFT's dequantize_module_weight), the base part through the packed
+    matmul: forward and every gradient against float64 with Wdeq; merging into packed weights is refused."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (the `quant` extra)")
+    from abba_cli.errors import UserError
+    from abba_cli.models import load_base
+    from abba_cli.quant import dequantized_weight
+
+    model, _ = load_base(str(tiny_model_dir), "float32", quantization="nf4")
+    inject_adapters(model, AdapterConfig(type="dora", r=3, target_modules=["down_proj"]), seed=0)
+    layer = model.get_submodule("model.layers.1.mlp.down_proj")  # 64 x 128
+    w = dequantized_weight(layer.quantized_base).double()
+    torch.testing.assert_close(layer.m.detach().double(), w.norm(dim=1), rtol=1e-6, atol=1e-6)
+    _randomise(layer, scale=0.2)
+    x = torch.randn(2, 5, 128, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    y = layer(x)
+    p = {k: v.detach().double().clone().requires_grad_(True) for k, v in layer.factors().items()}
+    wd = w + layer.scaling * (p["B"] @ p["A"])
+    xr = x.detach().double().clone().requires_grad_(True)
+    y_ref = xr @ ((p["m"] / wd.norm(dim=1).detach())[:, None] * wd).T
+    assert float((y.detach().double() - y_ref.detach()).abs().max() / y_ref.abs().max()) < 1e-5
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    (y * g).sum().backward()
+    (y_ref * g.double()).sum().backward()
+    for ours, ref in [(layer.A.grad, p["A"].grad), (layer.B.grad, p["B"].grad), (layer.m.grad, p["m"].grad)]:
+        assert float((ours.double() - ref).abs().max() / ref.abs().max()) < 1e-4
+    assert float((x.grad.double() - xr.grad).abs().max() / xr.grad.abs().max()) < 1e-4
+    with pytest.raises(UserError, match="quantized .bitsandbytes. weight; merging"):
+        merge_adapters(model)
