@@ -192,7 +192,14 @@ def setup_optimizer(cfg: RunConfig, params: list, data: TrainData) -> tuple[Any,
     from transformers import get_scheduler
 
     t = cfg.train
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    if cfg.adapter.type == "lora_pro":
+        from abba_cli.adapters import scaling_for
+        from abba_cli.train.lora_pro import LoRAProAdamW
+
+        # The trainable parameters are exactly the LoRA layers' (A, B) pairs, in model order.
+        optimizer = LoRAProAdamW(params, scaling_for(cfg.adapter), lr=t.lr, weight_decay=t.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     # The scheduler stays unprepared: AcceleratedScheduler would step once per process, and total_steps is
     # already counted per process here.
     scheduler = get_scheduler(
