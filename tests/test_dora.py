@@ -226,3 +226,45 @@ def test_on_an_nf4_base_dora_is_exact_for_the_dequantized_weight(tiny_model_dir)
     assert float((x.grad.double() - xr.grad).abs().max() / xr.grad.abs().max()) < 1e-4
     with pytest.raises(UserError, match="quantized .bitsandbytes. weight; merging"):
         merge_adapters(model)
+
+
+def test_compiles_fullgraph_under_autocast_and_matches_eager():
+    import copy
+
+    from abba_cli.adapters import compile_model
+
+    eager = _layer(torch.float32)
+    compiled = compile_model(copy.deepcopy(eager), backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, T, N, generator=torch.Generator().manual_seed(1))
+    outs = []
+    for model in (eager, compiled):
+        xr = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model(xr)
+        y.float().pow(2).sum().backward()
+        outs.append((y.detach(), xr.grad, *(p.grad for p in model.factors().values())))
+    assert (
+        outs[0][0].dtype == torch.bfloat16 and outs[1][-1].dtype == torch.float32
+    )  # m's gradient stays fp32
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_train_then_merge_through_the_cli(tiny_model_dir, tmp_path):
+    from helpers import UNSET, cli, tiny_config
+    from transformers import AutoModelForCausalLM
+
+    adapter = {"type": "dora", "r1": UNSET, "r2": UNSET, "r": 2}
+    cfg = tiny_config(tmp_path, tiny_model_dir, "run", adapter=adapter, train={"max_steps": 2, "lr": 1e-2})
+    result = cli("train", cfg)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "run"
+    ours = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    load_adapter(ours, run)
+    m = dict(adapter_layers(ours))["model.layers.0.self_attn.q_proj"].m
+    assert not torch.allclose(m, ours.get_submodule("model.layers.0.self_attn.q_proj").weight.norm(dim=1))
+    result = cli("merge", "--run", run, "--out", tmp_path / "merged", "--dtype", "fp32")
+    assert result.exit_code == 0, result.output
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(_ids()).logits, ours(_ids()).logits, rtol=1e-5, atol=1e-5)
