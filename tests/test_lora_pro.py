@@ -187,3 +187,22 @@ def test_sharded_strategies_are_refused_in_one_line(tiny_model_dir, tmp_path):
     result = _train(tmp_path, tiny_model_dir, "fsdp", "lora_pro", strategy="fsdp")
     assert result.exit_code == 2 and "use distributed.strategy: ddp" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "fsdp").exists()
+
+
+def test_resume_restores_the_full_size_moments_exactly(tiny_model_dir, tmp_path, monkeypatch):
+    """Stopped after step 1 (checkpoint with the optimizer state), resumed to step 3: the same adapter as a run
+    that was never stopped."""
+    from helpers import request_stop
+
+    assert _train(tmp_path, tiny_model_dir, "whole", "lora_pro").exit_code == 0
+    with monkeypatch.context() as patch:
+        request_stop(patch)
+        assert _train(tmp_path, tiny_model_dir, "stopped", "lora_pro").exit_code == 143
+    ckpt = next((tmp_path / "stopped" / "checkpoints").iterdir())
+    state = torch.load(ckpt / "optimizer.pt", weights_only=True)["state"]
+    assert state[0]["step"] == 1 and state[0]["exp_avg_sq"].shape == (64, 64)  # q_proj's (m, n)
+    result = cli("train", tmp_path / "stopped" / "config.yaml", "--resume")
+    assert result.exit_code == 0, result.output
+    whole = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    resumed = load_file(tmp_path / "stopped" / "adapter_model.safetensors")
+    assert sorted(whole) == sorted(resumed) and all(torch.equal(whole[k], resumed[k]) for k in whole)
