@@ -268,3 +268,11 @@ def test_train_then_merge_through_the_cli(tiny_model_dir, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(_ids()).logits, ours(_ids()).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_row_norms_stay_fp32_under_bf16_autocast():
+    layer = _layer(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        norm = layer.weight_norm()
+    assert norm.dtype == torch.float32
+    torch.testing.assert_close(norm, layer.weight_norm(), rtol=0, atol=0)

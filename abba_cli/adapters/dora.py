@@ -57,8 +57,10 @@ class DoRALinear(AdapterLinear):
         """||W0 + s B A|| per output row, (out,), detached; W0 dequantized on a packed base."""
         dt = self._math_dtype()
         w0 = self.frozen_weight() if self.quantized_base is not None else self.weight.detach()
-        w = w0.to(dt) + self.scaling * (self.B.detach().to(dt) @ self.A.detach().to(dt))  # (out, in)
-        return torch.linalg.vector_norm(w, dim=1)
+        # Autocast off: B @ A would otherwise run in bf16, and the norms with it.
+        with torch.autocast(w0.device.type, enabled=False):
+            w = w0.to(dt) + self.scaling * (self.B.detach().to(dt) @ self.A.detach().to(dt))  # (out, in)
+            return torch.linalg.vector_norm(w, dim=1)
 
     def magnitude_scale(self) -> torch.Tensor:
         """g = m / ||W0 + s B A||, (out,): differentiable in m only."""
