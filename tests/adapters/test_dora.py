@@ -202,8 +202,8 @@ def test_on_an_nf4_base_dora_is_exact_for_the_dequantized_weight(tiny_model_dir)
     matmul: forward and every gradient against float64 with Wdeq; merging into packed weights is refused."""
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (the `quant` extra)")
     from abba_cli.errors import UserError
-    from abba_cli.models import load_base
-    from abba_cli.quant import dequantized_weight
+    from abba_cli.models.loading import load_base
+    from abba_cli.models.quantization import dequantized_weight
 
     model, _ = load_base(str(tiny_model_dir), "float32", quantization="nf4")
     inject_adapters(model, AdapterConfig(type="dora", r=3, target_modules=["down_proj"]), seed=0)

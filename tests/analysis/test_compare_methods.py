@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from abba_cli.compare.budget import format_budget, plan_methods
+from abba_cli.analysis.compare.budget import format_budget, plan_methods
 from abba_cli.config import validate_config
 
 # q_proj is 64 x 64 and v_proj 32 x 64 in the tiny Llama, 2 blocks: m + n summed, and m (output rows) summed.

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from abba_cli.adapters import load_adapter
-from abba_cli.export import export_run
-from abba_cli.merge import merge_run
 from abba_cli.run.adapter_files import read_run_adapter
+from abba_cli.ship.export import export_run
+from abba_cli.ship.merge import merge_run
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
