@@ -322,8 +322,9 @@ class RunConfig(_Strict):
     def _lora_pro_needs_whole_factors(self) -> RunConfig:
         if self.adapter.type == "lora_pro" and self.distributed.strategy != "ddp":
             raise ValueError(
-                f"adapter.type lora_pro with distributed.strategy {self.distributed.strategy!r}: its step solves "
-                "for each layer's whole A and B, which fsdp/zero2/zero3 shard; use distributed.strategy: ddp"
+                f"adapter.type lora_pro with distributed.strategy {self.distributed.strategy!r}: its step needs "
+                "each layer's whole A, B and gradients, which fsdp, zero2 and zero3 split across processes; use "
+                "distributed.strategy: ddp"
             )
         return self
 

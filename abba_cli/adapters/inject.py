@@ -55,10 +55,8 @@ def _build_layer(
         # path is an execution choice, all exact, so an adapter trained on a full base loads here too.
         path = "khatri_rao" if quantized else cfg.path
         return ABBALinear(base, cfg.r1, cfg.r2, scaling, cfg.dropout, path, name, seed, init)
-    if cfg.type in (
-        "lora",
-        "lora_pro",
-    ):  # LoRA-Pro trains plain LoRA factors; only its optimizer step differs
+    # LoRA-Pro trains plain LoRA factors; only its optimizer step differs (train/lora_pro.py).
+    if cfg.type in ("lora", "lora_pro"):
         return LoRALinear(base, cfg.r, scaling, cfg.dropout, cfg.init, name, seed, init)
     if cfg.type == "dora":  # on a packed base: W0 dequantized for the row norms, as PEFT does
         return DoRALinear(base, cfg.r, scaling, cfg.dropout, name, seed, init)
