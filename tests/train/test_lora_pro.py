@@ -176,6 +176,14 @@ def test_train_steps_with_lora_pro_and_exports_as_lora(tiny_model_dir, tmp_path)
         assert result.exit_code == 0, result.output
         runs[kind] = load_file(tmp_path / kind / "adapter_model.safetensors")
     assert json.loads((tmp_path / "lora_pro" / "adapter_config.json").read_text())["type"] == "lora_pro"
+    from transformers import AutoModelForCausalLM
+
+    from abba_cli.adapters import load_adapter
+
+    assert (
+        load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "lora_pro").type
+        == "lora_pro"
+    )
     key = next(k for k in runs["lora"] if k.endswith(".B"))
     assert runs["lora_pro"][key].abs().max() > 0  # it trained
     assert not torch.allclose(runs["lora"][key], runs["lora_pro"][key])  # and not as AdamW on A, B does
