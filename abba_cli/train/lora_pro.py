@@ -86,6 +86,17 @@ def equivalent_gradient(
     return torch.addmm(gB @ A, B, gA).mul_(s)
 
 
+def describe_state(model: torch.nn.Module) -> str:
+    """One line on the optimizer state LoRA-Pro will hold for `model`'s adapted layers (meta device is fine)."""
+    from abba_cli.adapters import adapter_layers
+
+    values = 2 * sum(layer.out_features * layer.in_features for _, layer in adapter_layers(model))
+    return (
+        f"LoRA-Pro keeps AdamW's two moments at each adapted weight's full size: {values:,} fp32 values "
+        f"({values * 4 / 2**30:.2f} GiB), as full fine-tuning with AdamW would for these layers"
+    )
+
+
 class LoRAProAdamW(torch.optim.Optimizer):
     """AdamW on each layer's equivalent gradient, stepping LoRA factors by LoRA-Pro's closed form.
 

@@ -174,6 +174,10 @@ def print_plan(cfg: RunConfig, model: Any, data: TrainData, world: int, engine: 
 
     t = cfg.train
     print(trainable_summary(model), file=sys.stderr)
+    if cfg.adapter.type == "lora_pro":
+        from abba_cli.train.lora_pro import describe_state
+
+        print(describe_state(model), file=sys.stderr)
     plan = describe_paths(model, t.micro_batch_size * cfg.data.max_seq_len)
     if plan:
         print(f"{plan} (full-length micro-batch; `auto` re-decides per batch)", file=sys.stderr)

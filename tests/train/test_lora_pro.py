@@ -217,3 +217,12 @@ def test_resume_restores_the_full_size_moments_exactly(tiny_model_dir, tmp_path,
     whole = load_file(tmp_path / "whole" / "adapter_model.safetensors")
     resumed = load_file(tmp_path / "stopped" / "adapter_model.safetensors")
     assert sorted(whole) == sorted(resumed) and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_validate_states_the_full_size_optimizer_state(tiny_model_dir, tmp_path):
+    adapter = {"type": "lora_pro", "r1": UNSET, "r2": UNSET, "r": 2}
+    result = cli("validate", tiny_config(tmp_path, tiny_model_dir, "run", adapter=adapter))
+    assert result.exit_code == 0, result.output
+    # q_proj 64 x 64 and v_proj 32 x 64 in 2 blocks, two moments each
+    values = 2 * 2 * (64 * 64 + 32 * 64)
+    assert f"{values:,} fp32 values" in result.output
