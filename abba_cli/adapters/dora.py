@@ -53,25 +53,27 @@ class DoRALinear(AdapterLinear):
         return torch.promote_types(self.A.dtype, torch.float32)
 
     @torch.no_grad()
-    def weight_norm(self) -> torch.Tensor:
-        """||W0 + s B A|| per output row, (out,), detached; W0 dequantized on a packed base."""
+    def _base_and_updated(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W0, W0 + s B A), (out, in), detached, in fp32 (float64 for a float64 layer); W0 dequantized on a
+        packed base. Autocast off: B @ A would otherwise run in bf16, and the norms with it."""
         dt = self._math_dtype()
         w0 = self.frozen_weight() if self.quantized_base is not None else self.weight.detach()
-        # Autocast off: B @ A would otherwise run in bf16, and the norms with it.
         with torch.autocast(w0.device.type, enabled=False):
-            w = w0.to(dt) + self.scaling * (self.B.detach().to(dt) @ self.A.detach().to(dt))  # (out, in)
-            return torch.linalg.vector_norm(w, dim=1)
+            w0 = w0.to(dt)
+            return w0, w0 + self.scaling * (self.B.detach().to(dt) @ self.A.detach().to(dt))
+
+    def weight_norm(self) -> torch.Tensor:
+        """||W0 + s B A|| per output row, (out,), detached."""
+        return torch.linalg.vector_norm(self._base_and_updated()[1], dim=1)
 
     def magnitude_scale(self) -> torch.Tensor:
         """g = m / ||W0 + s B A||, (out,): differentiable in m only."""
         return self.m / self.weight_norm().to(self.m.dtype)
 
     def delta_weight(self) -> torch.Tensor:
-        dt = self._math_dtype()
-        w0 = self.frozen_weight() if self.quantized_base is not None else self.weight.detach().to(dt)
-        w = w0.to(dt) + self.scaling * (self.B.detach().to(dt) @ self.A.detach().to(dt))
-        g = self.m.detach().to(dt) / torch.linalg.vector_norm(w, dim=1)
-        return (g[:, None] * w - w0.to(dt)).float()
+        w0, w = self._base_and_updated()
+        g = self.m.detach().to(w.dtype) / torch.linalg.vector_norm(w, dim=1)
+        return (g[:, None] * w - w0).float()
 
     def _w0_product(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """x W0ᵀ without the bias (a packed base adds its bias inside its own forward: taken off again)."""
