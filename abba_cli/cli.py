@@ -248,7 +248,9 @@ def inspect(
 def compare(
     config: Path = typer.Argument(..., help="Run config YAML; its adapter block sets the parameter budget."),
     methods: str = typer.Option(
-        "abba,lora,hira", "--methods", help="Comma-separated: abba, lora, hira, rslora, pissa, full."
+        "abba,lora,hira",
+        "--methods",
+        help="Comma-separated: abba, lora, hira, rslora, pissa, dora, lora_pro, full.",
     ),
     seeds: int = typer.Option(3, "--seeds", min=1, help="Seeds 1..N per method (train.seed = data.seed)."),
     out: Path = typer.Option(..., "--out", help="Folder for every run, the table and the curves."),

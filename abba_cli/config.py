@@ -25,6 +25,8 @@ from abba_cli.errors import UserError
 from abba_cli.util.yaml_file import read_yaml
 
 DEFAULT_ABBA_ALPHA = 16.0
+# Adapter types whose scale is LoRA's (alpha / r, or alpha / sqrt(r) with use_rslora).
+LORA_SCALED = ("lora", "dora", "lora_pro")
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # transformers 5's attention backends ("eager" plus ALL_ATTENTION_FUNCTIONS' keys, less the deprecated paged|
@@ -81,17 +83,21 @@ class ModelConfig(_Strict):
 
 
 class AdapterConfig(_Strict):
-    type: Literal["abba", "lora", "hira", "full"] = Field(
-        "abba", description="Adapter method; 'full' trains every parameter of the base (no adapter)."
+    type: Literal["abba", "lora", "hira", "dora", "lora_pro", "full"] = Field(
+        "abba",
+        description="Adapter method; 'dora': LoRA with a trained per-row magnitude (DoRA); 'lora_pro': LoRA "
+        "whose gradients are adjusted toward the full-weight gradient each step (LoRA-Pro); 'full' trains "
+        "every parameter of the base (no adapter).",
     )
     r1: int | None = Field(None, ge=1, description="ABBA rank of B1 A1 (default 16).")
     r2: int | None = Field(None, ge=1, description="ABBA rank of B2 A2 (default 16).")
-    r: int | None = Field(None, ge=1, description="LoRA/HiRA rank (default 32).")
+    r: int | None = Field(None, ge=1, description="LoRA/HiRA/DoRA/LoRA-Pro rank (default 32).")
     alpha: float | None = Field(
         None,
         gt=0,
         description="Scale. ABBA paper: s = alpha^2/sqrt(r1 r2) (default alpha 16); "
-        "ABBA released: s = alpha; LoRA: s = alpha/r (alpha/sqrt(r) with use_rslora), default 2r; HiRA: s = alpha/r.",
+        "ABBA released: s = alpha; LoRA, DoRA, LoRA-Pro: s = alpha/r (alpha/sqrt(r) with use_rslora), default 2r; "
+        "HiRA: s = alpha/r.",
     )
     scaling: Literal["paper", "released"] = Field(
         "paper", description="ABBA scaling convention: paper eq. 7 or the authors' released code."
@@ -106,7 +112,9 @@ class AdapterConfig(_Strict):
         "default",
         description="LoRA init: 'default' (Kaiming A, zero B) or 'pissa' (principal singular vectors).",
     )
-    use_rslora: bool = Field(False, description="LoRA: rank-stabilised scaling alpha/sqrt(r).")
+    use_rslora: bool = Field(
+        False, description="LoRA, DoRA, LoRA-Pro: rank-stabilised scaling alpha/sqrt(r)."
+    )
     path: Literal["auto", "khatri_rao", "merged", "hybrid"] = Field(
         "auto",
         description="ABBA execution path (all exact): Khatri-Rao factors, merged weight, merged forward with "
@@ -142,7 +150,7 @@ class AdapterConfig(_Strict):
             if self.r is None:
                 self.r = 32
             if self.alpha is None:
-                self.alpha = float(2 * self.r) if self.type == "lora" else float(self.r)
+                self.alpha = float(2 * self.r) if self.type in LORA_SCALED else float(self.r)
         if self.init == "pissa" and self.type != "lora":
             raise ValueError("adapter.init 'pissa' applies to lora only (ABBA always uses its SVD init)")
         return self
@@ -307,6 +315,16 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"adapter.path {self.adapter.path!r} builds W0 + dW, which a {q} base (packed weights) does "
                 "not allow; use adapter.path khatri_rao or auto (both exact)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _lora_pro_needs_whole_factors(self) -> RunConfig:
+        if self.adapter.type == "lora_pro" and self.distributed.strategy != "ddp":
+            raise ValueError(
+                f"adapter.type lora_pro with distributed.strategy {self.distributed.strategy!r}: its step needs "
+                "each layer's whole A, B and gradients, which fsdp, zero2 and zero3 split across processes; use "
+                "distributed.strategy: ddp"
             )
         return self
 

@@ -1,8 +1,9 @@
-"""Adapter layers (ABBA, LoRA, HiRA), their injection into a model, merging and the run-directory files."""
+"""Adapter layers (ABBA, LoRA, HiRA, DoRA), their injection into a model, merging and the run-directory files."""
 
 from abba_cli.adapters.abba import ABBALinear, abba_scaling, choose_path
 from abba_cli.adapters.base import AdapterLinear
 from abba_cli.adapters.compile import compile_model
+from abba_cli.adapters.dora import DoRALinear
 from abba_cli.adapters.hira import HiRALinear
 from abba_cli.adapters.inject import (
     TrainableSummary,
@@ -26,6 +27,7 @@ from abba_cli.adapters.lora import LoRALinear, lora_scaling
 __all__ = [
     "ABBALinear",
     "AdapterLinear",
+    "DoRALinear",
     "HiRALinear",
     "LoRALinear",
     "TrainableSummary",

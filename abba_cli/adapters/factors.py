@@ -19,10 +19,11 @@ from abba_cli.adapters.abba import khatri_rao_factors
 
 
 def thin_factors(kind: str, factors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P, Q) with P @ Q the unscaled update of an `abba` or `lora` layer's stored factors (dtype kept)."""
+    """(P, Q) with P @ Q the unscaled update of an `abba` or `lora` (`lora_pro`) layer's stored factors (dtype
+    kept); for `dora`, its LoRA part B A (the magnitude rescales W0 + s B A, which PEFT's DoRA form keeps)."""
     if kind == "abba":
         return khatri_rao_factors(factors["B1"], factors["A1"], factors["B2"], factors["A2"])
-    if kind != "lora":
+    if kind not in ("lora", "lora_pro", "dora"):
         raise ValueError(f"{kind} updates have no thin-product form")
     B, A = factors["B"], factors["A"]
     if "B0" in factors:

@@ -15,9 +15,10 @@ from torch import nn
 
 from abba_cli.adapters.abba import ABBALinear, abba_scaling
 from abba_cli.adapters.base import AdapterLinear
+from abba_cli.adapters.dora import DoRALinear
 from abba_cli.adapters.hira import HiRALinear
 from abba_cli.adapters.lora import LoRALinear, lora_scaling
-from abba_cli.config import AdapterConfig
+from abba_cli.config import LORA_SCALED, AdapterConfig
 from abba_cli.errors import UserError
 from abba_cli.models.quantization import is_quantized_linear
 
@@ -26,7 +27,7 @@ def scaling_for(cfg: AdapterConfig) -> float:
     """The numeric s the layers apply (stored in adapter_config.json)."""
     if cfg.type == "abba":
         return abba_scaling(cfg.alpha, cfg.r1, cfg.r2, cfg.scaling)
-    if cfg.type == "lora":
+    if cfg.type in LORA_SCALED:
         return lora_scaling(cfg.alpha, cfg.r, cfg.use_rslora)
     return cfg.alpha / cfg.r
 
@@ -54,8 +55,11 @@ def _build_layer(
         # path is an execution choice, all exact, so an adapter trained on a full base loads here too.
         path = "khatri_rao" if quantized else cfg.path
         return ABBALinear(base, cfg.r1, cfg.r2, scaling, cfg.dropout, path, name, seed, init)
-    if cfg.type == "lora":
+    # LoRA-Pro trains plain LoRA factors; only its optimizer step differs (train/lora_pro.py).
+    if cfg.type in ("lora", "lora_pro"):
         return LoRALinear(base, cfg.r, scaling, cfg.dropout, cfg.init, name, seed, init)
+    if cfg.type == "dora":  # on a packed base: W0 dequantized for the row norms, as PEFT does
+        return DoRALinear(base, cfg.r, scaling, cfg.dropout, name, seed, init)
     if quantized:
         raise UserError(
             f"adapter.type hira multiplies its update by W0 itself, and {name} is quantized (packed weights); "

@@ -2,7 +2,8 @@
 
 adapter_config.json: type, ranks, alpha, the numeric scaling s actually applied, target modules, base model,
 package version. adapter_model.safetensors: fp32 tensors `<module path>.<factor>` so anyone can recompute
-dW = s * (B1@A1) * (B2@A2) (ABBA) or s * B@A (LoRA) or s * W0 * (B@A) (HiRA).
+dW = s * (B1@A1) * (B2@A2) (ABBA) or s * B@A (LoRA, LoRA-Pro) or s * W0 * (B@A) (HiRA), or
+W' = m * (W0 + s B@A) / ||W0 + s B@A|| per output row (DoRA, m its magnitude vector).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from abba_cli.run.layout import (
 from abba_cli.util.files import atomic_save_safetensors, atomic_write_json
 
 FORMAT = "abba-cli-adapter"
+ADAPTER_TYPES = ("abba", "lora", "hira", "dora", "lora_pro")
 
 
 def adapter_config_dict(model: nn.Module | None, cfg: AdapterConfig, base_model: str) -> dict:
@@ -99,8 +101,10 @@ def read_adapter_config(run_dir: str | Path) -> dict:
         raise UserError(f"{path}: not valid JSON ({e})") from None
     if is_peft_config(data):
         return config_from_peft(data, str(path))  # a PEFT LoRA/LoHa folder, read as our own (peft_format.py)
-    if not isinstance(data, dict) or data.get("type") not in ("abba", "lora", "hira"):
-        raise UserError(f'{path}: not an abba-cli adapter config (needs "type": abba, lora or hira)')
+    if not isinstance(data, dict) or data.get("type") not in ADAPTER_TYPES:
+        raise UserError(
+            f'{path}: not an abba-cli adapter config (needs "type": one of {", ".join(ADAPTER_TYPES)})'
+        )
     for key in ("alpha", "scaling", "target_modules"):
         if key not in data:
             raise UserError(f"{path}: missing key {key!r}")
@@ -110,7 +114,7 @@ def read_adapter_config(run_dir: str | Path) -> dict:
 def _checkpoint_adapter_config(root: Path) -> dict:
     """An unfinished run has no adapter_config.json yet: its config.yaml says what train would have written."""
     cfg = read_run_config(root)
-    if cfg is None or cfg.adapter.type not in ("abba", "lora", "hira"):
+    if cfg is None or cfg.adapter.type not in ADAPTER_TYPES:
         kind = "no config" if cfg is None else f"adapter.type {cfg.adapter.type}"
         raise UserError(f"{root / CONFIG_FILE}: {kind}: its checkpoints hold no adapter")
     return adapter_config_dict(None, cfg.adapter, base_model_reference(cfg.model.name_or_path))

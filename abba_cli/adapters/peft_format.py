@@ -7,6 +7,7 @@ Reading: a PEFT LoRA or LoHa folder becomes our own adapter config dict and `<mo
           (lora_alpha / sqrt(r) with use_rslora)
     LoHa  dW = (alpha / r) · (w1_a @ w1_b) ⊙ (w2_a @ w2_b)      -> our ABBA, r1 = r2 = r, "released" scaling
                                                                    s = alpha / r: B1 = w1_a, A1 = w1_b, ...
+    LoRA with use_dora: W' = m (W0 + s lora_B @ lora_A) / ||.||  -> our DoRA: m = lora_magnitude_vector
 
 Writing: LoHa tensors and config for `abba export --format peft-loha` (the LoRA export lives in export.py).
 Key names are the ones PEFT's own save_pretrained writes (checked against PEFT in tests/adapters/test_peft_format.py):
@@ -25,6 +26,7 @@ from abba_cli.errors import UserError
 
 PEFT_PREFIX = "base_model.model."
 LORA_FACTORS = {"lora_A.weight": "A", "lora_B.weight": "B"}
+DORA_FACTORS = {**LORA_FACTORS, "lora_magnitude_vector": "m"}
 LOHA_FACTORS = {"hada_w1_a": "B1", "hada_w1_b": "A1", "hada_w2_a": "B2", "hada_w2_b": "A2"}
 PEFT_TYPES = {"LORA": LORA_FACTORS, "LOHA": LOHA_FACTORS}
 CONVERTED_FROM = "converted_from"  # key of our config dict that marks a converted PEFT folder
@@ -52,11 +54,11 @@ def _refuse_unsupported(data: dict, source: str) -> None:
             f"{source}: modules_to_save {data['modules_to_save']} holds fully trained modules that abba-cli "
             "adapters cannot carry; merge it with PEFT instead"
         )
-    flags = {"use_dora": True, "fan_in_fan_out": True, "lora_bias": True}
+    flags = {"fan_in_fan_out": True, "lora_bias": True}
     for key, bad in flags.items():
         if data.get(key) is bad:
             raise UserError(
-                f"{source}: {key} is true; abba-cli reads plain LoRA (no DoRA, bias or Conv1D layout)"
+                f"{source}: {key} is true; abba-cli reads LoRA and DoRA without a bias or Conv1D layout"
             )
     if data.get("bias", "none") != "none":
         raise UserError(
@@ -88,7 +90,8 @@ def config_from_peft(data: dict, source: str) -> dict:
     _refuse_unsupported(data, source)
     s, r = peft_scaling(data), data["r"]
     if data["peft_type"] == "LORA":
-        ranks = {"type": "lora", "r": r, "alpha": float(data["lora_alpha"])}
+        kind = "dora" if data.get("use_dora") else "lora"
+        ranks = {"type": kind, "r": r, "alpha": float(data["lora_alpha"])}
         convention, rslora = ("rslora" if data.get("use_rslora") else "alpha/r"), bool(data.get("use_rslora"))
     else:
         # Our "released" ABBA convention has s = alpha, so alpha = s reproduces PEFT's alpha / r.
@@ -122,7 +125,7 @@ def to_our_tensors(
     kind = cfg.get(CONVERTED_FROM)
     if kind is None:
         return tensors
-    names = LORA_FACTORS if kind == "peft-lora" else LOHA_FACTORS
+    names = LOHA_FACTORS if kind == "peft-loha" else DORA_FACTORS if cfg["type"] == "dora" else LORA_FACTORS
     out: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
         suffix = next((s for s in names if key.endswith("." + s)), None)
@@ -149,13 +152,18 @@ def to_our_tensors(
 
 
 def _check_shapes(weights: Path | str, module: str, f: dict[str, torch.Tensor], cfg: dict) -> None:
-    pairs = (("B", "A"),) if cfg["type"] == "lora" else (("B1", "A1"), ("B2", "A2"))
-    r = cfg["r"] if cfg["type"] == "lora" else cfg["r1"]
-    missing = [n for p in pairs for n in p if n not in f]
+    pairs = (("B1", "A1"), ("B2", "A2")) if cfg["type"] == "abba" else (("B", "A"),)
+    r = cfg["r1"] if cfg["type"] == "abba" else cfg["r"]
+    needed = [n for p in pairs for n in p] + (["m"] if cfg["type"] == "dora" else [])
+    missing = [n for n in needed if n not in f]
     if missing:
         raise UserError(f"{weights}: {module} lacks {', '.join(missing)}")
     shapes = {k: tuple(v.shape) for k, v in f.items()}
-    ok = all(len(s) == 2 for s in shapes.values()) and all(
+    if "m" in f and shapes["m"] != (f["B"].shape[0],):
+        raise UserError(
+            f"{weights}: {module}: lora_magnitude_vector {shapes['m']} does not fit {shapes['B']}"
+        )
+    ok = all(len(s) == 2 for k, s in shapes.items() if k != "m") and all(
         f[b].shape[1] == r and f[a].shape[0] == r for b, a in pairs
     )
     ok = ok and len({f[b].shape[0] for b, _ in pairs}) == 1 and len({f[a].shape[1] for _, a in pairs}) == 1

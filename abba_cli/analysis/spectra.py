@@ -187,9 +187,17 @@ def adapter_layer_stats(
     from abba_cli.adapters.factors import factored_singular_values, thin_factors
 
     f = {k: v.to(torch.float64) for k, v in f.items()}
-    if kind in ("abba", "lora"):
+    if kind in ("abba", "lora", "lora_pro"):
         b, a = thin_factors(kind, f)  # rank bound: r1 r2 for ABBA, r (PiSSA 2r) for LoRA
         sv, bound = abs(scaling) * factored_singular_values(b, a), b.shape[1]
+    elif kind == "dora":  # m ⊙ W / ||W|| - W0 with W = W0 + s B A: rescaled rows of W0, full rank in general
+        if w0 is None:
+            raise UserError(
+                f"{module}: DoRA's dW = m (W0 + s B A) / ||W0 + s B A|| - W0 needs the base weight"
+            )
+        w = w0.double() + scaling * (f["B"] @ f["A"])
+        sv = dense_singular_values((f["m"] / torch.linalg.vector_norm(w, dim=1))[:, None] * w - w0.double())
+        bound = min(w0.shape)
     else:  # hira: W0 ⊙ (B A) is full rank in general; no thin form to exploit
         if w0 is None:
             raise UserError(f"{module}: HiRA's dW = s W0 ⊙ (B A) needs the base weight")
@@ -232,7 +240,7 @@ def _adapter_method(cfg: dict) -> tuple[str, str]:
     if cfg["type"] == "lora":
         name = "pissa" if cfg.get("init") == "pissa" else "rslora" if cfg.get("use_rslora") else "lora"
         return name, f"r={cfg.get('r')} {s}"
-    return "hira", f"r={cfg.get('r')} {s}"
+    return cfg["type"], f"r={cfg.get('r')} {s}"  # hira, dora, lora_pro
 
 
 def _adapter_run(run_dir: Path, base: Path | None) -> RunReport:

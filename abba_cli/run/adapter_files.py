@@ -15,7 +15,13 @@ from abba_cli.run.layout import read_adapter_tensors, run_files
 if TYPE_CHECKING:
     import torch
 
-FACTORS = {"abba": ("B1", "A1", "B2", "A2"), "lora": ("A", "B"), "hira": ("A", "B")}
+FACTORS = {
+    "abba": ("B1", "A1", "B2", "A2"),
+    "lora": ("A", "B"),
+    "hira": ("A", "B"),
+    "dora": ("A", "B", "m"),  # m: DoRA's magnitude, one value per output row
+    "lora_pro": ("A", "B"),
+}
 # PiSSA-initialised LoRA runs also store the initial factors: the update to the original W0 is s(BA - B0A0).
 OPTIONAL_FACTORS = {"lora": ("A0", "B0")}
 
@@ -90,13 +96,13 @@ def read_run_adapter(run: str | Path | None) -> RunAdapter:
 def _check_factor_shapes(weights: Path, kind: str, module: str, f: dict[str, torch.Tensor]) -> None:
     where = f"{weights}: {module}"
     shapes = {k: tuple(v.shape) for k, v in f.items()}
-    if any(len(s) != 2 for s in shapes.values()):
-        raise UserError(f"{where}: factors must be matrices, got {shapes}")
+    if any(len(s) != (1 if k == "m" else 2) for k, s in shapes.items()):
+        raise UserError(f"{where}: factors must be matrices (DoRA's m a vector), got {shapes}")
     if kind == "abba":
         (m1, r1), (r1b, n1), (m2, r2), (r2b, n2) = (shapes[k] for k in ("B1", "A1", "B2", "A2"))
         ok = m1 == m2 and n1 == n2 and r1 == r1b and r2 == r2b
     else:
-        ok = shapes["A"][0] == shapes["B"][1]
+        ok = shapes["A"][0] == shapes["B"][1] and ("m" not in f or shapes["m"] == shapes["B"][:1])
     if not ok:
         raise UserError(f"{where}: inconsistent factor shapes {shapes}")
 

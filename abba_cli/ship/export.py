@@ -9,6 +9,7 @@ without knowing about ABBA. LoRA runs export as they are. `--rank K` keeps each 
 approximation instead (truncate.py) and reports its error.
 peft-loha: PEFT's LoHa is ABBA's own form, (alpha/r) (w1_a w1_b) ⊙ (w2_a w2_b): exact, no rank blow-up
 (adapters/peft_format.py).
+DoRA exports as PEFT LoRA with use_dora (its magnitude as `lora_magnitude_vector`), exactly; LoRA-Pro as LoRA.
 HiRA cannot be exported: its update s * W0 * (B@A) depends on W0 and is not low-rank in general.
 """
 
@@ -132,6 +133,11 @@ def export_run(
             f"{adapter.run_dir}: a HiRA adapter cannot be exported as LoRA or LoHa (nor truncated): its update "
             "s * W0 * (B@A) depends on the base weight W0 and is not low-rank; use `abba merge` to ship a merged model"
         )
+    if rank is not None and adapter.type == "dora":
+        raise UserError(
+            f"{adapter.run_dir}: --rank cannot truncate a DoRA adapter: its magnitude m was trained against the "
+            "row norms of W0 + s B A, which a truncated B A changes; export it exactly (no --rank)"
+        )
     if format == "peft-loha" and adapter.type != "abba":
         raise UserError(
             f"{adapter.run_dir}: a {adapter.type} adapter is already PEFT's native format: use --format peft-lora "
@@ -245,6 +251,10 @@ def _export_peft_lora(adapter: RunAdapter, out: Path, rank: int | None = None) -
             B = B * fold
         tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = A.contiguous()  # (r, n)
         tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = B.contiguous()  # (m, r)
+        if adapter.type == "dora":  # PEFT's row norm of W0 + (lora_alpha / r) B A is ours: fold included
+            tensors[f"{PEFT_PREFIX}{module}.lora_magnitude_vector"] = adapter.factors[module][
+                "m"
+            ].contiguous()
 
     peft_config = {
         "peft_type": "LORA",
@@ -257,7 +267,7 @@ def _export_peft_lora(adapter: RunAdapter, out: Path, rank: int | None = None) -
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_dora": False,
+        "use_dora": adapter.type == "dora",
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
@@ -275,7 +285,8 @@ def _export_peft_lora(adapter: RunAdapter, out: Path, rank: int | None = None) -
     n_params = sum(t.numel() for t in tensors.values())
     size = (out / PEFT_WEIGHTS).stat().st_size
     line = (
-        f"exported {len(modules)} layers as PEFT LoRA rank {r} (alpha {alpha:g}) to {out}: "
+        f"exported {len(modules)} layers as PEFT {'DoRA' if adapter.type == 'dora' else 'LoRA'} rank {r} "
+        f"(alpha {alpha:g}) to {out}: "
         f"{n_params:,} params, {_human_bytes(size)}"
     )
     if adapter.type == "abba":

@@ -29,6 +29,10 @@ def validate_run(cfg: RunConfig, config_path: str | Path) -> None:
         adapted = inject_adapters(model, cfg.adapter, seed=cfg.train.seed, init=False)
         print(f"# {cfg.adapter.type} adapters on {len(adapted)} linear layers of {cfg.model.name_or_path}")
     print(trainable_summary(model))
+    if cfg.adapter.type == "lora_pro":
+        from abba_cli.train.lora_pro import describe_state
+
+        print(f"# {describe_state(model)}")
     plan = describe_paths(model, cfg.train.micro_batch_size * cfg.data.max_seq_len)
     if plan:
         print(f"{plan} (full-length micro-batch; `auto` re-decides per batch)")

@@ -174,6 +174,10 @@ def print_plan(cfg: RunConfig, model: Any, data: TrainData, world: int, engine: 
 
     t = cfg.train
     print(trainable_summary(model), file=sys.stderr)
+    if cfg.adapter.type == "lora_pro":
+        from abba_cli.train.lora_pro import describe_state
+
+        print(describe_state(model), file=sys.stderr)
     plan = describe_paths(model, t.micro_batch_size * cfg.data.max_seq_len)
     if plan:
         print(f"{plan} (full-length micro-batch; `auto` re-decides per batch)", file=sys.stderr)
@@ -192,7 +196,14 @@ def setup_optimizer(cfg: RunConfig, params: list, data: TrainData) -> tuple[Any,
     from transformers import get_scheduler
 
     t = cfg.train
-    optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    if cfg.adapter.type == "lora_pro":
+        from abba_cli.adapters import scaling_for
+        from abba_cli.train.lora_pro import LoRAProAdamW
+
+        # The trainable parameters are exactly the LoRA layers' (A, B) pairs, in model order.
+        optimizer = LoRAProAdamW(params, scaling_for(cfg.adapter), lr=t.lr, weight_decay=t.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     # The scheduler stays unprepared: AcceleratedScheduler would step once per process, and total_steps is
     # already counted per process here.
     scheduler = get_scheduler(

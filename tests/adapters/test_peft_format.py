@@ -177,7 +177,7 @@ def _edit(peft_dir: Path, **changes) -> None:
     ("changes", "message"),
     [
         ({"peft_type": "IA3"}, "peft_type 'IA3' is not supported"),
-        ({"use_dora": True}, "use_dora is true"),
+        ({"use_dora": True}, "lacks m"),  # DoRA without its magnitude vectors
         ({"rank_pattern": {"q_proj": 8}}, "rank_pattern is set"),
         ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
         ({"init_lora_weights": "pissa"}, "init_lora_weights 'pissa'"),

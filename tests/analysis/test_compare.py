@@ -100,8 +100,8 @@ def test_per_method_sets(tmp_path, tiny_model_dir):
     assert common == ["train.lr=1e-3"] and per == {"abba": ["adapter.alpha=8"], "lora": ["train.lr=3e-4"]}
     with pytest.raises(UserError, match="'hira' is not one of the compared methods"):
         split_sets(["hira:train.lr=1"], ["abba", "lora"])
-    with pytest.raises(UserError, match="unknown method dora"):
-        parse_methods("abba,dora")
+    with pytest.raises(UserError, match="unknown method loha"):
+        parse_methods("abba,loha")
     raw = _raw(tiny_model_dir, tmp_path)
     plans = plan_methods(raw, "cmp.yaml", ["abba", "lora"], per)
     assert plans[0].cfg.adapter.alpha == 8.0 and plans[0].cfg.train.lr == 1e-2

@@ -40,6 +40,10 @@ def _explicit_dw(run: Path, w0: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             out[module] = s * (f["B1"] @ f["A1"]) * (f["B2"] @ f["A2"])
         elif cfg["type"] == "lora":
             out[module] = s * (f["B"] @ f["A"] - (f["B0"] @ f["A0"] if "B0" in f else 0))
+        elif cfg["type"] == "dora":
+            w0m = w0[module + ".weight"]
+            w = w0m + s * (f["B"] @ f["A"])
+            out[module] = (f["m"] / np.linalg.norm(w, axis=1))[:, None] * w - w0m
         else:
             out[module] = s * w0[module + ".weight"] * (f["B"] @ f["A"])
     return out
@@ -83,8 +87,9 @@ def test_factored_singular_values_match_the_explicit_product():
         {"type": "lora", "r": 4},
         {"type": "lora", "r": 3, "init": "pissa"},
         {"type": "hira", "r": 2},
+        {"type": "dora", "r": 2},
     ],
-    ids=["abba", "abba-fullrank", "lora", "pissa", "hira"],
+    ids=["abba", "abba-fullrank", "lora", "pissa", "hira", "dora"],
 )
 def test_singular_values_match_numpy_svd_of_the_explicit_dw(tmp_path, tiny_model_dir, adapter):
     run = make_run(tmp_path / "run", tiny_model_dir, seed=1, **adapter)
@@ -107,7 +112,7 @@ def test_singular_values_match_numpy_svd_of_the_explicit_dw(tmp_path, tiny_model
         assert layer.singular_values.size == ref.size  # same numerical rank
         np.testing.assert_allclose(layer.singular_values, ref, rtol=1e-9, atol=1e-12 * ref[0])
         assert layer.w0_norm == pytest.approx(np.linalg.norm(w0[layer.module + ".weight"]), rel=1e-12)
-    bound = {"abba": 6, "abba-fullrank": 64, "lora": 4, "pissa": 6, "hira": 64}
+    bound = {"abba": 6, "abba-fullrank": 64, "lora": 4, "pissa": 6, "hira": 64, "dora": 64}
     kind = "pissa" if adapter.get("init") else "abba-fullrank" if adapter.get("r2") == 16 else adapter["type"]
     q = next(x for x in report.layers if x.module == "model.layers.0.self_attn.q_proj")
     assert q.rank_bound == bound[kind] and q.singular_values.size == bound[kind]  # random factors reach it

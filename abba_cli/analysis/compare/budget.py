@@ -3,7 +3,9 @@
 On an m x n layer ABBA trains (r1 + r2)(m + n) parameters, LoRA and HiRA r (m + n): every adapter method's count
 is its rank sum times the same per-layer m + n, so one rank sum R (the config's r1 + r2, or its r) matches all of
 them exactly on the same target modules: LoRA / HiRA r = R, ABBA r1 = ceil(R/2), r2 = floor(R/2). rsLoRA and
-PiSSA are LoRA at r = R with another scale or initialisation. Full fine-tuning trains every weight and is not
+PiSSA are LoRA at r = R with another scale or initialisation; LoRA-Pro is LoRA at r = R with another optimizer
+step. DoRA at r = R trains its magnitude too, one parameter per output row of each adapted layer: that extra is
+printed beside its count, as the ABBA paper counts it. Full fine-tuning trains every weight and is not
 matched. The counts printed come from the model itself (built on the meta device: no weights are read), and a
 method whose count differs from the budget (a per-method --set that changes a rank) is refused.
 """
@@ -17,7 +19,9 @@ from typing import Any
 from abba_cli.config import RunConfig, apply_overrides, validate_config
 from abba_cli.errors import UserError
 
-METHODS = ("abba", "lora", "hira", "rslora", "pissa", "full")
+METHODS = ("abba", "lora", "hira", "rslora", "pissa", "dora", "lora_pro", "full")
+# Methods that are an adapter.type of their own at rank R (the others are LoRA variants).
+OWN_TYPES = ("hira", "dora", "lora_pro")
 
 
 def parse_methods(text: str) -> list[str]:
@@ -87,7 +91,7 @@ def method_block(method: str, cfg: RunConfig) -> dict[str, Any]:
                 **common,
             }
         return {"type": "abba", "r1": (total + 1) // 2, "r2": total // 2, **common}
-    kind = "hira" if method == "hira" else "lora"
+    kind = method if method in OWN_TYPES else "lora"
     variant = {"rslora": {"use_rslora": True}, "pissa": {"init": "pissa"}}.get(method, {})
     same = (
         a.type == kind and a.use_rslora == (method == "rslora") and (a.init == "pissa") == (method == "pissa")
@@ -102,6 +106,7 @@ class MethodPlan:
     cfg: RunConfig
     trainable: int
     describe: str
+    extra: int = 0  # trainable parameters beyond the rank budget (DoRA's magnitudes)
 
 
 def plan_methods(
@@ -111,7 +116,8 @@ def plan_methods(
     cfg = validate_config(raw, source)
     budget_total = rank_sum(cfg)
     model = _meta_model(cfg)
-    budget = _count(model, cfg)
+    budget, budget_extra = _count(model, cfg)
+    budget -= budget_extra  # a DoRA config's budget is its rank's; every method adds its own extra
     plans = []
     for method in methods:
         mraw = copy.deepcopy(raw)
@@ -119,15 +125,18 @@ def plan_methods(
         apply_overrides(mraw, per_method.get(method, []))
         mcfg = validate_config(mraw, f"{source} ({method})")
         try:
-            count = _count(model, mcfg)
+            count, extra = _count(model, mcfg)
         except UserError as e:
             raise UserError(f"{method} cannot match the budget (rank sum {budget_total}): {e}") from None
-        if method != "full" and count != budget:
+        if method != "full" and count - extra != budget:
             raise UserError(
                 f"{method}: {count:,} trainable parameters, but the budget is {budget:,} "
                 f"(--set {method}:... changed a rank?); compare matches every adapter method to the config's count"
             )
-        plans.append(MethodPlan(method, mraw, mcfg, count, describe_block(mcfg)))
+        describe = describe_block(mcfg)
+        if extra:
+            describe += f" (+{extra:,} magnitude parameters beyond the budget)"
+        plans.append(MethodPlan(method, mraw, mcfg, count, describe, extra))
     return plans
 
 
@@ -164,16 +173,18 @@ def _meta_model(cfg: RunConfig) -> Any:
     return model
 
 
-def _count(model: Any, cfg: RunConfig) -> int:
-    """Trainable parameters `cfg` gives on `model` (adapters injected and removed again; nothing initialised)."""
-    from abba_cli.adapters import inject_adapters, trainable_summary
+def _count(model: Any, cfg: RunConfig) -> tuple[int, int]:
+    """(trainable parameters `cfg` gives on `model`, how many of them are DoRA magnitudes); adapters injected
+    and removed again, nothing initialised."""
+    from abba_cli.adapters import adapter_layers, inject_adapters, trainable_summary
     from abba_cli.adapters.inject import remove_adapters
 
     if cfg.adapter.type == "full":
-        return trainable_summary(model).total
+        return trainable_summary(model).total, 0
     originals = dict(model.named_modules())
     inject_adapters(model, cfg.adapter, init=False)
     try:
-        return trainable_summary(model).trainable
+        magnitudes = sum(layer.m.numel() for _, layer in adapter_layers(model) if layer.kind == "dora")
+        return trainable_summary(model).trainable, magnitudes
     finally:
         remove_adapters(model, originals)
