@@ -262,3 +262,54 @@ def compare(
     from abba_cli.analysis.compare import run_compare
 
     run_compare(config, methods, seeds, out, set_)
+
+
+@app.command()
+@_user_errors
+def chat(
+    run: Path | None = typer.Option(
+        None, "--run", help="Run directory, RUN_DIR/best or a checkpoint (default: the latest finished run)."
+    ),
+    model: str | None = typer.Option(
+        None, "--model", help="A plain or merged model folder instead of a run."
+    ),
+    base: Path | None = typer.Option(
+        None,
+        "--base",
+        help="Another copy of the run's base model (default: the one adapter_config.json names).",
+    ),
+    prompt: str | None = typer.Option(
+        None, "--prompt", help="Answer this one message, print only the answer, and exit (scriptable)."
+    ),
+    max_new_tokens: int | None = typer.Option(
+        None,
+        "--max-new-tokens",
+        min=1,
+        help="Tokens per answer (default: the run's eval.max_new_tokens, else 256).",
+    ),
+    temperature: float = typer.Option(
+        0.0, "--temperature", help="0: greedy decoding (default, as abba eval); above 0: sampling."
+    ),
+    top_p: float | None = typer.Option(None, "--top-p", help="Sampling: nucleus probability mass (0, 1]."),
+    top_k: int | None = typer.Option(None, "--top-k", help="Sampling: keep the K most likely tokens."),
+    seed: int | None = typer.Option(None, "--seed", help="Sampling: seed for reproducible answers."),
+    prompt_format: str = typer.Option(
+        "auto",
+        "--prompt-format",
+        help="auto: the run's own (its chat template if it trained on chat data, else the training prompt; a "
+        "plain --model: its chat template if it has one); chat; alpaca.",
+    ),
+) -> None:
+    """Talk to a trained model in the terminal, in the prompt format it trained with."""
+    from abba_cli.chat.generation import Sampling
+    from abba_cli.chat.session import run_chat
+
+    run_chat(
+        run=run,
+        model=model,
+        base=base,
+        prompt=prompt,
+        prompt_format=prompt_format,
+        sampling=Sampling(temperature, top_p, top_k, seed),
+        max_new_tokens=max_new_tokens,
+    )

@@ -90,14 +90,19 @@ def user_message(instruction: str, input: str | None = None) -> str:
 
 
 def chat_prompt(tokenizer, template: str, instruction: str, input: str | None = None) -> str:
-    """Everything a chat-trained model sees before its answer: one user turn and the assistant header.
+    """Everything a chat-trained model sees before its answer: one user turn and the assistant header."""
+    return conversation_prompt(
+        tokenizer, template, [{"role": "user", "content": user_message(instruction, input)}]
+    )
+
+
+def conversation_prompt(tokenizer, template: str, messages) -> str:
+    """A conversation ending in a user turn, rendered up to the assistant header (`abba chat`'s turns).
 
     Training encodes rendered conversations without adding special tokens (the template writes them); a
     tokenizer that adds a BOS by itself would add a second one to this text, so a leading BOS is left to it.
     """
-    text = render_chat(
-        tokenizer, [{"role": "user", "content": user_message(instruction, input)}], template, True
-    )
+    text = render_chat(tokenizer, messages, template, True)
     bos = getattr(tokenizer, "bos_token", None)
     if bos and text.startswith(bos):
         probe = tokenizer("a")["input_ids"]

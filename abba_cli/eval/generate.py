@@ -87,7 +87,7 @@ def generation_settings(gen_cfg) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _as_model_generation_config(model, gen_cfg) -> Iterator[None]:
+def as_model_generation_config(model, gen_cfg) -> Iterator[None]:
     """generate() fills unset fields from `model.generation_config`: make that ours while generating."""
     saved = model.generation_config
     model.generation_config = gen_cfg
@@ -126,7 +126,7 @@ def generate_batches(
     start = time.perf_counter()
     bar = tqdm(total=len(prompts), desc=desc, unit="ex", file=sys.stderr, dynamic_ncols=True)
     try:
-        with torch.inference_mode(), _as_model_generation_config(model, gen_cfg):
+        with torch.inference_mode(), as_model_generation_config(model, gen_cfg):
             for b in range(0, len(order), batch_size):
                 idx = order[b : b + batch_size]
                 batch = tokenizer.pad(
