@@ -227,6 +227,21 @@ class TrainConfig(_Strict):
         None, ge=1, description="Validation loss every N optimizer steps and at the end (null: at the end)."
     )
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Trackers.")
+    early_stopping_patience: int | None = Field(
+        None,
+        ge=1,
+        description="Stop after this many validations (train.eval_every) without a lower val_loss, with a final "
+        "checkpoint and adapter (null: train to the end).",
+    )
+    early_stopping_min_delta: float = Field(
+        0.0,
+        ge=0,
+        description="A val_loss drop of at most this much (from the last drop that counted) does not reset "
+        "the patience.",
+    )
+    keep_best: bool = Field(
+        False, description="Keep the adapter of the lowest val_loss as RUN_DIR/best (a run directory itself)."
+    )
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -334,6 +349,22 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"train.eval_every {self.train.eval_every} needs validation data: set data.val_samples "
                 "(hold examples out of the training source) or data.val_path (a separate file)"
+            )
+        t, has_val = self.train, self.data.val_samples is not None or self.data.val_path is not None
+        for key, on in (("early_stopping_patience", t.early_stopping_patience), ("keep_best", t.keep_best)):
+            if on and not has_val:
+                raise ValueError(
+                    f"train.{key} follows val_loss, which needs data.val_samples or data.val_path"
+                )
+        if t.early_stopping_patience is not None and t.eval_every is None:
+            raise ValueError("train.early_stopping_patience counts validations: set train.eval_every N too")
+        if t.early_stopping_min_delta and t.early_stopping_patience is None:
+            raise ValueError(
+                "train.early_stopping_min_delta applies with train.early_stopping_patience: set both"
+            )
+        if t.keep_best and self.adapter.type == "full":
+            raise ValueError(
+                "train.keep_best keeps the best adapter, and adapter.type full trains no adapter"
             )
         return self
 

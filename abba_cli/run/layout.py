@@ -8,6 +8,8 @@ through this module; nothing else spells a run file's name.
     RUN_DIR/metrics.jsonl, val_summary.json                the training log, the validation summary
     RUN_DIR/checkpoints/step-N/                            exact-resume state (train/checkpoint.py)
     RUN_DIR/eval/<task>/                                   a task's results (eval/results.py owns its files)
+    RUN_DIR/best/                                          train.keep_best: the lowest val_loss's adapter, with
+                                                           adapter_config.json and config.yaml (a run dir itself)
     RUN_DIR/.lock                                          held while a run trains (run/training_dir.py)
 """
 
@@ -36,6 +38,9 @@ METRICS_FILE = "metrics.jsonl"
 VAL_SUMMARY_FILE = "val_summary.json"
 LOCK_FILE = ".lock"
 CHECKPOINTS = "checkpoints"
+BEST_DIR = "best"
+# A checkpoint's copy of RUN_DIR/best as it was then: a resume puts it back (train/early_stopping.py).
+CHECKPOINT_BEST_WEIGHTS = "best_adapter_model.safetensors"
 CHECKPOINT_STATE = "state.json"  # written last into a checkpoint: a step-N holding it is complete
 _CHECKPOINT_DIR = re.compile(r"^step-(\d+)$")
 

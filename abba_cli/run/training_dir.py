@@ -29,6 +29,9 @@ RESUME_MAY_CHANGE = (
     "train.log_every",
     "train.eval_every",  # validation draws no randomness, so its cadence never changes training
     "train.report_to",
+    # When to stop, not how to train: more patience continues a run that stopped early from its last checkpoint.
+    "train.early_stopping_patience",
+    "train.early_stopping_min_delta",
     "eval.",
 )
 # Keys that may change on --resume only to extend the run to a larger total of steps.

@@ -26,7 +26,13 @@ from typing import Any
 import torch
 
 from abba_cli.errors import UserError
-from abba_cli.run.layout import ADAPTER_WEIGHTS, CHECKPOINT_STATE, CHECKPOINTS, list_checkpoints
+from abba_cli.run.layout import (
+    ADAPTER_WEIGHTS,
+    CHECKPOINT_BEST_WEIGHTS,
+    CHECKPOINT_STATE,
+    CHECKPOINTS,
+    list_checkpoints,
+)
 from abba_cli.util.files import atomic_directory, atomic_save_safetensors
 
 ENGINE_DIR = "engine"  # a DeepSpeed engine's own checkpoint inside checkpoints/step-N
@@ -43,6 +49,7 @@ class TrainState:
     elapsed_s: float
     tokens_seen: int
     data_sha256: str | None = None  # the training examples' content hash (older checkpoints have none)
+    val_tracker: dict | None = None  # early_stopping.ValTracker's state (older checkpoints have none)
 
 
 def rng_state() -> dict[str, Any]:
@@ -81,11 +88,12 @@ def save_checkpoint(
     rng_states: list[dict[str, Any]],
     keep: int | None,
     engine_dir: Path | None = None,
+    best_weights: Path | None = None,
 ) -> Path:
     """Write checkpoints/step-N atomically, then drop the oldest beyond `keep`. Main process only.
 
     `engine_dir` (DeepSpeed) is a finished engine checkpoint that is moved in as `engine/` instead of
-    optimizer.pt."""
+    optimizer.pt; `best_weights` (train.keep_best) is RUN_DIR/best's adapter, copied in."""
     final = Path(run_dir) / CHECKPOINTS / f"step-{state.step}"
     with atomic_directory(final, overwrite=True) as tmp:
         atomic_save_safetensors(
@@ -93,6 +101,8 @@ def save_checkpoint(
         )
         if engine_dir is not None:
             os.replace(engine_dir, tmp / ENGINE_DIR)
+        if best_weights is not None:
+            shutil.copyfile(best_weights, tmp / CHECKPOINT_BEST_WEIGHTS)
         if optimizer_state is not None:
             _torch_save(optimizer_state, tmp / "optimizer.pt")
         _torch_save(scheduler_state, tmp / "scheduler.pt")

@@ -42,7 +42,7 @@ class Run:
     strategy: str = "ddp"  # distributed strategy: ddp | fsdp | zero2 | zero3 (train/distributed.py)
     state: Any = None  # checkpoint.TrainState, set by restore
     extends_from: int | None = None  # the old total of steps when --resume extends a run
-    best_val: dict | None = None  # {"best_val_loss", "best_val_step"} so far
+    val_tracker: Any = None  # early_stopping.ValTracker: the best val_loss so far, the early-stopping count
     stop: GracefulStop | None = None  # catches SIGINT/SIGTERM while the loop runs
 
     @property

@@ -10,6 +10,7 @@ from typing import Any
 from abba_cli.run.layout import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    BEST_DIR,
     CHECKPOINTS,
     CONFIG_FILE,
     FULL_MODEL_DIR,
@@ -65,6 +66,12 @@ def _print_outputs(run: Run) -> None:
     print(f"  metrics:  {run_dir / METRICS_FILE}")
     if run.data.val is not None:
         print(f"  validation: {run_dir / VAL_SUMMARY_FILE}")
+    best = run.val_tracker.best() if run.val_tracker is not None else None
+    if run.cfg.train.keep_best and best is not None:
+        print(
+            f"  best:     {run_dir / BEST_DIR} (step {best['best_val_step']}, val_loss "
+            f"{best['best_val_loss']:.4f}; --run {run_dir / BEST_DIR} takes it)"
+        )
     if run.cfg.train.save_every:
         print(f"  checkpoints: {run_dir / CHECKPOINTS}")
     if run.full:

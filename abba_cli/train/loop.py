@@ -17,8 +17,9 @@ from abba_cli.errors import UserError
 from abba_cli.run.layout import METRICS_FILE
 from abba_cli.run.training_dir import resume_hint
 from abba_cli.train.context import Run
+from abba_cli.train.early_stopping import say_stopped, stop_due
 from abba_cli.train.loss import count_targets
-from abba_cli.train.state import checkpoint_or_stop
+from abba_cli.train.state import checkpoint_or_stop, final_checkpoint
 from abba_cli.train.val_loss import validate_if_due
 
 
@@ -50,6 +51,11 @@ def fit(run: Run) -> None:
     run.model.train()
     try:
         while state.step < run.data.total_steps:
+            if stop_due(run):  # checked here, so resuming a run that stopped early stops again at once
+                checkpoint = final_checkpoint(run)  # more patience can resume from it
+                if run.main:
+                    say_stopped(run, checkpoint)
+                break
             host = [
                 run.data.collate([run.data.train[i] for i in idx])
                 for _, _, idx in (next(batches) for _ in range(t.grad_accum_steps))
@@ -61,8 +67,8 @@ def fit(run: Run) -> None:
             bar.update(1)
             val = validate_if_due(run, bar)
             postfix = dict(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-            if run.best_val is not None:
-                postfix["best_val"] = f"{run.best_val['best_val_loss']:.4f}"
+            if run.val_tracker.best_loss is not None:
+                postfix["best_val"] = f"{run.val_tracker.best_loss:.4f}"
             bar.set_postfix(postfix)
             log_step(run, loss_value, lr, float(grad_norm), tok_s, val)
             checkpoint_or_stop(run)

@@ -18,7 +18,7 @@ from abba_cli.run.layout import ADAPTER_WEIGHTS, CHECKPOINTS, METRICS_FILE, late
 from abba_cli.run.training_dir import resume_hint, truncate_metrics
 from abba_cli.train import sharded
 from abba_cli.train.context import Run
-from abba_cli.train.val_loss import best_val_so_far
+from abba_cli.train.early_stopping import best_weights_to_checkpoint, restore_best, restored_tracker
 from abba_cli.util.signals import TrainingStopped, signal_name
 
 
@@ -68,10 +68,14 @@ def restore(run: Run, resume_from: Path | None) -> dict | None:
                 f"resuming from {resume_from} (step {run.state.step}/{run.data.total_steps})", file=sys.stderr
             )
     run.state.data_sha256 = run.data.sha256
-    if run.main:  # only the main process writes the metrics and the validation summary
-        metrics = run.run_dir / METRICS_FILE
+    metrics = run.run_dir / METRICS_FILE
+    if run.main:  # only the main process writes the metrics, the validation summary and RUN_DIR/best
         truncate_metrics(metrics, run.state.step)
-        run.best_val = best_val_so_far(metrics) if run.data.val is not None else None
+        restore_best(run, resume_from)
+    # Every process follows val_loss: they must agree on an early stop.
+    run.val_tracker = restored_tracker(
+        run.state.val_tracker, metrics, run.state.step, run.cfg.train.early_stopping_min_delta
+    )
     return rng
 
 
@@ -143,6 +147,14 @@ def checkpoint_or_stop(run: Run) -> None:
         )
 
 
+def final_checkpoint(run: Run) -> Path | None:
+    """The checkpoint of the current step, written unless it already was (a collective)."""
+    latest = latest_checkpoint(run.run_dir)
+    if latest is not None and latest.name == f"step-{run.state.step}":
+        return latest
+    return write_checkpoint(run)
+
+
 def write_checkpoint(run: Run) -> Path | None:
     """Write checkpoints/step-N (main process); a collective, so every process calls it."""
     from accelerate.utils import gather_object
@@ -150,6 +162,7 @@ def write_checkpoint(run: Run) -> Path | None:
     from abba_cli.train import checkpoint as ckpt
 
     world = run.accelerator.num_processes
+    run.state.val_tracker = run.val_tracker.state()
     rngs = gather_object([ckpt.rng_state()]) if world > 1 else [ckpt.rng_state()]
     tensors = gathered_trainable_state(run.accelerator, run.model, run.full)
     target = run.run_dir / CHECKPOINTS / f"step-{run.state.step}"
@@ -174,6 +187,7 @@ def write_checkpoint(run: Run) -> Path | None:
                 rngs,
                 run.cfg.train.save_total_limit,
                 engine_dir=engine_dir,
+                best_weights=best_weights_to_checkpoint(run),
             )
     run.accelerator.wait_for_everyone()
     return path

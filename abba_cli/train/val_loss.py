@@ -13,9 +13,11 @@ from typing import Any
 
 from abba_cli.config import RunConfig
 from abba_cli.data.collate import to_device
-from abba_cli.run.layout import VAL_SUMMARY_FILE
+from abba_cli.run.layout import BEST_DIR, VAL_SUMMARY_FILE
 from abba_cli.train.context import Run
+from abba_cli.train.early_stopping import write_best
 from abba_cli.train.loss import count_targets, target_loss_sum
+from abba_cli.train.state import gathered_trainable_state
 from abba_cli.util.files import atomic_write_text
 
 
@@ -32,13 +34,16 @@ def validate_if_due(run: Run, bar: Any) -> dict | None:
         run.cfg.train.micro_batch_size,
         run.loss_fn,
     )
-    if run.best_val is None or val["val_loss"] < run.best_val["best_val_loss"]:
-        run.best_val = {"best_val_loss": val["val_loss"], "best_val_step": step}
+    if run.val_tracker.update(step, val["val_loss"]) and run.cfg.train.keep_best:
+        tensors = gathered_trainable_state(run.accelerator, run.model, run.full)  # a collective
+        if run.main:
+            write_best(run, tensors)
+    best = run.val_tracker.best()
     if run.main:
-        write_val_summary(run.run_dir, step, val, run.best_val)
+        write_val_summary(run.run_dir, step, val, best, keep_best=run.cfg.train.keep_best)
         bar.write(
             f"step {step}: val_loss {val['val_loss']:.4f} "
-            f"(best {run.best_val['best_val_loss']:.4f} at step {run.best_val['best_val_step']})",
+            f"(best {best['best_val_loss']:.4f} at step {best['best_val_step']})",
             file=sys.stderr,
         )
     return val
@@ -85,25 +90,15 @@ def validation_loss(
     return {"val_loss": loss_sum / max(targets, 1), "val_tokens": targets}
 
 
-def best_val_so_far(metrics: Path) -> dict[str, float | int] | None:
-    """The best val_loss logged so far (on resume, metrics.jsonl is already cut back to the checkpoint)."""
-    if not metrics.is_file():
-        return None
-    best = None
-    for line in metrics.read_text().splitlines():
-        record = json.loads(line) if line.strip() else {}
-        if "val_loss" in record and (best is None or record["val_loss"] < best["best_val_loss"]):
-            best = {"best_val_loss": record["val_loss"], "best_val_step": record["step"]}
-    return best
-
-
-def write_val_summary(run_dir: Path, step: int, val: dict, best: dict) -> None:
+def write_val_summary(run_dir: Path, step: int, val: dict, best: dict, keep_best: bool = False) -> None:
     summary = {
         **best,
         "last_val_loss": val["val_loss"],
         "last_val_step": step,
         "val_tokens": val["val_tokens"],
     }
+    if keep_best:  # RUN_DIR/best holds the adapter of best_val_step
+        summary["best_dir"] = str(run_dir / BEST_DIR)
     atomic_write_text(run_dir / VAL_SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
 
 

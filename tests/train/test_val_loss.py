@@ -187,7 +187,8 @@ def test_resume_with_eval_every_is_bitwise_exact(tmp_path, tiny_model_dir, monke
 
 
 def test_best_val_step_survives_resume(tmp_path, tiny_model_dir):
-    """The best step is recomputed from metrics.jsonl on resume, so an earlier best is not forgotten."""
+    """A checkpoint written before it held the best-so-far state: the best step is replayed from metrics.jsonl on
+    resume, so an earlier best is not forgotten."""
     cfg = _config(tmp_path, tiny_model_dir, data={"val_samples": 3}, max_steps=4, save_every=2, eval_every=1)
     assert train_cli(cfg).exit_code == 0
     run = tmp_path / "run"
@@ -200,6 +201,10 @@ def test_best_val_step_survives_resume(tmp_path, tiny_model_dir):
     import shutil
 
     shutil.rmtree(run / "checkpoints" / "step-4")
+    state_file = run / "checkpoints" / "step-2" / "state.json"
+    state_file.write_text(
+        json.dumps({k: v for k, v in json.loads(state_file.read_text()).items() if k != "val_tracker"})
+    )
     result = train_cli(cfg, "--resume")
     assert result.exit_code == 0, result.output
     summary = json.loads((run / "val_summary.json").read_text())
