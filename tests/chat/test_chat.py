@@ -22,7 +22,7 @@ from abba_cli.chat.generation import Sampling
 from abba_cli.chat.session import chat_loop, open_session
 from abba_cli.data.prompts import chat_prompt, render_prompt
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -156,6 +156,7 @@ def _read_until(fd: int, marker: str, seen: list[str], timeout: float = 180.0) -
     return buf
 
 
+@pytest.mark.slow  # a subprocess on a pseudo-terminal
 def test_terminal_session_two_turns_reset_ctrl_c_and_ctrl_d(alpaca_run, tmp_path):
     """A person at a terminal: two turns (the second sees the first), Ctrl-C at the prompt, /reset, Ctrl-D."""
     session = open_session(alpaca_run, None, None, "auto", Sampling(), 8)
