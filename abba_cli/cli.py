@@ -73,7 +73,10 @@ def _user_errors(fn: Callable) -> Callable:
 
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors.")) -> None:
+    from abba_cli.util.quiet_engines import quiet_optional_engines
+
     _state["debug"] = debug
+    quiet_optional_engines()  # DeepSpeed/bitsandbytes say nothing in runs that do not use them
 
 
 @app.command()
