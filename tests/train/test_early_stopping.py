@@ -161,6 +161,10 @@ def test_resume_equals_the_uninterrupted_run_best_dir_and_stop_step_included(
     again = cli("train", cfg, "--resume")
     assert again.exit_code == 0 and f"early stopping at step {stop}/10" in again.stderr
     assert _records(run)[-1]["step"] == stop
+    # More patience continues the stopped run from its final checkpoint.
+    more = cli("train", cfg, "--resume", "--set", "train.early_stopping_patience=20")
+    assert more.exit_code == 0, more.output
+    assert _records(run)[-1]["step"] == 10 and "early stopping" not in more.stderr
 
 
 def test_best_dir_is_a_run_for_every_command(stopped_run, tmp_path):
