@@ -455,6 +455,39 @@ CASES: list[tuple[str, Callable[[World], list[str]], list[str]]] = [
         _latest_run_bytes(["export"]),
         ["latest_run: the latest-run record is empty or not UTF-8 text", "--run RUN_DIR"],
     ),
+    # --- early stopping and the best adapter
+    (
+        "train-keep-best-without-validation",
+        _train_set("train.keep_best=true"),
+        ["train.keep_best follows val_loss", "data.val_samples"],
+    ),
+    (
+        "train-patience-without-eval-every",
+        _train_set("data.val_samples=2", "train.early_stopping_patience=2"),
+        ["train.early_stopping_patience counts validations", "train.eval_every"],
+    ),
+    ("train-patience-zero", _train_set("train.early_stopping_patience=0"), ["train.early_stopping_patience"]),
+    # --- chat
+    (
+        "chat-sampling-option-while-greedy",
+        lambda w: ["chat", "--run", str(w.run), "--prompt", "hi", "--top-p", "0.9"],
+        ["--top-p applies to sampling", "--temperature"],
+    ),
+    (
+        "chat-unknown-prompt-format",
+        lambda w: ["chat", "--run", str(w.run), "--prompt", "hi", "--prompt-format", "xml"],
+        ["--prompt-format 'xml'", "auto, chat, alpaca"],
+    ),
+    (
+        "chat-missing-run",
+        lambda w: ["chat", "--run", str(w.root / "nope"), "--prompt", "hi"],
+        ["nope", "no such run"],
+    ),
+    (
+        "chat-max-new-tokens-over-the-context",
+        lambda w: ["chat", "--run", str(w.run), "--prompt", "hi", "--max-new-tokens", "5000"],
+        ["--max-new-tokens 5000", "context is 512 tokens"],
+    ),
     # --- inspect and compare
     (
         "inspect-not-a-run",
