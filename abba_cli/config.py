@@ -228,20 +228,10 @@ class TrainConfig(_Strict):
     )
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Trackers.")
     early_stopping_patience: int | None = Field(
-        None,
-        ge=1,
-        description="Stop after this many validations (train.eval_every) without a lower val_loss, with a final "
-        "checkpoint and adapter (null: train to the end).",
+        None, ge=1, description="Stop after N validations without a lower val_loss (null: train to the end)."
     )
-    early_stopping_min_delta: float = Field(
-        0.0,
-        ge=0,
-        description="A val_loss drop of at most this much (from the last drop that counted) does not reset "
-        "the patience.",
-    )
-    keep_best: bool = Field(
-        False, description="Keep the adapter of the lowest val_loss as RUN_DIR/best (a run directory itself)."
-    )
+    early_stopping_min_delta: float = Field(0.0, ge=0, description="A smaller val_loss drop does not count.")
+    keep_best: bool = Field(False, description="Keep the lowest val_loss's adapter as RUN_DIR/best.")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -353,19 +343,13 @@ class RunConfig(_Strict):
         t, has_val = self.train, self.data.val_samples is not None or self.data.val_path is not None
         for key, on in (("early_stopping_patience", t.early_stopping_patience), ("keep_best", t.keep_best)):
             if on and not has_val:
-                raise ValueError(
-                    f"train.{key} follows val_loss, which needs data.val_samples or data.val_path"
-                )
+                raise ValueError(f"train.{key} follows val_loss: it needs data.val_samples or data.val_path")
         if t.early_stopping_patience is not None and t.eval_every is None:
             raise ValueError("train.early_stopping_patience counts validations: set train.eval_every N too")
         if t.early_stopping_min_delta and t.early_stopping_patience is None:
-            raise ValueError(
-                "train.early_stopping_min_delta applies with train.early_stopping_patience: set both"
-            )
+            raise ValueError("train.early_stopping_min_delta applies with train.early_stopping_patience")
         if t.keep_best and self.adapter.type == "full":
-            raise ValueError(
-                "train.keep_best keeps the best adapter, and adapter.type full trains no adapter"
-            )
+            raise ValueError("train.keep_best keeps the best adapter; adapter.type full trains no adapter")
         return self
 
 
