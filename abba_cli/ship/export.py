@@ -28,6 +28,8 @@ from abba_cli.util.files import check_not_inside, check_output_dir
 if TYPE_CHECKING:
     import torch
 
+    from abba_cli.ship.export_tokenizer import ServedFormat
+
 FORMATS = ("peft-lora", "peft-loha")
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -144,9 +146,15 @@ def export_run(
             "(LoHa is the form of ABBA adapters)"
         )
     check_not_inside(out, [], runs=[adapter.root])
+    from abba_cli.ship.export_tokenizer import served_format
+
+    served = served_format(adapter.root, adapter.base_model)
     if format == "peft-loha":
-        return _export_peft_loha(adapter, out)
-    return _export_peft_lora(adapter, out, rank)
+        _export_peft_loha(adapter, out, served)
+    else:
+        _export_peft_lora(adapter, out, served, rank)
+    print(f"wrote {served.describe()} beside the adapter")
+    return out
 
 
 def _check_base(adapter: RunAdapter) -> list[str] | None:
@@ -228,7 +236,7 @@ def _truncate_all(
     return out, report
 
 
-def _export_peft_lora(adapter: RunAdapter, out: Path, rank: int | None = None) -> Path:
+def _export_peft_lora(adapter: RunAdapter, out: Path, served: ServedFormat, rank: int | None = None) -> Path:
 
     from abba_cli.util.files import atomic_directory, atomic_save_safetensors, atomic_write_json
 
@@ -281,6 +289,7 @@ def _export_peft_lora(adapter: RunAdapter, out: Path, rank: int | None = None) -
         atomic_write_json(tmp / PEFT_CONFIG, peft_config)
         if report is not None:
             atomic_write_json(tmp / TRUNCATION_REPORT, {"run": str(adapter.run_dir.resolve()), **report})
+        served.save(tmp)
 
     n_params = sum(t.numel() for t in tensors.values())
     size = (out / PEFT_WEIGHTS).stat().st_size
@@ -302,7 +311,7 @@ def _export_peft_lora(adapter: RunAdapter, out: Path, rank: int | None = None) -
     return out
 
 
-def _export_peft_loha(adapter: RunAdapter, out: Path) -> Path:
+def _export_peft_loha(adapter: RunAdapter, out: Path, served: ServedFormat) -> Path:
     """ABBA as PEFT LoHa: hada_w1_a = B1, hada_w1_b = A1, hada_w2_a = B2, hada_w2_b = A2 at one r = max(r1, r2),
     the smaller pair zero-padded (exact, peft_format.pad_rank); alpha / r = s (or s folded into w1_a)."""
     from abba_cli.adapters.peft_format import loha_config, loha_tensors
@@ -332,6 +341,7 @@ def _export_peft_loha(adapter: RunAdapter, out: Path) -> Path:
     with atomic_directory(out, overwrite=True) as tmp:
         atomic_save_safetensors(tensors, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
         atomic_write_json(tmp / PEFT_CONFIG, config)
+        served.save(tmp)
     f = adapter.factors[modules[0]]
     r1, r2 = f["A1"].shape[0], f["A2"].shape[0]
     padded = "" if r1 == r2 else f", the rank-{min(r1, r2)} pair zero-padded to {r}"
