@@ -198,11 +198,17 @@ def merge(
         "--base",
         help="Another copy of the run's base model (default: the one adapter_config.json names).",
     ),
+    onto: str = typer.Option(
+        "original",
+        "--onto",
+        help="A quantized-base run: fold into the original unquantized base, or into the dequantized weights "
+        "it trained against (dequantized: the merged model computes what trained).",
+    ),
 ) -> None:
     """Fold the adapter into the base weights and write a plain Hugging Face model."""
     from abba_cli.ship.merge import merge_run
 
-    merge_run(out=out, run=run, dtype=dtype, overwrite=overwrite, base=base)
+    merge_run(out=out, run=run, dtype=dtype, overwrite=overwrite, base=base, onto=onto)
 
 
 @app.command()

@@ -7,9 +7,10 @@ holds every folded layer to W0 + dW recomputed in fp32 and rounded once (bit for
 disk, checks those layers came back byte-identical, and compares its logits with base + adapter (unmerged) on a
 few fixed prompts.
 
-A run trained on a quantized base (model.quantization) is folded into the unquantized base all the same: the
-merged model is the bf16/fp32 base + dW, what users ship. How far that is from what trained (the quantized base
-+ adapter) is measured on the same prompts and recorded as `trained_on_quantized_base`, not checked.
+A run trained on a quantized base (model.quantization) is folded into the unquantized base by default (`--onto
+original`), or into the dequantized weights it trained against (`--onto dequantized`, merge_onto.py). Either way
+the merged model's distances to what trained (the quantized base + adapter) and to the original base + adapter
+are measured on the same prompts and recorded; onto a dequantized 4-bit base, the first is also checked.
 """
 
 from __future__ import annotations
@@ -54,19 +55,21 @@ def parse_dtype(dtype: str | None) -> str | None:
     return key
 
 
-def _quantized_reference(base: str, run_dir: Path, settings: dict[str, Any], quant: dict[str, Any]) -> list:
-    """Logits of what the run trained: the quantized base + the adapter (unmerged), on CHECK_PROMPTS.
+def _adapted_reference(base: str, run_dir: Path, settings: dict[str, Any], quant: dict[str, Any]) -> list:
+    """Logits of the base (quantized as `quant` says; {}: unquantized) + the adapter (unmerged), on CHECK_PROMPTS.
 
     Computed in fp32 (bitsandbytes' compute dtype fp32 too), so the difference to the merged model is the
-    quantization of W0 alone, not a compute dtype's rounding. Freed before the unquantized base loads.
+    quantization of W0 alone, not a compute dtype's rounding. Freed before the merge's own base loads.
     """
     from abba_cli.adapters import load_adapter
     from abba_cli.models.loading import load_base
+    from abba_cli.ship.merge_onto import packed_layers_as_trained
 
     model, tokenizer = load_base(base, "float32", **settings, **quant)
     model.eval()
     load_adapter(model, run_dir)
     model.eval()
+    packed_layers_as_trained(model)
     try:
         return prompt_logits(model, tokenizer, CHECK_PROMPTS)
     finally:
@@ -157,12 +160,15 @@ class _Timer:
 @dataclass
 class _References:
     """Logits the merged model is held to: base + adapter unmerged (`adapter`), and how much the adapter moves
-    the base's (`effect`); for a quantized-base run, how far the shipped model is from what trained."""
+    the base's (`effect`); for a quantized-base run, the logits of what trained (the quantized base + adapter)
+    and of the original base + adapter, which the merged model's distances are measured to."""
 
     adapter: list
     effect: float
-    quantized: dict[str, Any] | None
     base_keys: set[str]  # the base's state-dict keys: the merged model must have exactly these
+    quant: dict[str, Any] | None = None  # {quantization, double_quant} of a quantized-base run
+    trained: list | None = None
+    original: list | None = None
 
 
 def merge_run(
@@ -171,9 +177,10 @@ def merge_run(
     dtype: str | None = None,
     overwrite: bool = False,
     base: str | Path | None = None,
+    onto: str = "original",
 ) -> dict[str, Any]:
     """Merge RUN_DIR's adapter into its base (or `base`, another copy of it) and write a Hugging Face model to
-    OUT; returns the metadata."""
+    OUT; returns the metadata. `onto` (merge_onto.ONTO): a quantized-base run's original or dequantized base."""
     target_name = parse_dtype(dtype)
     shown_out = Path(out)
     out = check_output_dir(shown_out, overwrite=overwrite)
@@ -181,13 +188,17 @@ def merge_run(
     base = recorded_base(adapter.run_dir, adapter.base_model, base)
     protected = [Path(base).expanduser()] if Path(base).expanduser().is_dir() else []
     check_not_inside(out, protected, runs=[adapter.root])
+    from abba_cli.ship.merge_onto import check_onto, onto_record
+
+    quant = run_quantization(adapter.root)
+    onto = check_onto(onto, quant and quant["quantization"], adapter.run_dir)
 
     import torch
 
     from abba_cli.util.files import atomic_directory, atomic_write_json
 
     timer = _Timer()
-    model, tokenizer, refs = _load_with_references(adapter, base, timer)
+    model, tokenizer, refs = _load_with_references(adapter, base, timer, onto)
     base_name = _short_dtype(model.dtype)
     target_name = target_name or base_name
     digests = _fold(model, getattr(torch, DTYPE_NAMES[target_name]), refs.base_keys)
@@ -202,7 +213,13 @@ def merge_run(
         # Free the in-memory copy before reloading: at most one copy of the model at a time.
         del model
         gc.collect()
-        check = _check_saved(tmp, tokenizer, refs.adapter, digests)
+        check, merged_logits = _check_saved(tmp, tokenizer, refs.adapter, digests)
+        onto_meta = {}
+        if refs.quant is not None:  # the distances to what trained and to the original base + adapter
+            to_trained = compare_logits(refs.trained, merged_logits)
+            to_original = compare_logits(refs.original, merged_logits)
+            onto_meta = onto_record(onto, refs.quant, to_trained, to_original, logits_bound)
+        del merged_logits
         timer.lap("reload_and_check")
         check |= {
             "prompts": list(CHECK_PROMPTS),
@@ -218,13 +235,12 @@ def merge_run(
             "layers_merged": len(digests),
             "base_dtype": base_name,
             "dtype": target_name,
+            "onto": onto,
+            **onto_meta,
             "check": check,
             "seconds": timer.seconds,
             "timings_s": timer.laps,
         }
-        if refs.quantized is not None:
-            # Not a pass/fail check: how far the shipped model (unquantized base + dW) is from what trained.
-            meta["trained_on_quantized_base"] = refs.quantized
         _report(meta, shown_out)
         atomic_write_json(tmp / METADATA, meta)
     print(
@@ -234,21 +250,31 @@ def merge_run(
     return meta
 
 
-def _load_with_references(adapter: RunAdapter, base: str, timer: _Timer) -> tuple[Any, Any, _References]:
-    """The base (its own dtype) with the run's adapter loaded, its tokenizer carrying the run's chat template, and
-    the reference logits: base alone, base + adapter, and for a quantized-base run the quantized base + adapter."""
+def _load_with_references(
+    adapter: RunAdapter, base: str, timer: _Timer, onto: str
+) -> tuple[Any, Any, _References]:
+    """The base (its own dtype; `onto` dequantized: the weights a quantized-base run trained against) with the
+    run's adapter loaded, its tokenizer carrying the run's chat template, and the reference logits: base alone,
+    base + adapter, and for a quantized-base run the quantized and the original base + adapter."""
     from abba_cli.adapters import load_adapter
     from abba_cli.data.training_set import run_dir_chat_template
     from abba_cli.models.loading import load_base
+    from abba_cli.ship.merge_onto import load_dequantized_base
 
     settings = run_load_settings(adapter.root)
-    # Trained on a quantized base: measure what trained before the unquantized base loads (one model at a time).
+    # Trained on a quantized base: measure what trained (and, onto the dequantized base, the original base +
+    # adapter) before the merge's own base loads (one model in memory at a time).
     quant = run_quantization(adapter.root)
-    quant_logits = None
+    trained = original = None
     if quant is not None:
-        quant_logits = _quantized_reference(base, adapter.run_dir, settings, quant)
+        trained = _adapted_reference(base, adapter.run_dir, settings, quant)
+        if onto == "dequantized":
+            original = _adapted_reference(base, adapter.run_dir, settings, {})
         timer.lap("quantized_reference")
-    model, tokenizer = load_base(base, "auto", **settings)
+    if onto == "dequantized":
+        model, tokenizer = load_dequantized_base(base, settings, quant)
+    else:
+        model, tokenizer = load_base(base, "auto", **settings)
     if (template := run_dir_chat_template(adapter.run_dir, tokenizer, base)) is not None:
         tokenizer.chat_template = template
     model.eval()
@@ -262,9 +288,10 @@ def _load_with_references(adapter: RunAdapter, base: str, timer: _Timer) -> tupl
     model.eval()  # the adapter layers follow it anyway; dropout must be off in the reference
     ref_logits = prompt_logits(model, tokenizer, CHECK_PROMPTS)
     effect = compare_logits(ref_logits, base_logits)["max_rel_diff"]
-    quantized = None if quant is None else {**quant, **compare_logits(quant_logits, ref_logits)}
     timer.lap("reference_logits")
-    return model, tokenizer, _References(ref_logits, effect, quantized, base_keys)
+    # Onto the original base, the self-check's reference is the original base + adapter.
+    original = ref_logits if original is None else original
+    return model, tokenizer, _References(ref_logits, effect, base_keys, quant, trained, original)
 
 
 def _fold(model, target: torch.dtype, base_keys: set[str]) -> dict[str, str]:
@@ -282,23 +309,21 @@ def _fold(model, target: torch.dtype, base_keys: set[str]) -> dict[str, str]:
 
 def _report(meta: dict[str, Any], shown_out: Path) -> None:
     """Print the self-check's verdict and notes; UserError (nothing published) when it failed."""
-    c, target_name = meta["check"], meta["dtype"]
-    n_layers, quantized = meta["layers_merged"], meta.get("trained_on_quantized_base")
+    from abba_cli.ship.merge_onto import report_onto
+
+    c, target_name, n_layers = meta["check"], meta["dtype"], meta["layers_merged"]
     logits_ok = c["max_rel_diff"] <= c["tolerance_rel"]
     verdict = "passed" if c["passed"] else "FAILED"
     print(
-        f"self-check {verdict}: merged ({target_name}) vs base + adapter ({meta['base_dtype']}) logits on "
+        f"self-check {verdict}: merged ({target_name}) vs base + adapter ({meta['base_dtype']}"
+        f"{', dequantized' if meta['onto'] == 'dequantized' else ''}) logits on "
         f"{len(CHECK_PROMPTS)} prompts: max abs diff {c['max_abs_diff']:.3g}, "
         f"relative {c['max_rel_diff']:.3g} (tolerance {c['tolerance_rel']:.3g}), top-1 agreement "
         f"{c['top1_agreement']:.1%}; all {n_layers} folded layers exactly round(W0 + dW)"
         + ("" if c["layers_match"] else ", but not as read back")
     )
-    if quantized is not None:
-        print(
-            f"note: trained on a {quantized['quantization']} base; the merged model is the unquantized base "
-            f"+ dW, and its logits differ from the {quantized['quantization']} base + adapter it trained as by "
-            f"{quantized['max_rel_diff']:.3g} (relative; top-1 agreement {quantized['top1_agreement']:.1%})"
-        )
+    if "trained_on_quantized_base" in meta:
+        report_onto(meta["onto"], meta, target_name, shown_out)
     if c["adapter_effect_rel"] <= TOLERANCE[target_name]:
         print(
             f"note: the adapter changes the logits by only {c['adapter_effect_rel']:.3g} (relative), within the "
@@ -319,16 +344,17 @@ def _report(meta: dict[str, Any], shown_out: Path) -> None:
 
 def _check_saved(
     path: Path, tokenizer, ref_logits: list[torch.Tensor], digests: dict[str, str]
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], list[torch.Tensor]]:
     """Reload the written directory with plain transformers, as a user would; compare its logits and each folded
-    layer (`_layer_check`)."""
+    layer (`_layer_check`). Returns the check and the reloaded model's logits."""
     from transformers import AutoModelForCausalLM
 
     merged = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
     merged.eval()
     try:
         layers = _layer_check(merged, digests)
-        return {**compare_logits(ref_logits, prompt_logits(merged, tokenizer, CHECK_PROMPTS)), **layers}
+        got = prompt_logits(merged, tokenizer, CHECK_PROMPTS)
+        return {**compare_logits(ref_logits, got), **layers}, got
     finally:
         del merged
         gc.collect()
