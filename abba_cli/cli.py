@@ -214,8 +214,10 @@ def merge(
 @app.command()
 @_user_errors
 def export(
-    format: str = typer.Option("peft-lora", "--format", help="Export format: peft-lora or peft-loha."),
-    out: Path = typer.Option(..., "--out", help="Directory for the exported adapter."),
+    format: str = typer.Option("peft-lora", "--format", help="Export format: peft-lora, peft-loha or gguf."),
+    out: Path = typer.Option(
+        ..., "--out", help="Directory for the exported adapter (gguf: the file, e.g. model.gguf)."
+    ),
     run: Path | None = typer.Option(
         None, "--run", help="Run directory or RUN_DIR/checkpoints/step-N (default: the latest finished run)."
     ),
@@ -228,11 +230,15 @@ def export(
     rank: int | None = typer.Option(
         None, "--rank", min=1, help="peft-lora: truncate each layer to its best rank-K approximation (SVD)."
     ),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="gguf: f16 (default), bf16 or q8_0 (the merged model's weights in the file)."
+    ),
 ) -> None:
-    """Export the adapter for other tools (ABBA is exactly a LoRA of rank r1*r2, and a PEFT LoHa)."""
+    """Export the adapter for other tools (ABBA is exactly a LoRA of rank r1*r2, and a PEFT LoHa), or the merged
+    model as GGUF for llama.cpp and Ollama."""
     from abba_cli.ship.export import export_run
 
-    export_run(format=format, out=out, run=run, overwrite=overwrite, base=base, rank=rank)
+    export_run(format=format, out=out, run=run, overwrite=overwrite, base=base, rank=rank, dtype=dtype)
 
 
 @app.command()

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
     from abba_cli.ship.export_tokenizer import ServedFormat
 
-FORMATS = ("peft-lora", "peft-loha")
+FORMATS = ("peft-lora", "peft-loha", "gguf")
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 # Written next to a truncated export: the per-layer errors and logit change that `--rank` printed.
@@ -114,11 +114,13 @@ def export_run(
     overwrite: bool = False,
     base: str | Path | None = None,
     rank: int | None = None,
+    dtype: str | None = None,
 ) -> Path:
     """Export RUN_DIR's adapter to OUT in `format`; returns OUT. UserError for bad input.
 
     `base` points at another copy of the base model (for the shape check and the exported config); `rank`
-    (peft-lora only) truncates each layer's update to its best rank-`rank` approximation (truncate.py)."""
+    (peft-lora only) truncates each layer's update to its best rank-`rank` approximation (truncate.py). gguf: the
+    merged model as one GGUF file at OUT in `dtype` (gguf_export.py)."""
     if format not in FORMATS:
         raise UserError(f"--format {format!r}: unknown export format; valid formats: {', '.join(FORMATS)}")
     if rank is not None:
@@ -126,6 +128,15 @@ def export_run(
             raise UserError(f"--rank {rank!r}: must be a positive integer (the LoRA rank to truncate to)")
         if format != "peft-lora":
             raise UserError(f"--rank applies to --format peft-lora only; {format} exports are always exact")
+    if format == "gguf":
+        from abba_cli.ship.gguf_export import export_gguf
+
+        export_gguf(out, run=run, dtype=dtype, overwrite=overwrite, base=base)
+        return Path(out)
+    if dtype is not None:
+        raise UserError(
+            f"--dtype applies to --format gguf only (f16, bf16, q8_0); {format} keeps fp32 factors"
+        )
     out = check_output_dir(Path(out), overwrite=overwrite)
     adapter = read_run_adapter(run)
     if base is not None:

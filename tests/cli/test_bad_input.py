@@ -438,8 +438,8 @@ CASES: list[tuple[str, Callable[[World], list[str]], list[str]]] = [
     # --- export
     (
         "export-unknown-format",
-        lambda w: ["export", "--format", "gguf", "--out", str(w.root / "x"), "--run", str(w.run)],
-        ["'gguf'", "peft-lora"],
+        lambda w: ["export", "--format", "onnx", "--out", str(w.root / "x"), "--run", str(w.run)],
+        ["'onnx'", "peft-lora"],
     ),
     ("export-out-not-empty", _out_not_empty(["export"]), ["not empty", "--overwrite"]),
     ("export-out-unwritable", _out_is_under_a_file(["export"]), ["blocker.txt", "not a directory"]),
