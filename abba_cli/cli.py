@@ -233,12 +233,19 @@ def export(
     dtype: str | None = typer.Option(
         None, "--dtype", help="gguf: f16 (default), bf16 or q8_0 (the merged model's weights in the file)."
     ),
+    onto: str | None = typer.Option(
+        None,
+        "--onto",
+        help="gguf of a quantized-base run: merge onto the original (default) or dequantized base.",
+    ),
 ) -> None:
     """Export the adapter for other tools (ABBA is exactly a LoRA of rank r1*r2, and a PEFT LoHa), or the merged
     model as GGUF for llama.cpp and Ollama."""
     from abba_cli.ship.export import export_run
 
-    export_run(format=format, out=out, run=run, overwrite=overwrite, base=base, rank=rank, dtype=dtype)
+    export_run(
+        format=format, out=out, run=run, overwrite=overwrite, base=base, rank=rank, dtype=dtype, onto=onto
+    )
 
 
 @app.command()

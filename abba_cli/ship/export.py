@@ -115,12 +115,14 @@ def export_run(
     base: str | Path | None = None,
     rank: int | None = None,
     dtype: str | None = None,
+    onto: str | None = None,
 ) -> Path:
     """Export RUN_DIR's adapter to OUT in `format`; returns OUT. UserError for bad input.
 
     `base` points at another copy of the base model (for the shape check and the exported config); `rank`
     (peft-lora only) truncates each layer's update to its best rank-`rank` approximation (truncate.py). gguf: the
-    merged model as one GGUF file at OUT in `dtype` (gguf_export.py)."""
+    merged model as one GGUF file at OUT in `dtype`, merged `onto` a quantized-base run's original or dequantized
+    base (gguf_export.py)."""
     if format not in FORMATS:
         raise UserError(f"--format {format!r}: unknown export format; valid formats: {', '.join(FORMATS)}")
     if rank is not None:
@@ -131,11 +133,15 @@ def export_run(
     if format == "gguf":
         from abba_cli.ship.gguf_export import export_gguf
 
-        export_gguf(out, run=run, dtype=dtype, overwrite=overwrite, base=base)
+        export_gguf(out, run=run, dtype=dtype, overwrite=overwrite, base=base, onto=onto or "original")
         return Path(out)
     if dtype is not None:
         raise UserError(
             f"--dtype applies to --format gguf only (f16, bf16, q8_0); {format} keeps fp32 factors"
+        )
+    if onto is not None:
+        raise UserError(
+            f"--onto applies to --format gguf only (a merged model); {format} exports the adapter alone"
         )
     out = check_output_dir(Path(out), overwrite=overwrite)
     adapter = read_run_adapter(run)

@@ -53,8 +53,10 @@ def export_gguf(
     dtype: str | None = None,
     overwrite: bool = False,
     base: str | Path | None = None,
+    onto: str = "original",
 ) -> dict[str, Any]:
-    """Merge RUN_DIR's adapter and write it as a GGUF file at OUT; returns what was written and checked."""
+    """Merge RUN_DIR's adapter (onto a quantized-base run's original or dequantized base: merge_onto.py) and write
+    it as a GGUF file at OUT; returns what was written and checked."""
     from transformers import AutoConfig
 
     from abba_cli.run.adapter_files import read_run_adapter
@@ -82,7 +84,7 @@ def export_gguf(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp_name:
         tmp = Path(tmp_name)
-        merge_run(out=tmp / "merged", run=adapter.run_dir, base=base)
+        merge_run(out=tmp / "merged", run=adapter.run_dir, base=base, onto=onto)
         served.tokenizer.save_pretrained(tmp / "tokenizer")
         from abba_cli.ship.gguf_file import write_gguf
 

@@ -157,7 +157,8 @@ def test_bad_gguf_input_is_one_line_and_loses_nothing(tiny_model_dir, tmp_path):
         assert result.exit_code == 2, (args, result.output)
         line = cli_error_line(result)
         assert all(w in line for w in words), line
-    result = cli("export", "--format", "peft-lora", "--run", run, "--out", tmp_path / "p", "--dtype", "f16")
-    assert result.exit_code == 2 and "--dtype applies to --format gguf only" in cli_error_line(result)
+    for option, value in (("--dtype", "f16"), ("--onto", "dequantized")):
+        result = cli("export", "--format", "peft-lora", "--run", run, "--out", tmp_path / "p", option, value)
+        assert result.exit_code == 2 and f"{option} applies to --format gguf only" in cli_error_line(result)
     assert _digest(existing) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "other-base", "run"]

@@ -138,3 +138,29 @@ def test_bad_onto_is_one_line_and_writes_nothing(tiny_model_dir, nf4_run, tmp_pa
     line = cli_error_line(result)
     assert all(w in line for w in words), line
     assert not out.exists()
+
+
+def test_gguf_of_a_quantized_run_ships_what_trained(tiny_model_dir, nf4_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from abba_cli.adapters import load_adapter
+    from abba_cli.ship.merge_onto import packed_layers_as_trained
+
+    out = tmp_path / "model.gguf"
+    result = cli("export", "--format", "gguf", "--onto", "dequantized", "--out", out, "--run", nf4_run)
+    assert result.exit_code == 0, result.output
+    assert "what trained is reproduced" in result.output and "GGUF check passed" in result.output
+
+    trained, tok = load_base(str(tiny_model_dir), "float32", quantization="nf4")
+    load_adapter(trained, nf4_run)
+    trained.eval()
+    packed_layers_as_trained(trained)
+    read = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype="float32").eval()
+    ids = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)(
+        "The answer is: 42", return_tensors="pt"
+    )
+    with torch.inference_mode():
+        want, got = trained(**ids).logits, read(**ids).logits
+    assert (
+        float((want - got).abs().max() / want.abs().max()) < 1e-2
+    )  # f16 rounding of what trained, nothing more
