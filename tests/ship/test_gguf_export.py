@@ -82,6 +82,10 @@ def test_gguf_reads_back_as_base_plus_adapter(tiny_model_dir, tmp_path, dtype, c
 
     reader = gguf.GGUFReader(out)
     assert reader.fields["general.architecture"].contents() == "llama"
+    # the tiny tokenizer is none of the families llama.cpp names: its default split, said once
+    assert (
+        reader.fields["tokenizer.ggml.pre"].contents() == "default" and "writing 'default'" in result.output
+    )
     kinds = {t.tensor_type.name for t in reader.tensors if len(t.shape) == 2}
     assert kinds == {dtype.upper()}
     served = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
@@ -162,3 +166,12 @@ def test_bad_gguf_input_is_one_line_and_loses_nothing(tiny_model_dir, tmp_path):
         assert result.exit_code == 2 and f"{option} applies to --format gguf only" in cli_error_line(result)
     assert _digest(existing) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf", "other-base", "run"]
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_gets_llama_cpps_pre_tokenizer_name(smollm2_dir):
+    """The fingerprint text is llama.cpp's exactly: SmolLM2's tokenizer hashes to the `smollm` entry (the bundled
+    GGUF, written by llama.cpp's converter, says `smollm` too)."""
+    from abba_cli.ship.gguf_file import pre_tokenizer
+
+    assert pre_tokenizer(AutoTokenizer.from_pretrained(smollm2_dir)) == "smollm"
