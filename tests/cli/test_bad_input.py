@@ -431,6 +431,16 @@ CASES: list[tuple[str, Callable[[World], list[str]], list[str]]] = [
     ),
     ("merge-other-base", _other_base("merge"), ["another base"]),
     (
+        "merge-onto-dequantized-without-quantization",
+        lambda w: ["merge", "--out", str(w.root / "m"), "--run", str(w.run), "--onto", "dequantized"],
+        ["--onto dequantized", "unquantized base", "--onto original"],
+    ),
+    (
+        "merge-onto-unknown",
+        lambda w: ["merge", "--out", str(w.root / "m"), "--run", str(w.run), "--onto", "packed"],
+        ["--onto 'packed'", "original, dequantized"],
+    ),
+    (
         "merge-latest-run-not-utf8",
         _latest_run_bytes(["merge"]),
         ["latest_run: the latest-run record is empty or not UTF-8 text", "--run RUN_DIR"],
@@ -450,6 +460,31 @@ CASES: list[tuple[str, Callable[[World], list[str]], list[str]]] = [
         ["adapter_config.json"],
     ),
     ("export-other-base", _other_base("export"), ["another base"]),
+    (
+        "export-gguf-bad-dtype",
+        lambda w: [
+            "export",
+            "--format",
+            "gguf",
+            "--out",
+            str(w.root / "m.gguf"),
+            "--run",
+            str(w.run),
+            "--dtype",
+            "q4",
+        ],
+        ["--dtype 'q4'", "f16, bf16, q8_0"],
+    ),
+    (
+        "export-gguf-out-is-a-directory",
+        lambda w: ["export", "--format", "gguf", "--out", str(w.root), "--run", str(w.run)],
+        ["is a directory", "model.gguf"],
+    ),
+    (
+        "export-dtype-without-gguf",
+        lambda w: ["export", "--out", str(w.root / "x"), "--run", str(w.run), "--dtype", "f16"],
+        ["--dtype applies to --format gguf only"],
+    ),
     (
         "export-latest-run-not-utf8",
         _latest_run_bytes(["export"]),
