@@ -275,7 +275,8 @@ def _load_with_references(
         model, tokenizer = load_dequantized_base(base, settings, quant)
     else:
         model, tokenizer = load_base(base, "auto", **settings)
-    if (template := run_dir_chat_template(adapter.run_dir, tokenizer, base)) is not None:
+    # adapter.root: a checkpoint holds no config.yaml, its run does
+    if (template := run_dir_chat_template(adapter.root, tokenizer, base)) is not None:
         tokenizer.chat_template = template
     model.eval()
     check_against_base(adapter, model, base)

@@ -122,3 +122,15 @@ def test_unreadable_base_tokenizer_is_one_line_and_writes_nothing(tiny_model_dir
     assert result.exit_code == 2
     assert "tokenizer" in cli_error_line(result) and "--base" in cli_error_line(result)
     assert not out.exists()
+
+
+def test_a_checkpoint_merge_carries_the_runs_chat_template(tiny_model_dir, tmp_path):
+    from abba_cli.ship.merge import merge_run
+
+    run = _chat_run(tmp_path, tiny_model_dir)
+    step = run / "checkpoints" / "step-1"
+    step.mkdir(parents=True)
+    shutil.copy(run / "adapter_model.safetensors", step)
+    (step / "state.json").write_text(json.dumps({"step": 1}))
+    merge_run(out=tmp_path / "merged", run=step, dtype="fp32")
+    assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == CHATML
