@@ -4,8 +4,8 @@
 A chat-trained run ships the chat template it trained with (data.chat_template or the base tokenizer's). A run
 trained on Alpaca prompts (`data.prompts.render_prompt`) has no chat template of its own: serving it through the
 base tokenizer's template is exactly the train/serve mismatch users hit. So its export carries a chat template
-that renders one user turn as the Alpaca prompt, byte for byte (an instruction recipe's input, if any, is part
-of the user's message, as in `prompts.user_message`), and `abba_prompt_format.json` says which format it is.
+that renders one user turn as the input-free Alpaca prompt, byte for byte (the variant with an `### Input:`
+section has no place in a chat message), and `abba_prompt_format.json` says which format it is.
 """
 
 from __future__ import annotations
