@@ -70,7 +70,14 @@ class ServedFormat:
         if self.kind == "alpaca":
             before, after = render_prompt(_SLOT).split(_SLOT)
             how = "the Alpaca prompt the run trained on, as the tokenizer's chat template (one user turn)"
-            return {"format": "alpaca", "description": how, "prompt": before + "{instruction}" + after}
+            return {
+                "format": "alpaca",
+                "description": how,
+                "prompt": before + "{instruction}" + after,
+                "prompt_with_input": render_prompt(
+                    "{instruction}", "{input}"
+                ),  # not expressible as a chat turn
+            }
         return {"format": "chat_template", "description": "the chat template the run trained with"}
 
     def describe(self) -> str:

@@ -60,6 +60,7 @@ def test_alpaca_run_exports_its_prompt_as_the_chat_template(tiny_model_dir, tmp_
     assert served(trained)["input_ids"] == base(trained)["input_ids"]  # the vocabulary is the base's
     record = json.loads((out / PROMPT_FORMAT_FILE).read_text())
     assert record["format"] == "alpaca" and record["prompt"] == render_prompt("{instruction}")
+    assert record["prompt_with_input"].format(instruction="a", input="b") == render_prompt("a", "b")
 
 
 def test_chat_run_exports_the_template_it_trained_with(tiny_model_dir, tmp_path):
