@@ -72,7 +72,7 @@ def _config(tmp: Path, model_dir: Path, out: str, adapter: str, accum: int) -> P
         adapter={**adapter_cfg, "target_modules": ["q_proj", "v_proj", "down_proj"]},
         data={"path": str(_rows(tmp / "rows.jsonl")), "val_samples": 3},
         train={
-            "eval_every": 2,
+            "eval_every": STEPS,  # validation at the end only: ABBA_TEST_SIGTERM_AT counts training micro-batches
             "max_steps": STEPS,
             "micro_batch_size": 1,
             "grad_accum_steps": accum,
@@ -134,7 +134,7 @@ def two(request, tiny_model_dir, tmp_path_factory) -> dict:
     assert stop.returncode != 0 and f"stopped by SIGTERM after step 3/{STEPS}" in stop.stderr, stop.stderr[
         -4000:
     ]
-    out["abba"], out["lora"], out["log"] = tmp / "abba", tmp / "lora", stop.stderr
+    out["abba"], out["lora"], out["log"] = tmp / "abba", tmp / "lora", stop.stderr + stop.stdout
     out["checkpoints_at_stop"] = sorted(p.name for p in (tmp / "stopped" / "checkpoints").iterdir())
     resumed = _torchrun(tmp, config, strategy, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
@@ -167,11 +167,11 @@ def test_two_processes_match_one_with_the_same_global_batch(two, single, adapter
     assert max(r["grad_norm"] for r in m1) > 0.1  # so clipping acted
     # 3 validation examples over 2 processes (2 + 1): the token sums are reduced, so val_loss is the same.
     v1, v2 = ([r["val_loss"] for r in m if "val_loss" in r] for m in (m1, m2))
-    assert len(v1) == 2 and v2 == pytest.approx(v1, rel=1e-4)
+    assert len(v1) == 1 and v2 == pytest.approx(v1, rel=1e-4)
 
 
 def test_only_the_main_process_writes(two):
-    assert two["log"].count("run directory:") == 3  # each of the launch's three runs printed it once
+    assert two["log"].count("run directory:") == 2  # once by each finished run, not per process
     run = two["abba"]
     assert [r["step"] for r in _metrics(run)] == list(
         range(1, STEPS + 1)
