@@ -4,7 +4,8 @@ For each strategy (one launch training ABBA, LoRA and a run stopped by SIGTERM, 
 adapter after 4 steps (accumulation 2, clipping active) matches one process with the same global batch, for ABBA
 in bf16 (a bf16 base, bf16 autocast) and LoRA in fp32, and is saved in fp32; a real SIGTERM on one process
 mid-run, then --resume, ends at the very adapter of the uninterrupted run; DeepSpeed's engine stepped exactly
-once per logged step; zero3's saved adapter holds full, non-empty tensors. DeepSpeed runs on CPU with its CPU accelerator (DS_ACCELERATOR=cpu, set by abba).
+once per logged step; zero3's saved adapter holds full, non-empty tensors. DeepSpeed runs on CPU with its CPU
+accelerator (DS_ACCELERATOR=cpu, set by abba).
 
 Tolerance against one process: |a - b| <= 1e-4 * max|a| per tensor. The same sums are taken in another order
 (one process accumulates 4 micro-batches; 2 processes accumulate 2 and all-reduce / reduce-scatter, ZeRO
