@@ -56,13 +56,3 @@ def apply_deepspeed_precision(hf: dict, mixed_precision: str, config_file: str) 
                 "lower_precision_safe_modules": [],
             },
         )
-
-
-def describe_precision(strategy: str, mixed_precision: str) -> str:
-    """What the plan line says about precision: the dtype of the factors, their gradients and the compute."""
-    if mixed_precision == "no":
-        return "fp32 compute"
-    engine = {"fsdp": "FSDP2 reduce", "zero2": "ZeRO reduce", "zero3": "ZeRO reduce"}.get(
-        strategy, "all-reduce"
-    )
-    return f"{mixed_precision} autocast compute; adapter factors, their gradient accumulation and {engine} in fp32"
