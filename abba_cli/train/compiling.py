@@ -3,7 +3,8 @@
 Each decoder layer is compiled in place (`nn.Module.compile`, so state-dict keys, the engines' hooks and saving
 are unchanged) rather than the whole model: the layers are one class, so they share one compiled graph (a
 32-layer model compiles one layer, not 32), and the model's own top level (masks, loss) stays eager. It runs
-after `prepare()`, so FSDP2's sharding hooks and DeepSpeed's are in place before tracing.
+after `prepare()`, so FSDP2's sharding hooks and DeepSpeed's are in place before tracing (FSDP2's are skipped by
+dynamo and run eagerly; ZeRO-3's are traced, so zero3 refuses train.compile).
 
 Compilations are bounded. Lengths: batches are padded to a multiple of PAD_MULTIPLE tokens (the collator) and
 the layers compile with dynamic shapes, so one graph serves every length. Paths: `auto` is resolved once per layer
@@ -18,8 +19,22 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from abba_cli.errors import UserError
+
 # Token counts per row are padded to this multiple when compiling: fewer distinct shapes, aligned kernels.
 PAD_MULTIPLE = 64
+
+
+def check_engine_compiles(strategy: str) -> None:
+    """Refuse train.compile where the engine's own hooks defeat it: ZeRO-3 gathers each module's parameters in
+    module hooks that run inside the compiled layer, and dynamo traces them and recompiles layer after layer
+    (2 CPU processes, 2 tiny layers: 28 graphs, against 2 under ddp, fsdp and zero2) until it gives up and runs
+    eagerly."""
+    if strategy == "zero3":
+        raise UserError(
+            "train.compile with distributed.strategy zero3: DeepSpeed's parameter-gathering hooks make every "
+            "layer recompile; use fsdp (it shards the same way and compiles once), or train.compile false"
+        )
 
 
 def decoder_layers(model: Any) -> list[Any]:

@@ -47,6 +47,10 @@ def setup_accelerator(cfg: RunConfig, run_dir: Path) -> tuple[Any, str]:
             f"adapter.type full with distributed.strategy {strategy}: the final model is not gathered from its "
             "shards yet; use ddp or zero2 for full fine-tuning"
         )
+    if t.compile:
+        from abba_cli.train.compiling import check_engine_compiles
+
+        check_engine_compiles(strategy)
     # Accelerator's own gradient_accumulation_steps stays 1: it would divide each micro-batch's loss by it,
     # and the loop already normalises by the whole step's target tokens (loop.accumulate_gradients). The loop
     # marks the last micro-batch of a step itself (DeepSpeed's engine steps there; see loop.py).

@@ -16,7 +16,8 @@ from helpers import cli, tiny_config, write_jsonl
 from safetensors.torch import load_file
 
 from abba_cli.data.collate import DataCollator
-from abba_cli.train.compiling import PAD_MULTIPLE
+from abba_cli.errors import UserError
+from abba_cli.train.compiling import PAD_MULTIPLE, check_engine_compiles
 
 # Graphs a training run may build: one for the first decoder layer (its input, the frozen embedding's output,
 # needs no gradient) and one shared by every other layer; lengths and paths add none.
@@ -34,6 +35,13 @@ def test_padding_to_the_multiple_stops_at_max_length():
     collate = DataCollator(pad_token_id=1, pad_to_multiple_of=PAD_MULTIPLE, max_length=100)
     rows = lambda n: [{"input_ids": [5] * n, "labels": [5] * n}]  # noqa: E731
     assert [collate(rows(n))["input_ids"].shape[1] for n in (1, 64, 65, 99, 100)] == [64, 64, 100, 100, 100]
+
+
+def test_zero3_refuses_compile_and_the_other_engines_take_it():
+    for strategy in ("ddp", "fsdp", "zero2"):
+        check_engine_compiles(strategy)
+    with pytest.raises(UserError, match="train.compile with distributed.strategy zero3"):
+        check_engine_compiles("zero3")
 
 
 def _rows(n: int) -> list[dict]:
