@@ -104,15 +104,23 @@ def train(
 def validate(
     config: Path = typer.Argument(..., help="Run config YAML."),
     set_: list[str] = typer.Option([], "--set", help="Override a key: --set adapter.r1=8 (repeatable)."),
+    device: str | None = typer.Option(
+        None,
+        "--device",
+        help="Price ABBA's paths for this device type: cuda | cpu (default: the one abba train would use here).",
+    ),
 ) -> None:
     """Print the resolved config and the trainable-parameter summary without training."""
     from abba_cli.config import load_config
     from abba_cli.run.layout import refuse_run_dir_as_config
+    from abba_cli.train.execution_plan import DEVICE_TYPES
     from abba_cli.train.plan import validate_run
 
     refuse_run_dir_as_config(config)
+    if device is not None and device not in DEVICE_TYPES:
+        raise UserError(f"--device {device!r}: expected one of {', '.join(DEVICE_TYPES)}")
     cfg = load_config(config, set_)
-    validate_run(cfg, config_path=config)
+    validate_run(cfg, config_path=config, device=device)
 
 
 @app.command("eval")

@@ -217,8 +217,11 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
     compile: bool = Field(
         False,
-        description="torch.compile the model in place before training (every ABBA path traces; off until a GPU "
-        "measurement says it pays).",
+        description="torch.compile each decoder layer in place after the engine wraps the model (one graph "
+        "shared by all layers, lengths padded to a multiple of 64; off until a GPU measurement says it pays).",
+    )
+    compile_backend: Literal["inductor", "aot_eager", "cudagraphs"] = Field(
+        "inductor", description="torch.compile backend of train.compile (aot_eager: no kernel generation)."
     )
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N optimizer steps.")
     save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")

@@ -205,11 +205,13 @@ def cli_error_line(result) -> str:
 
 def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """The environment of an `abba` subprocess in a test: offline, its own ABBA_HOME under tmp_path, one OMP thread
-    (the same kernels in every run: bitwise comparisons need it), plus `extra`."""
+    (the same kernels in every run: bitwise comparisons need it), this checkout's abba_cli first on the path (not
+    whichever one the venv's editable install points at), plus `extra`."""
     import os
 
     return dict(
         os.environ,
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
         ABBA_HOME=str(tmp_path / "abba-home"),

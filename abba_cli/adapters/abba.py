@@ -393,12 +393,13 @@ class ABBALinear(AdapterLinear):
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.B1.float() @ self.A1.float()) * (self.B2.float() @ self.A2.float())
 
-    def resolved_path(self, tokens: int, dropout: bool = False) -> str:
-        """The path a forward over `tokens` tokens runs. With dropout active there is no hybrid path: a forced
-        `hybrid` then runs as `khatri_rao`, its gradient half (training with dropout stays exact, just not fused)."""
+    def resolved_path(self, tokens: int, dropout: bool = False, device_type: str | None = None) -> str:
+        """The path a forward over `tokens` tokens runs on `device_type` (default: where the weight is now). With
+        dropout active there is no hybrid path: a forced `hybrid` then runs as `khatri_rao`, its gradient half
+        (training with dropout stays exact, just not fused)."""
         if self.path == "auto":
-            # The constants of the device the layer's weight is on now (a dict lookup: torch.compile traces it).
-            costs = cost_constants(self.weight.device.type)
+            # The constants of the device type (a dict lookup: torch.compile traces it).
+            costs = cost_constants(device_type or self.weight.device.type)
             return choose_path(self.out_features, self.in_features, self.r1, self.r2, tokens, dropout, costs)
         if self.path == "hybrid" and dropout:
             return "khatri_rao"
@@ -423,8 +424,9 @@ class ABBALinear(AdapterLinear):
             return _MergedABBA.apply(x, x_adapter, self.weight, self.bias, self.scaling, *factors)
 
 
-def describe_paths(model: nn.Module, tokens: int) -> str | None:
-    """One line saying which exact path each ABBA layer runs for a micro-batch of `tokens` tokens (None: no ABBA).
+def describe_paths(model: nn.Module, tokens: int, device_type: str | None = None) -> str | None:
+    """One line saying which exact path each ABBA layer runs for a micro-batch of `tokens` tokens on `device_type`
+    (default: where each layer's weight is now); None when the model has no ABBA layer.
 
     Adapter dropout counts as it will in training (it is what decides whether the fused paths exist).
     """
@@ -432,7 +434,7 @@ def describe_paths(model: nn.Module, tokens: int) -> str | None:
     for name, module in model.named_modules():
         if isinstance(module, ABBALinear):
             dropout = isinstance(module.dropout, nn.Dropout) and module.dropout.p > 0
-            by_path.setdefault(module.resolved_path(tokens, dropout), []).append(name)
+            by_path.setdefault(module.resolved_path(tokens, dropout, device_type), []).append(name)
     if not by_path:
         return None
     parts = []

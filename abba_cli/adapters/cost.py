@@ -61,6 +61,13 @@ LAUNCHES = {
 }
 
 
+def constants_name(device_type: str) -> str:
+    """Which constants `auto` prices a device type with, in words (the plan line and `abba validate` say it)."""
+    if device_type in DEVICE_COSTS:
+        return f"the {device_type.upper()} constants"
+    return f"the CUDA constants ({device_type} has none of its own)"
+
+
 def cost_constants(device_type: str = "cpu") -> dict[str, float]:
     """The constants `auto` uses on a device type (a copy; accelerators other than CUDA use CUDA's)."""
     return dict(DEVICE_COSTS.get(device_type, CUDA_COSTS))

@@ -94,6 +94,8 @@ def fsdp_plugin(cfg: RunConfig) -> Any:
     parameters stay the original ones (DTensors), so clipping and the optimizer see every trainable tensor."""
     from accelerate.utils import FullyShardedDataParallelPlugin
 
+    from abba_cli.train.precision import fsdp_mixed_precision_policy
+
     d = cfg.distributed
     return FullyShardedDataParallelPlugin(
         fsdp_version=2,
@@ -106,6 +108,8 @@ def fsdp_plugin(cfg: RunConfig) -> Any:
         # Only the main process reads the base weights; the others build it on the meta device (transformers
         # does this under this flag) and receive every tensor, adapters included, by broadcast in prepare().
         cpu_ram_efficient_loading=True,
+        # Kept by Accelerate (it builds a bf16-everywhere policy only when none is given): train/precision.py.
+        mixed_precision_policy=fsdp_mixed_precision_policy(),
     )
 
 
@@ -117,6 +121,8 @@ def deepspeed_plugin(cfg: RunConfig, strategy: str) -> Any:
         os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed otherwise assumes CUDA and fails to import its ops
     from accelerate.utils import DeepSpeedPlugin
 
+    from abba_cli.train.precision import apply_deepspeed_precision
+
     t, d = cfg.train, cfg.distributed
     config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
     if config_file != "none":
@@ -125,6 +131,9 @@ def deepspeed_plugin(cfg: RunConfig, strategy: str) -> Any:
         hf = HfDeepSpeedConfig(config_file).config
     else:
         hf = {"zero_optimization": {"stage": ZERO_STAGE[strategy]}}
+    apply_deepspeed_precision(
+        hf, t.mixed_precision, config_file if config_file != "none" else "the DeepSpeed config"
+    )
     hf.setdefault("train_micro_batch_size_per_gpu", t.micro_batch_size)
     hf.setdefault("gradient_accumulation_steps", t.grad_accum_steps)
     hf.setdefault("train_batch_size", "auto")
@@ -189,6 +198,8 @@ def select_fsdp_on_cpu_processes(accelerator: Any, plugin: Any) -> None:
     )
     if plugin is None or not (accelerator.distributed_type == DistributedType.MULTI_CPU or unset):
         return
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)  # as Accelerate's GPU path does (state.py)
     state.fsdp_plugin = plugin
     state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP

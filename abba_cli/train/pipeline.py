@@ -22,6 +22,7 @@ from pathlib import Path
 
 from abba_cli.config import RunConfig
 from abba_cli.run.training_dir import RunLock, check_run_dir
+from abba_cli.train.compiling import compile_for_training
 from abba_cli.train.context import Run
 from abba_cli.train.distributed import describe_engine
 from abba_cli.train.finish import finish
@@ -66,6 +67,8 @@ def _run_training(cfg: RunConfig, resume: bool, dry_run: bool) -> Path | None:
             return None
         optimizer, scheduler = setup_optimizer(cfg, params, data)
         model, optimizer = accelerator.prepare(model, optimizer)
+        # After prepare(): the engines' hooks (FSDP2's all-gathers, DeepSpeed's) are in place before tracing.
+        compiled = compile_for_training(model, cfg.train.compile_backend) if cfg.train.compile else None
         # FSDP2 replaces each parameter by a sharded DTensor: clipping and the finiteness check need those.
         params = [p for p in model.parameters() if p.requires_grad]
         run = Run(cfg, run_dir, accelerator, model, tokenizer, params, data, optimizer, scheduler, strategy)
@@ -77,5 +80,7 @@ def _run_training(cfg: RunConfig, resume: bool, dry_run: bool) -> Path | None:
         # SIGINT/SIGTERM do not kill the loop mid-step: it finishes the step, checkpoints, says how to resume.
         with GracefulStop() as run.stop:
             fit(run)
+        if compiled is not None and run.main:
+            compiled.report()
         finish(run)
     return run_dir

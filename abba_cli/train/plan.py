@@ -7,16 +7,17 @@ from pathlib import Path
 from abba_cli.config import RunConfig, dump_config
 
 
-def validate_run(cfg: RunConfig, config_path: str | Path) -> None:
+def validate_run(cfg: RunConfig, config_path: str | Path, device: str | None = None) -> None:
     """Print the resolved config and the trainable-parameter summary.
 
     The model is built from its config on the meta device: no weights are read, so validating a 9B config is
-    instant and needs no GPU (shapes, target matching and rank limits are all checked the same way).
+    instant and needs no GPU (shapes, target matching and rank limits are all checked the same way). The ABBA
+    paths are priced for the device training would use here (as `abba train` prices them), or for `device`.
     """
     from abba_cli.adapters import inject_adapters, trainable_summary
-    from abba_cli.adapters.abba import describe_paths
     from abba_cli.data.training_set import check_examples, load_train_examples
     from abba_cli.models.loading import load_configured_base
+    from abba_cli.train.execution_plan import describe_execution, fix_auto_paths, training_device_type
 
     print(f"# resolved config from {config_path}")
     print(dump_config(cfg), end="")
@@ -33,7 +34,10 @@ def validate_run(cfg: RunConfig, config_path: str | Path) -> None:
         from abba_cli.train.lora_pro import describe_state
 
         print(f"# {describe_state(model)}")
-    plan = describe_paths(model, cfg.train.micro_batch_size * cfg.data.max_seq_len)
+    tokens, device_type = cfg.train.micro_batch_size * cfg.data.max_seq_len, training_device_type(device)
+    if cfg.train.compile:
+        fix_auto_paths(model, tokens, device_type)  # as abba train does
+    plan = describe_execution(model, tokens, device_type, fixed=cfg.train.compile)
     if plan:
-        print(f"{plan} (full-length micro-batch; `auto` re-decides per batch)")
+        print(plan)
     print(check_examples(cfg.data, examples, tokenizer, cfg.model.name_or_path))

@@ -47,6 +47,10 @@ def setup_accelerator(cfg: RunConfig, run_dir: Path) -> tuple[Any, str]:
             f"adapter.type full with distributed.strategy {strategy}: the final model is not gathered from its "
             "shards yet; use ddp or zero2 for full fine-tuning"
         )
+    if t.compile:
+        from abba_cli.train.compiling import check_engine_compiles
+
+        check_engine_compiles(strategy)
     # Accelerator's own gradient_accumulation_steps stays 1: it would divide each micro-batch's loss by it,
     # and the loop already normalises by the whole step's target tokens (loop.accumulate_gradients). The loop
     # marks the last micro-batch of a step itself (DeepSpeed's engine steps there; see loop.py).
@@ -99,9 +103,10 @@ def setup_model(cfg: RunConfig, accelerator: Any = None, strategy: str = "ddp") 
         model.enable_input_require_grads()
     model.config.use_cache = False
     if cfg.train.compile:
-        from abba_cli.adapters import compile_model
+        # Compiled after prepare() (train/compiling.py); the paths are fixed now so the plan line shows them.
+        from abba_cli.train.execution_plan import fix_auto_paths, training_device_type
 
-        compile_model(model)  # in place: state-dict keys, saving and resume are unchanged
+        fix_auto_paths(model, cfg.train.micro_batch_size * cfg.data.max_seq_len, training_device_type())
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError(
@@ -111,15 +116,19 @@ def setup_model(cfg: RunConfig, accelerator: Any = None, strategy: str = "ddp") 
 
 
 def _match_main_dtype(model: Any, accelerator: Any) -> None:
-    """Give the meta skeleton the dtype the main process loaded (`model.dtype: auto` reads it from the
-    checkpoint): every process's shards must have one dtype."""
+    """Give the meta skeleton's parameters the dtype the main process loaded (`model.dtype: auto` reads it from
+    the checkpoint): every process's shards must have one dtype. Parameters only: buffers keep the dtype the
+    model's code gave them, as on the main process (a bf16 rotary `inv_freq` would encode positions otherwise)."""
     from accelerate.utils import broadcast_object_list
 
     dtype = [str(model.dtype).removeprefix("torch.")]
     broadcast_object_list(dtype, from_process=0)
     import torch
 
-    model.to(getattr(torch, dtype[0]))
+    target = getattr(torch, dtype[0])
+    for param in model.parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(target)
 
 
 @contextmanager
@@ -170,7 +179,7 @@ def run_extension(cfg: RunConfig, resume: Resume | None, data: TrainData) -> int
 
 def print_plan(cfg: RunConfig, model: Any, data: TrainData, world: int, engine: str = "") -> None:
     from abba_cli.adapters import trainable_summary
-    from abba_cli.adapters.abba import describe_paths
+    from abba_cli.train.execution_plan import describe_execution, training_device_type
 
     t = cfg.train
     print(trainable_summary(model), file=sys.stderr)
@@ -178,9 +187,10 @@ def print_plan(cfg: RunConfig, model: Any, data: TrainData, world: int, engine: 
         from abba_cli.train.lora_pro import describe_state
 
         print(describe_state(model), file=sys.stderr)
-    plan = describe_paths(model, t.micro_batch_size * cfg.data.max_seq_len)
+    tokens = t.micro_batch_size * cfg.data.max_seq_len
+    plan = describe_execution(model, tokens, training_device_type(), fixed=t.compile)
     if plan:
-        print(f"{plan} (full-length micro-batch; `auto` re-decides per batch)", file=sys.stderr)
+        print(plan, file=sys.stderr)
     print(
         f"{len(data.train)} training examples, {data.per_epoch} micro-batches of {t.micro_batch_size} per epoch "
         f"x {world} process(es){f' ({engine})' if engine else ''}; {data.total_steps} optimizer steps of {t.grad_accum_steps} micro-batches "
@@ -231,6 +241,7 @@ def build_dataset(
     training source before the training subset is drawn (recipes.load_split), so the two never overlap."""
     from abba_cli.data.collate import make_collator
     from abba_cli.data.training_set import prepare_train_dataset
+    from abba_cli.train.compiling import PAD_MULTIPLE
 
     d = cfg.data
     dataset, val_dataset = prepare_train_dataset(d, tokenizer, cfg.model.name_or_path, main_process_first)
@@ -238,7 +249,9 @@ def build_dataset(
         raise UserError(
             f"data.recipe {d.recipe!r}: no training examples left (check data.num_samples/skip_samples)"
         )
-    return dataset, val_dataset, make_collator(tokenizer), examples_sha256(dataset)
+    # Compiled layers see few distinct lengths: multiples of PAD_MULTIPLE up to max_seq_len.
+    pad = (PAD_MULTIPLE, d.max_seq_len) if cfg.train.compile else (None, None)
+    return dataset, val_dataset, make_collator(tokenizer, *pad), examples_sha256(dataset)
 
 
 def examples_sha256(dataset: Any) -> str:

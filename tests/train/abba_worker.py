@@ -3,8 +3,8 @@ act from inside the process, at a known point, through real signals. `train-each
 several configs in turn in the same processes (one launch instead of one per run: a torchrun start-up imports
 torch, transformers and the engines again on every process).
 
-- ABBA_TEST_SIGTERM_AT=N: the process of rank 1 sends itself SIGTERM during its N-th micro-batch (inside the
-  loss, through the run's `loss_fn` seam), so a stop lands at a known step on one process only: every process
+- ABBA_TEST_SIGTERM_AT=N: the process of rank 1 sends itself SIGTERM during its N-th training micro-batch (inside
+  the loss, through the run's `loss_fn` seam), so a stop lands at a known step on one process only: every process
   must still agree to stop after that step, checkpoint and exit (tests/train/test_distributed_strategies.py).
   With `train-each`, only in the run whose output folder is named ABBA_TEST_SIGTERM_RUN, counted from its start.
 - ABBA_TEST_SIGINT_IN_LOAD=1: the process sends itself SIGINT as the base model starts loading
@@ -29,8 +29,11 @@ if _AT and os.environ.get("RANK") == "1":
     _loss_fn = Run.loss_fn
 
     def _loss_then_sigterm(self, logits, labels):
-        _calls[0] += 1
-        if _armed[0] and _calls[0] == _AT:
+        import torch
+
+        # Training micro-batches only: validation (eval_every) calls the same loss without gradients.
+        _calls[0] += torch.is_grad_enabled()
+        if _armed[0] and _calls[0] == _AT and torch.is_grad_enabled():
             os.kill(os.getpid(), signal.SIGTERM)
         return _loss_fn(self, logits, labels)
 
