@@ -134,7 +134,9 @@ def evaluate_task(
     mine = [left[j] for j in processes.share([lengths[i] for i in left])]
     todo = [examples[i] for i in mine]
     prompts = [all_prompts[i] for i in mine]
-    processes.barrier()  # every process has read the old files before any writes its own
+    if processes.is_main and not resume:
+        eval_results.drop_partials(task_dir)
+    processes.barrier()  # every process has read (or dropped) the old files before any writes its own
 
     start = time.perf_counter()
     with eval_results.PartialPredictions(task_dir, key, fresh=not resume, rank=processes.rank) as partial:

@@ -187,7 +187,7 @@ def generate_batches(
         return
     device = device or next(model.parameters()).device
     gen_cfg = greedy_generation_config(model, tokenizer, max_new_tokens, stop)
-    eos_ids = torch.tensor(gen_cfg.eos_token_id, device=device)
+    eos_ids = torch.tensor(gen_cfg.eos_token_id, dtype=torch.long, device=device)
     stop_criterion = StopStringCriteria(tokenizer, list(stop)) if stop else None
     encoded = tokenizer(list(prompts))["input_ids"]
     waiting = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)

@@ -182,6 +182,11 @@ def finalize(task_dir: Path, rows: list[dict], metrics: dict[str, Any]) -> None:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     atomic_write_json(task_dir / METRICS, metrics)
+    drop_partials(task_dir)
+
+
+def drop_partials(task_dir: Path) -> None:
+    """Remove every process's partial file (a fresh start must not leave an older run's rows to a later --resume)."""
     for partial in partial_files(task_dir):
         partial.unlink(missing_ok=True)
 

@@ -165,3 +165,31 @@ def test_resume_reuses_every_process_partial_predictions(tiny_model_dir, tmp_pat
     metrics = json.loads((task / "metrics.json").read_text())
     assert (metrics["generated"], metrics["resumed"], metrics["processes"]) == (1, 3, 1)
     assert eval_results.partial_files(task) == []
+
+
+def test_overwrite_drops_every_process_partial_file(tiny_model_dir, tmp_path, monkeypatch):
+    """An --overwrite interrupted and then resumed must not reuse rows an older multi-process run left behind."""
+    import abba_cli.eval.evaluate as evaluate
+
+    out = tmp_path / "results"
+    args = ["eval", "--task", "gsm8k", "--model", tiny_model_dir, "--limit", "2", "--batch-size", "1"]
+    args += ["--max-new-tokens", "4", "--out", out]
+    assert cli(*args).exit_code == 0
+    task = out / "gsm8k"
+    key = json.loads((task / "metrics.json").read_text())["resume_key"]
+    with eval_results.PartialPredictions(task, key, fresh=True, rank=3) as stale:  # an older 4-process run's
+        stale.append([{"id": f"gsm8k-{i}", "prompt": "p", "output": "stale"} for i in range(2)])
+    real = evaluate.generate_batches
+
+    def stop_after_first(*a, **k):
+        for batch in real(*a, **k):
+            yield batch
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "generate_batches", stop_after_first)
+    assert cli(*args, "--overwrite").exit_code != 0
+    monkeypatch.setattr(evaluate, "generate_batches", real)
+    resumed = cli(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert "stale" not in (task / "predictions.jsonl").read_text()
+    assert eval_results.partial_files(task) == []
