@@ -8,9 +8,9 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import load_benchmark
 
 from abba_cli.config import load_config
+from benchmarks import quant_bench as bench
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_CONFIGS = [
@@ -48,7 +48,6 @@ def test_gpu_variant_trains_what_the_paper_config_trains(name):
 
 @pytest.mark.parametrize("name", PAPER_CONFIGS)
 def test_gpu_variant_states_the_memory_it_is_computed_to_need(name):
-    bench = load_benchmark("quant_bench")
     path = ROOT / "configs" / "gpu80" / f"{name}.yaml"
     cfg = load_config(path)
     arch = next(v for k, v in bench.PAPER.items() if f"configs/{name}.yaml" in k)
