@@ -25,7 +25,7 @@ from abba_cli.eval.generate import generate
 from abba_cli.eval.processes import EvalProcesses, eval_processes
 from abba_cli.eval.target import load_model_for_eval
 
-PROMPTS = [f"Natalia sold {i} clips" + " to her friends" * (i % 5) for i in range(12)]
+PROMPTS = [f"Natalia sold {i} clips" + " to her friends" * (i % 5) for i in range(10)]
 MISTRAL = LlamaConfig(
     hidden_size=4096,
     intermediate_size=14336,
@@ -52,21 +52,17 @@ def _decode_rows(model) -> list[int]:
 
 def test_finished_rows_leave_the_batch_and_outputs_do_not_change(tiny_loaded):
     model, tok, device = tiny_loaded
-    free = generate(model, tok, PROMPTS, batch_size=1, max_new_tokens=20, device=device)
+    free = generate(model, tok, PROMPTS, batch_size=4, max_new_tokens=16, device=device)
     # Stop strings the model really produces at different points, so rows finish at different steps.
     stops = sorted({text[5:7] for text in free if text[5:7].strip()})[:3]
-    one = [
-        generate(model, tok, [p], batch_size=1, max_new_tokens=20, stop=stops, device=device)[0]
-        for p in PROMPTS
-    ]
-    steps_alone = []
     rows = _decode_rows(model)
+    one, steps_alone = [], []
     for p in PROMPTS:
         rows.clear()
-        generate(model, tok, [p], batch_size=1, max_new_tokens=20, stop=stops, device=device)
+        one.append(generate(model, tok, [p], batch_size=1, max_new_tokens=16, stop=stops, device=device)[0])
         steps_alone.append(len(rows))
     rows.clear()
-    batched = generate(model, tok, PROMPTS, batch_size=4, max_new_tokens=20, stop=stops, device=device)
+    batched = generate(model, tok, PROMPTS, batch_size=4, max_new_tokens=16, stop=stops, device=device)
     assert batched == one
     assert len(set(steps_alone)) > 1, steps_alone  # rows do finish at different steps
     # A batch that runs until its slowest row stops costs, per batch of 4 (longest prompts first), 4 x its
