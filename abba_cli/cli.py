@@ -151,7 +151,13 @@ def eval_(
         min=0,
         help="Skip the first N examples of each task (default: the run's eval.skip, else 0).",
     ),
-    batch_size: int | None = typer.Option(None, "--batch-size", min=1, help="Prompts per generation batch."),
+    batch_size: int | None = typer.Option(
+        None,
+        "--batch-size",
+        min=1,
+        help="Prompts per generation batch (default: the run's eval.batch_size, else 8 on a CPU and on a GPU as "
+        "many as the model's KV cache fits, up to 256).",
+    ),
     max_new_tokens: int | None = typer.Option(
         None, "--max-new-tokens", min=1, help="Override per-task limit."
     ),

@@ -247,7 +247,12 @@ class EvalConfig(_Strict):
     tasks: list[str] = Field(default_factory=list, description="Tasks evaluated by `abba eval` by default.")
     limit: int | None = Field(None, ge=1, description="Evaluate on the first N examples of each task.")
     skip: int = Field(0, ge=0, description="Skip the first N examples of each task (disjoint from training).")
-    batch_size: int = Field(8, ge=1, description="Prompts per generation batch.")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="Prompts per generation batch; unset: chosen for the device (8 on a CPU, on a GPU as many "
+        "as the model's KV cache fits, up to 256).",
+    )
     max_new_tokens: int | None = Field(None, ge=1, description="Overrides each task's own setting.")
 
 

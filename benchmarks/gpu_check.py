@@ -1,17 +1,18 @@
-"""One GPU call that needs no model transfer: a random-initialised Mistral-7B-shaped bf16 model (issue 23.4).
+"""The GPU measurements that need no model transfer: random-initialised Mistral-7B-shaped bf16 layers.
 
 Stages, each written to the results JSON as it finishes (a timeout loses at most the stage it was in; a stage that
 fails records its error and the next one runs):
 - bf16_error: per-path bf16-autocast error of one adapted layer against float64 (output, dx, every factor
   gradient) at the 4096 x 4096 and 14336 x 4096 shapes, 512 tokens; our LoRA for comparison.
-- step_1x512: the shipped regime (micro-batch 1 x 512, gradient checkpointing, accumulation 4): ms per micro-batch,
+- step_1x512 (8 decoder layers): the paper configs' regime (micro-batch 1 x 512, gradient checkpointing, accumulation 4): ms per micro-batch,
   peak memory and the fraction of the step the GPU is busy (kernel time / wall time, from the profiler), for no
   adapter, our LoRA, PEFT LoRA, ABBA `auto` and each forced path; the --compile variants also compiled.
 - step_8x512: micro-batch 8 x 512 without checkpointing, the same rows.
 - layers: one layer forward + backward per path at 512, 4096 and 8192 tokens, timed with CUDA events (>= 10
   repeats), the launches each path ran, and the `auto` constants fitted on them (layer_sweep's fitter).
-- decode: greedy decode ms per step at batch 8, 16 and 64 (as `abba eval` generates, adapter merged: plain
-  Linear layers), and the GSM8K time it implies (1319 questions, every batch to 512 new tokens: an upper bound).
+- decode (all 32 layers): greedy decode ms per step at batch 8, 16 and 64 (as `abba eval` generates, adapter
+  merged: plain Linear layers), and the GSM8K and MATH times it implies (1319 and 5000 questions, every batch to
+  512 new tokens: an upper bound).
 
 `--smoke` runs every stage on the CPU at tiny sizes (tests/benchmarks/test_bench_gpu_check.py), so GPU time is
 never spent on a script that has not run.
@@ -42,17 +43,18 @@ from benchmarks.op_count import OpCounter
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["none", "lora", "peft_lora", "abba", "abba_merged", "abba_khatri_rao", "abba_hybrid"]
 GSM8K_QUESTIONS, GSM8K_NEW_TOKENS = 1319, 512
+MATH_QUESTIONS, MATH_NEW_TOKENS = 5000, 512
 
 SIZES = {
     "full": dict(
-        width=4096, inter=14336, heads=32, kv=8, layers=32, vocab=32000, seq=512, big_batch=8, accum=4,
+        width=4096, inter=14336, heads=32, kv=8, layers=8, decode_layers=32, vocab=32000, seq=512, big_batch=8, accum=4,
         rounds=5, err_shapes=[(4096, 4096), (14336, 4096)], err_tokens=512,
         layer_shapes={"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)},
         layer_ranks=[16, 32, 64], layer_tokens=[512, 4096, 8192], layer_repeats=10,
         decode_batches=[8, 16, 64], decode_prompt=128, decode_new=32,
     ),
     "smoke": dict(
-        width=64, inter=160, heads=4, kv=2, layers=2, vocab=256, seq=32, big_batch=2, accum=2,
+        width=64, inter=160, heads=4, kv=2, layers=2, decode_layers=2, vocab=256, seq=32, big_batch=2, accum=2,
         rounds=1, err_shapes=[(64, 64), (160, 64)], err_tokens=32,
         layer_shapes={"q/o": (64, 64), "gate/up": (160, 64)},
         layer_ranks=[8], layer_tokens=[16, 64], layer_repeats=2,
@@ -275,12 +277,16 @@ def stage_decode(sz: dict, device: str, base) -> list[dict[str, Any]]:
         one = statistics.median(common.time_once(lambda: run(1), device) for _ in range(3))
         full = statistics.median(common.time_once(lambda: run(sz["decode_new"]), device) for _ in range(3))
         step_ms = (full - one) * 1e3 / (sz["decode_new"] - 1)
-        batches = math.ceil(GSM8K_QUESTIONS / batch)
-        gsm8k_min = batches * (one + GSM8K_NEW_TOKENS * step_ms * 1e-3) / 60
+        gsm8k_min = math.ceil(GSM8K_QUESTIONS / batch) * (one + GSM8K_NEW_TOKENS * step_ms * 1e-3) / 60
+        math_min = math.ceil(MATH_QUESTIONS / batch) * (one + MATH_NEW_TOKENS * step_ms * 1e-3) / 60
         rows.append(
-            {"batch": batch, "prefill_s": one, "decode_ms_per_step": step_ms, "gsm8k_upper_min": gsm8k_min}
+            {"batch": batch, "prefill_s": one, "decode_ms_per_step": step_ms, "gsm8k_upper_min": gsm8k_min,
+             "math_upper_min": math_min}
+        )  # fmt: skip
+        print(
+            f"  decode batch {batch}: {step_ms:.1f} ms/step, GSM8K <= {gsm8k_min:.1f} min, MATH <= {math_min:.1f} min",
+            file=sys.stderr,
         )
-        print(f"  decode batch {batch}: {step_ms:.1f} ms/step, GSM8K <= {gsm8k_min:.1f} min", file=sys.stderr)
     return rows
 
 
@@ -288,9 +294,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = common.arg_parser(__doc__)
     p.add_argument("--smoke", action="store_true", help="every stage on the CPU at tiny sizes")
     p.add_argument("--device", help="default: cuda, or cpu with --smoke")
-    p.add_argument(
-        "--layers", type=int, help="decoder layers of the model (default 32; fewer if memory demands)"
-    )
+    p.add_argument("--layers", type=int, help="decoder layers of the training-step model (default 8)")
     p.add_argument(
         "--stages", nargs="+", default=["bf16_error", "step_1x512", "step_8x512", "layers", "decode"]
     )
@@ -314,13 +318,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res: dict[str, Any] = {"config": {**vars(args), "out": str(args.out), "layers": layers, "sizes": sz},
                            "machine": common.machine_info(device), "stages": {}}  # fmt: skip
     common.write_json(args.out, res)
-    base = build_base(sz, device, layers) if set(args.stages) - {"bf16_error", "layers"} else None
+    base = build_base(sz, device, layers) if {"step_1x512", "step_8x512"} & set(args.stages) else None
     stages = {
         "bf16_error": lambda: stage_bf16_error(sz, device),
         "step_1x512": lambda: step_rows(sz, device, base, 1, True, compile_variants, backend),
         "step_8x512": lambda: step_rows(sz, device, base, sz["big_batch"], False, compile_variants, backend),
         "layers": lambda: stage_layers(sz, device),
-        "decode": lambda: stage_decode(sz, device, base),
+        "decode": lambda: stage_decode(sz, device, build_base(sz, device, sz["decode_layers"])),
     }
     for name in args.stages:
         print(f"stage {name}", file=sys.stderr, flush=True)

@@ -19,12 +19,13 @@ from typing import Any
 from abba_cli.data.prompts import render_prompt
 from abba_cli.errors import UserError
 from abba_cli.eval import results as eval_results
+from abba_cli.eval.batch_size import default_batch_size
 from abba_cli.eval.generate import generate_batches, generation_settings, greedy_generation_config
+from abba_cli.eval.processes import EvalProcesses, eval_processes
 from abba_cli.eval.results import TaskResult, format_table
 from abba_cli.eval.scoring import score
 from abba_cli.eval.target import load_model_for_eval, resolve_target, train_prompt_renderer
 from abba_cli.eval.tasks import (
-    DEFAULT_BATCH_SIZE,
     PROTOCOLS,
     TaskProtocol,
     answer_spec,
@@ -95,9 +96,10 @@ def evaluate_task(
     *,
     limit: int | None = None,
     skip: int = 0,
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
     max_new_tokens: int | None = None,
     device=None,
+    processes: EvalProcesses | None = None,
     meta: dict[str, Any] | None = None,
     protocol: str = "ours",
     resume: bool = False,
@@ -106,7 +108,10 @@ def evaluate_task(
     render: Callable[[str, str | None], str] = render_prompt,
 ) -> TaskResult:
     """Generate, score and write `<out_dir>/<task>/predictions.jsonl` and `metrics.json`, appending each
-    finished batch to a partial file first (see abba_cli.eval.results)."""
+    finished batch to a partial file first (see abba_cli.eval.results).
+
+    Under a launcher each process generates its share of the prompts (`processes`); the main process writes
+    the results. `batch_size` None: chosen for the device (abba_cli.eval.batch_size)."""
     from abba_cli.data.recipes import load_recipe
 
     recipe = load_recipe(task)
@@ -115,14 +120,26 @@ def evaluate_task(
     eval_results.refuse_existing(task_dir, resume=resume, overwrite=overwrite)
     examples, source = select_examples(recipe, skip=skip, limit=limit)
     proto = task_protocol(recipe, protocol, max_new_tokens)
+    processes = processes or EvalProcesses(0, 1, device or next(model.parameters()).device)
+    all_prompts = [build_prompt(ex.instruction, ex.input, proto, render) for ex in examples]
+    lengths = [len(ids) for ids in tokenizer(all_prompts)["input_ids"]] if all_prompts else []
+    if batch_size is None:  # from every example, not the ones left: a resumed run picks the same size
+        batch_size = default_batch_size(
+            model, processes.device, max(lengths, default=1), proto.max_new_tokens
+        )
     gen = generation_settings(greedy_generation_config(model, tokenizer, proto.max_new_tokens, proto.stop))
     key = _resume_key(model, meta or {}, batch_size, proto, gen, source)
     done = eval_results.reusable_predictions(task_dir, key) if resume else {}
-    todo = [ex for ex in examples if ex.id not in done]
-    prompts = [build_prompt(ex.instruction, ex.input, proto, render) for ex in todo]
+    left = [i for i, ex in enumerate(examples) if ex.id not in done]
+    mine = [left[j] for j in processes.share([lengths[i] for i in left])]
+    todo = [examples[i] for i in mine]
+    prompts = [all_prompts[i] for i in mine]
+    if processes.is_main and not resume:
+        eval_results.drop_partials(task_dir)
+    processes.barrier()  # every process has read (or dropped) the old files before any writes its own
 
     start = time.perf_counter()
-    with eval_results.PartialPredictions(task_dir, key, fresh=not resume) as partial:
+    with eval_results.PartialPredictions(task_dir, key, fresh=not resume, rank=processes.rank) as partial:
         new_rows: list[dict] = []
         try:
             for batch in generate_batches(
@@ -143,9 +160,11 @@ def evaluate_task(
                         f"eval stopped by {signal_name(stop_request.signum)}", stop_request.signum
                     )
         except (EvalStopped, KeyboardInterrupt):
-            eval_results.say_kept(task_dir, len(examples) - len(todo) + len(new_rows), len(examples))
+            eval_results.say_kept(task_dir, len(examples) - len(left) + len(new_rows), len(examples))
             raise
     seconds = time.perf_counter() - start
+    shares = processes.gather(new_rows)
+    new_rows = [r for share in shares for r in share]
 
     # Re-score every kept output against the current gold: a resumed row is scored like a new one.
     stored = {**done, **{r["id"]: r for r in new_rows}}
@@ -169,17 +188,21 @@ def evaluate_task(
         "response_prefix": proto.response_prefix,
         "limit": limit,
         "skip": skip,
-        "generated": len(todo),
-        "resumed": n - len(todo),
+        "generated": len(left),
+        "resumed": n - len(left),
+        "processes": processes.count,
+        "generated_per_process": [len(share) for share in shares],
         "seconds": round(seconds, 3),
-        "examples_per_s": round(len(todo) / seconds, 4) if seconds > 0 and todo else None,
+        "examples_per_s": round(len(left) / seconds, 4) if seconds > 0 and left else None,
         "generation": {**gen, "batch_size": batch_size, "padding_side": "left"},
         "data_source": source.as_dict(),
         "answer_type": answer_type,
         "resume_key": key,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    eval_results.finalize(task_dir, rows, metrics)
+    if processes.is_main:
+        eval_results.finalize(task_dir, rows, metrics)
+    processes.barrier()  # the results exist for every process once evaluate_task returns
     return TaskResult(task, n, correct, invalid, seconds, task_dir)
 
 
@@ -219,7 +242,6 @@ def run_eval(
         skip = skip if skip is not None else defaults.skip
         batch_size = batch_size or defaults.batch_size
         max_new_tokens = max_new_tokens or defaults.max_new_tokens
-    batch_size = batch_size or DEFAULT_BATCH_SIZE
     skip = skip or 0
     if protocol not in PROTOCOLS:
         raise UserError(f"--protocol {protocol!r}: expected one of {', '.join(PROTOCOLS)}")
@@ -227,7 +249,10 @@ def run_eval(
     for task in task_list:
         eval_results.refuse_existing(Path(target.out_dir) / task, resume=resume, overwrite=overwrite)
 
-    model_obj, tokenizer, device = load_model_for_eval(target.model, target.run_dir, target.load_kwargs)
+    processes = eval_processes()
+    model_obj, tokenizer, device = load_model_for_eval(
+        target.model, target.run_dir, target.load_kwargs, device=processes.device
+    )
     # Train = eval for chat-trained runs too: their prompts go through the chat template they trained with.
     render = train_prompt_renderer(target, tokenizer)
     meta = {
@@ -253,6 +278,7 @@ def run_eval(
                     batch_size=batch_size,
                     max_new_tokens=max_new_tokens,
                     device=device,
+                    processes=processes,
                     meta=meta,
                     protocol=protocol,
                     resume=resume,
@@ -261,6 +287,7 @@ def run_eval(
                     render=render,
                 )
             )
-    print(format_table(results))
-    print(f"results: {target.out_dir}")
+    if processes.is_main:
+        print(format_table(results))
+        print(f"results: {target.out_dir}")
     return results

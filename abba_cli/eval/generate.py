@@ -97,6 +97,70 @@ def as_model_generation_config(model, gen_cfg) -> Iterator[None]:
         model.generation_config = saved
 
 
+class _RowsFinished:
+    """Stopping criterion for one `generate` call over a batch whose rows may have generated different amounts.
+
+    A row is finished at an EOS id, a stop string, or its own token budget. transformers 5 keeps decoding a
+    finished row (fed padding) until the batch's slowest row ends, so once at most `leave_at` rows are still
+    running this ends the whole call: the finished rows leave and waiting prompts take their places.
+    """
+
+    def __init__(self, eos_ids, stop_criterion, prompt_width: int, budgets, leave_at: int) -> None:
+        import torch
+
+        self.eos_ids = eos_ids
+        self.stop_criterion = stop_criterion
+        self.prompt_width = prompt_width
+        self.budgets = budgets
+        self.leave_at = leave_at
+        self.finished = torch.zeros(len(budgets), dtype=torch.bool, device=budgets.device)
+        self.lengths = budgets.clone()  # tokens each finished row generated in this call (eos included)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        made = input_ids.shape[1] - self.prompt_width
+        now = torch.isin(input_ids[:, -1], self.eos_ids) | (made >= self.budgets)
+        if self.stop_criterion is not None:
+            now |= self.stop_criterion(input_ids, scores)
+        newly = now & ~self.finished
+        self.lengths = torch.where(newly, made, self.lengths)
+        self.finished |= now
+        if int((~self.finished).sum()) <= self.leave_at:
+            return torch.ones_like(self.finished)
+        return self.finished.clone()
+
+
+def _generate_round(model, tokenizer, rows, gen_cfg, stop_criterion, eos_ids, device, max_new, leave_at):
+    """One `generate` call over `rows` ([prompt index, token ids so far, generated ids]); returns
+    (finished rows, rows still running), each row's generated ids extended by this call's tokens."""
+    import torch
+    from transformers import StoppingCriteriaList
+
+    batch = tokenizer.pad({"input_ids": [r[1] + r[2] for r in rows]}, padding=True, return_tensors="pt")
+    batch = {k: v.to(device) for k, v in batch.items()}
+    width = batch["input_ids"].shape[1]
+    budgets = torch.tensor([max_new - len(r[2]) for r in rows], device=device)
+    criterion = _RowsFinished(eos_ids, stop_criterion, width, budgets, leave_at)
+    out = model.generate(
+        **batch,
+        generation_config=gen_cfg,
+        max_new_tokens=int(budgets.max()),
+        stopping_criteria=StoppingCriteriaList([criterion]),
+        tokenizer=tokenizer,
+    )
+    new_ids = out[:, width:].tolist()
+    finished = criterion.finished.tolist()
+    lengths = criterion.lengths.tolist()
+    done, running = [], []
+    for row, ids, fin, n in zip(rows, new_ids, finished, lengths, strict=True):
+        if fin:
+            done.append((row[0], row[1], row[2] + ids[:n]))
+        else:  # a running row has generated every step of this call: no padding among its tokens
+            running.append((row[0], row[1], row[2] + ids))
+    return done, running
+
+
 def generate_batches(
     model,
     tokenizer,
@@ -108,38 +172,55 @@ def generate_batches(
     device=None,
     desc: str = "generate",
 ) -> Iterator[list[tuple[int, str]]]:
-    """Greedy completions, yielded one batch at a time as [(prompt index, text cut at its first stop string)].
+    """Greedy completions, yielded as rows finish: [(prompt index, text cut at its first stop string)].
 
     Prompts are sorted by token length (longest first, so memory problems show in the first batch) and batched
-    with left padding and an attention mask.
+    with left padding and an attention mask. Rows leave the batch when they finish: once half of a batch has
+    finished and prompts are waiting, the running rows continue (their tokens so far re-read as a prompt) beside
+    new prompts, instead of the whole batch decoding until its slowest row stops.
     """
     import torch
     from tqdm.auto import tqdm
+    from transformers import StopStringCriteria
 
     if not prompts:  # e.g. --resume of a task whose every example is done
         return
     device = device or next(model.parameters()).device
     gen_cfg = greedy_generation_config(model, tokenizer, max_new_tokens, stop)
+    eos_ids = torch.tensor(gen_cfg.eos_token_id, dtype=torch.long, device=device)
+    stop_criterion = StopStringCriteria(tokenizer, list(stop)) if stop else None
     encoded = tokenizer(list(prompts))["input_ids"]
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
+    waiting = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
+    waiting.reverse()  # popped from the end: longest first
+    running: list = []
     new_tokens = 0
     start = time.perf_counter()
     bar = tqdm(total=len(prompts), desc=desc, unit="ex", file=sys.stderr, dynamic_ncols=True)
     try:
         with torch.inference_mode(), as_model_generation_config(model, gen_cfg):
-            for b in range(0, len(order), batch_size):
-                idx = order[b : b + batch_size]
-                batch = tokenizer.pad(
-                    {"input_ids": [encoded[i] for i in idx]}, padding=True, return_tensors="pt"
+            while waiting or running:
+                while waiting and len(running) < batch_size:
+                    i = waiting.pop()
+                    running.append((i, encoded[i], []))
+                leave_at = len(running) // 2 if waiting else 0
+                done, running = _generate_round(
+                    model,
+                    tokenizer,
+                    running,
+                    gen_cfg,
+                    stop_criterion,
+                    eos_ids,
+                    device,
+                    max_new_tokens,
+                    leave_at,
                 )
-                batch = {k: v.to(device) for k, v in batch.items()}
-                out = model.generate(**batch, generation_config=gen_cfg, tokenizer=tokenizer)
-                gen_ids = out[:, batch["input_ids"].shape[1] :]
-                new_tokens += int((gen_ids != tokenizer.pad_token_id).sum())
-                texts = tokenizer.batch_decode(gen_ids, skip_special_tokens=True)
-                bar.update(len(idx))
+                if not done:
+                    continue
+                new_tokens += sum(len(r[2]) for r in done)
+                texts = tokenizer.batch_decode([r[2] for r in done], skip_special_tokens=True)
+                bar.update(len(done))
                 bar.set_postfix(tok_s=f"{new_tokens / max(time.perf_counter() - start, 1e-9):.1f}")
-                yield [(i, truncate_at_stop(text, stop)) for i, text in zip(idx, texts, strict=True)]
+                yield [(r[0], truncate_at_stop(text, stop)) for r, text in zip(done, texts, strict=True)]
     finally:
         bar.close()
 

@@ -4,6 +4,9 @@
   or a crash keeps every finished generation. Its first line holds the settings the predictions depend on.
 - When the task completes, `predictions.jsonl` and then `metrics.json` are written atomically and the partial
   file is removed. `metrics.json` is what marks a task as finished; a folder without it never looks complete.
+- Under a launcher each process appends its own share to its own partial file
+  (`predictions.rank<N>.jsonl.partial` beside the main process's); the main process alone writes the finished
+  files and removes every partial one.
 - An existing finished result or interrupted partial is never replaced silently: `--resume` continues it
   (skipping finished ids, refused if the settings differ), `--overwrite` starts again (the old files stay until
   the new ones are complete).
@@ -56,6 +59,18 @@ def read_predictions(results_dir: Path, task: str) -> list[dict] | None:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def partial_path(task_dir: Path, rank: int = 0) -> Path:
+    """The partial predictions file of one process (the main process's keeps the name it has alone)."""
+    return task_dir / (PARTIAL if rank == 0 else f"predictions.rank{rank}.jsonl.partial")
+
+
+def partial_files(task_dir: Path) -> list[Path]:
+    """Every process's partial predictions file in `task_dir`, the main process's first."""
+    ranks = sorted(task_dir.glob("predictions.rank*.jsonl.partial")) if task_dir.is_dir() else []
+    main = task_dir / PARTIAL
+    return ([main] if main.is_file() else []) + ranks
+
+
 def refuse_existing(task_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """Before any generation: finished or interrupted results need --resume or --overwrite."""
     if resume and overwrite:
@@ -67,9 +82,9 @@ def refuse_existing(task_dir: Path, *, resume: bool, overwrite: bool) -> None:
             f"{task_dir}: finished results exist; --overwrite replaces them, --resume reuses them "
             "(e.g. to extend them with a larger --limit), or choose another --out"
         )
-    if (task_dir / PARTIAL).is_file():
+    if partials := partial_files(task_dir):
         raise UserError(
-            f"{task_dir}: an interrupted eval is there ({_count_rows(task_dir / PARTIAL)} predictions); "
+            f"{task_dir}: an interrupted eval is there ({sum(map(_count_rows, partials))} predictions); "
             "--resume continues it, --overwrite starts again"
         )
     if task_dir.exists() and not task_dir.is_dir():
@@ -118,14 +133,16 @@ def reusable_predictions(task_dir: Path, key: dict[str, Any]) -> dict[str, dict]
     if (task_dir / METRICS).is_file() and (task_dir / PREDICTIONS).is_file():
         old_key = json.loads((task_dir / METRICS).read_text()).get("resume_key") or {}
         stored.append((old_key, _read_jsonl(task_dir / PREDICTIONS)))
-    partial = task_dir / PARTIAL
-    if partial.is_file():
+    finished = len(stored)
+    for partial in partial_files(task_dir):
         lines = _read_jsonl(partial)
         if not lines or _KEY not in lines[0]:
             raise UserError(f"{partial}: no settings line; --overwrite starts the task again")
         stored.append((lines[0][_KEY], lines[1:]))
-    if stored and stored[-1][0] != key:  # the partial file if there is one, else the finished results
-        raise _key_mismatch(task_dir, stored[-1][0], key)
+    # The partial files if there are any (each must match), else the finished results.
+    for settings, _ in stored[finished:] or stored[-1:]:
+        if settings != key:
+            raise _key_mismatch(task_dir, settings, key)
     matching = [rows for settings, rows in stored if settings == key]
     return {r["id"]: r for rows in matching for r in rows}
 
@@ -133,9 +150,9 @@ def reusable_predictions(task_dir: Path, key: dict[str, Any]) -> dict[str, dict]
 class PartialPredictions:
     """Append-only `predictions.jsonl.partial`: each `append` is flushed and fsynced before it returns."""
 
-    def __init__(self, task_dir: Path, key: dict[str, Any], *, fresh: bool) -> None:
+    def __init__(self, task_dir: Path, key: dict[str, Any], *, fresh: bool, rank: int = 0) -> None:
         task_dir.mkdir(parents=True, exist_ok=True)
-        self.path = task_dir / PARTIAL
+        self.path = partial_path(task_dir, rank)
         existing = self.path.is_file() and not fresh
         self._f = open(self.path, "a" if existing else "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
         if not existing:
@@ -160,12 +177,18 @@ class PartialPredictions:
 
 
 def finalize(task_dir: Path, rows: list[dict], metrics: dict[str, Any]) -> None:
-    """Write predictions.jsonl, then metrics.json (the 'finished' mark), atomically; drop the partial file."""
+    """Write predictions.jsonl, then metrics.json (the 'finished' mark), atomically; drop the partial files."""
     with atomic_file(task_dir / PREDICTIONS) as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     atomic_write_json(task_dir / METRICS, metrics)
-    (task_dir / PARTIAL).unlink(missing_ok=True)
+    drop_partials(task_dir)
+
+
+def drop_partials(task_dir: Path) -> None:
+    """Remove every process's partial file (a fresh start must not leave an older run's rows to a later --resume)."""
+    for partial in partial_files(task_dir):
+        partial.unlink(missing_ok=True)
 
 
 def say_kept(task_dir: Path, done: int, total: int) -> None:

@@ -72,15 +72,19 @@ def resolve_target(
     return EvalTarget(model, run_dir, out_dir, kwargs, eval_defaults, train_data)
 
 
-def load_model_for_eval(target_model: str, run_dir: Path | None, load_kwargs: dict[str, Any] | None = None):
-    """(model, tokenizer, device): the base with the run's adapter merged in and unwrapped."""
+def load_model_for_eval(
+    target_model: str, run_dir: Path | None, load_kwargs: dict[str, Any] | None = None, device=None
+):
+    """(model, tokenizer, device): the base with the run's adapter merged in (on `device`, by default this
+    process's GPU if there is one) and unwrapped."""
     import torch
 
+    from abba_cli.adapters.fold import fold_device
     from abba_cli.models.loading import load_base
     from abba_cli.models.quantization import is_quantized_model
 
     model, tokenizer = load_base(target_model, **(load_kwargs or {}))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or fold_device()
     # bitsandbytes placed a quantized base on its device already, and W0 + dW cannot be packed back exactly.
     quantized = is_quantized_model(model)
     if device.type == "cpu" and model.dtype == torch.float16 and not quantized:
@@ -100,7 +104,9 @@ def load_model_for_eval(target_model: str, run_dir: Path | None, load_kwargs: di
                 f"--run {run_dir}: its adapter does not fit the model {target_model} ({first})"
             ) from None
         # Fold dW into W0 and drop the wrappers: generation then costs exactly what the base model costs.
+        # On the device the model runs on: a GPU folds a 7B model in seconds.
         if not quantized:
+            model.to(device)
             merge_adapters(model)
             unwrap_adapters(model)
     if not quantized:

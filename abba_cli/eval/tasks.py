@@ -14,7 +14,6 @@ from abba_cli.errors import UserError
 
 COMMONSENSE_TASKS = ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa")
 TASK_GROUPS = {"commonsense": COMMONSENSE_TASKS}
-DEFAULT_BATCH_SIZE = 8
 PROTOCOLS = ("ours", "paper")
 # `--limit` on a recipe with generation.limit_order "shuffled" (MATH) takes the first N of this fixed shuffle,
 # so limited runs are identical across calls and a larger --limit extends a smaller one.

@@ -100,19 +100,25 @@ def fold_layers(model, target: torch.dtype) -> dict[str, str]:
     """Replace every adapter layer by an nn.Linear holding W0 + dW (fp32 sum, then cast to `target`); returns each
     layer's weight digest. Raises UserError if a folded weight is not round(W0 + dW) recomputed on its own.
 
-    One layer at a time, so beyond the model only one layer's fp32 weight and dW are alive.
+    One layer at a time, so beyond the model only one layer's fp32 weight and dW are alive; each is folded on
+    the fold device (this process's GPU when there is one) and its result brought back beside the others.
     """
     import torch
     from tqdm.auto import tqdm
 
     from abba_cli.adapters import adapter_layers
+    from abba_cli.adapters.fold import fold_device
+
+    device = fold_device()
 
     # Names only: holding the layer objects would keep every upcast fp32 weight alive until the end.
     names = [name for name, _ in adapter_layers(model)]
     digests = {}
     for name in tqdm(names, desc="merge", unit="layer", disable=None):
         layer = model.get_submodule(name)
+        home = layer.weight.device
         with torch.no_grad():
+            layer.to(device)
             # Upcast first so the layer's own fp32 fold is not rounded to a narrower base dtype on the way.
             layer.weight.data = layer.weight.data.float()
             # Recomputed here, before merge() and apart from its merged flag, so a fold that skipped or
@@ -127,7 +133,7 @@ def fold_layers(model, target: torch.dtype) -> dict[str, str]:
                     f"({bad} of {want.numel()} weights differ); nothing was written"
                 )
             digests[name] = _weight_digest(linear.weight)
-        model.set_submodule(name, linear)
+        model.set_submodule(name, linear.to(home))
         del layer, linear, want
     return digests
 
