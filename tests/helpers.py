@@ -209,7 +209,7 @@ def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     whichever one the venv's editable install points at), plus `extra`."""
     import os
 
-    return dict(
+    env = dict(
         os.environ,
         PYTHONPATH=str(Path(__file__).resolve().parents[1]),
         HF_HUB_OFFLINE="1",
@@ -217,5 +217,5 @@ def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
         ABBA_HOME=str(tmp_path / "abba-home"),
         OMP_NUM_THREADS="1",
         TOKENIZERS_PARALLELISM="false",
-        **extra,
     )
+    return {**env, **extra}
