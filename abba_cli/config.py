@@ -108,9 +108,13 @@ class AdapterConfig(_Strict):
         min_length=1,
         description="Module-name suffixes of the nn.Linear layers to adapt.",
     )
-    init: Literal["default", "pissa"] = Field(
-        "default",
-        description="LoRA init: 'default' (Kaiming A, zero B) or 'pissa' (principal singular vectors).",
+    init: Literal["default", "pissa", "svd", "random", "svd_second", "svd_minor", "svd_zero_a2", "svd_a2"] = (
+        Field(
+            "default",
+            description="'default': each method's own (LoRA: Kaiming A, zero B; ABBA: svd). LoRA: 'pissa' "
+            "(principal singular vectors). ABBA (adapters/abba_init.py): 'svd' (B1 A1 = W0's top SVD, B2 = 0, "
+            "A2 Kaiming), 'random', 'svd_second', 'svd_minor', 'svd_zero_a2', 'svd_a2'; all start at dW = 0.",
+        )
     )
     use_rslora: bool = Field(
         False, description="LoRA, DoRA, LoRA-Pro: rank-stabilised scaling alpha/sqrt(r)."
@@ -152,7 +156,13 @@ class AdapterConfig(_Strict):
             if self.alpha is None:
                 self.alpha = float(2 * self.r) if self.type in LORA_SCALED else float(self.r)
         if self.init == "pissa" and self.type != "lora":
-            raise ValueError("adapter.init 'pissa' applies to lora only (ABBA always uses its SVD init)")
+            raise ValueError(
+                "adapter.init 'pissa' applies to lora only; ABBA's SVD init is adapter.init 'svd'"
+            )
+        if self.init not in ("default", "pissa") and self.type != "abba":
+            raise ValueError(
+                f"adapter.init {self.init!r} is an ABBA initialisation; {self.type} takes default or pissa"
+            )
         return self
 
 

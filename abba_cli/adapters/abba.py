@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd import Function
 
-from abba_cli.adapters.base import AdapterLinear, kaiming_uniform, layer_generator
+from abba_cli.adapters.abba_init import init_pairs
+from abba_cli.adapters.base import AdapterLinear, layer_generator
 from abba_cli.adapters.cost import PATHS, choose_path, cost_constants, path_costs  # noqa: F401 (re-exported)
 
 
@@ -335,12 +336,6 @@ class _HybridABBA(Function):
         return (dx, dw, db, None, *grads)
 
 
-def _init_device(weight: torch.Tensor) -> torch.device:
-    if weight.device.type == "cpu" and torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return weight.device
-
-
 class ABBALinear(AdapterLinear):
     factor_names = ("B1", "A1", "B2", "A2")
     kind = "abba"
@@ -356,10 +351,11 @@ class ABBALinear(AdapterLinear):
         name: str = "",
         seed: int = 0,
         init: bool = True,
+        init_method: str = "svd",
     ) -> None:
         super().__init__(base, scaling, dropout, name)
         m, n = self.out_features, self.in_features
-        self.r1, self.r2, self.path = r1, r2, path
+        self.r1, self.r2, self.path, self.init_method = r1, r2, path, init_method
         device = self.weight.device
         self.B1 = nn.Parameter(torch.zeros(m, r1, device=device))
         self.A1 = nn.Parameter(torch.zeros(r1, n, device=device))
@@ -370,25 +366,14 @@ class ABBALinear(AdapterLinear):
 
     @torch.no_grad()
     def reset_parameters(self, seed: int = 0) -> None:
-        """B1, A1 = U Σ^½, Σ^½ Vᵀ of W0's top r1 (fp32); B2 = 0; A2 Kaiming-uniform: dW = 0, all grads non-zero.
-
-        Zero-initialising both B's would kill every gradient (paper appendix C).
-        """
+        """The factors of `init_method` (abba_init.py; default: B1 A1 = W0's top-r1 SVD, B2 = 0, A2 Kaiming):
+        dW = 0, and every factor gets a gradient from the second step on. On a quantized base W0 is the
+        dequantized weight (frozen_weight), as QPiSSA reads it."""
         gen = layer_generator(seed, self.name)
-        # The SVD runs on the GPU when there is one (Mistral-7B's 224 layers: ~150 s of CPU SVD per process
-        # before this); every process uses the same device type, so every process gets the same factors. On a
-        # quantized base W0 is the dequantized weight (frozen_weight), as QPiSSA reads it.
-        w = self.frozen_weight().to(_init_device(self.weight))
-        with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
-            # svd_lowrank draws its random projection from the global RNG: seed it per layer so every process
-            # (and every rerun) gets the same factors.
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-            u, sigma, v = torch.svd_lowrank(w, q=min(self.r1 + 10, min(w.shape)), niter=4)
-        root = sigma[: self.r1].sqrt()
-        self.B1.copy_(u[:, : self.r1] * root)  # (m, r1)
-        self.A1.copy_(root[:, None] * v[:, : self.r1].T)  # (r1, n)
-        self.B2.zero_()
-        self.A2.copy_(kaiming_uniform((self.r2, self.in_features), gen).to(self.A2.device))
+        pairs = init_pairs(self.init_method, self.frozen_weight(), [self.r1, self.r2], gen)
+        for (b, a), (b_name, a_name) in zip(pairs, (("B1", "A1"), ("B2", "A2")), strict=True):
+            getattr(self, b_name).copy_(b)
+            getattr(self, a_name).copy_(a)
 
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.B1.float() @ self.A1.float()) * (self.B2.float() @ self.A2.float())

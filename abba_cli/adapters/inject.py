@@ -54,7 +54,8 @@ def _build_layer(
         # On a packed weight only the Khatri-Rao path exists (merged/hybrid build W0 + dW); any recorded
         # path is an execution choice, all exact, so an adapter trained on a full base loads here too.
         path = "khatri_rao" if quantized else cfg.path
-        return ABBALinear(base, cfg.r1, cfg.r2, scaling, cfg.dropout, path, name, seed, init)
+        init_method = "svd" if cfg.init == "default" else cfg.init
+        return ABBALinear(base, cfg.r1, cfg.r2, scaling, cfg.dropout, path, name, seed, init, init_method)
     # LoRA-Pro trains plain LoRA factors; only its optimizer step differs (train/lora_pro.py).
     if cfg.type in ("lora", "lora_pro"):
         return LoRALinear(base, cfg.r, scaling, cfg.dropout, cfg.init, name, seed, init)
