@@ -92,6 +92,11 @@ class AdapterConfig(_Strict):
     r1: int | None = Field(None, ge=1, description="ABBA rank of B1 A1 (default 16).")
     r2: int | None = Field(None, ge=1, description="ABBA rank of B2 A2 (default 16).")
     r: int | None = Field(None, ge=1, description="LoRA/HiRA/DoRA/LoRA-Pro rank (default 32).")
+    ranks: list[Annotated[int, Field(ge=1)]] | None = Field(
+        None,
+        description="ABBA as a chain of K pairs, dW = s (B1 A1) ⊙ ... ⊙ (BK AK), with these ranks; paper "
+        "scaling s = alpha^K / sqrt(prod r_k). [a, b] is adapter.r1 a, adapter.r2 b; give one form or the other.",
+    )
     alpha: float | None = Field(
         None,
         gt=0,
@@ -125,10 +130,50 @@ class AdapterConfig(_Strict):
         "Khatri-Rao gradients (hybrid), or the cheapest per layer (auto).",
     )
 
+    def abba_ranks(self) -> list[int]:
+        """ABBA's pair ranks: adapter.ranks, or [r1, r2]."""
+        return list(self.ranks) if self.ranks is not None else [self.r1, self.r2]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_form_of_abba_ranks(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or data.get("ranks") is None:
+            return data
+        given = [k for k in ("r1", "r2") if data.get(k) is not None]
+        if given:
+            raise ValueError(
+                f"adapter.ranks and adapter.{'/'.join(given)} both give ABBA's ranks; use adapter.ranks: [...] "
+                "(any number of pairs) or adapter.r1/adapter.r2 (two pairs), not both"
+            )
+        ranks = data["ranks"]
+        if isinstance(ranks, list) and len(ranks) == 2:  # two pairs: the ABBA layer itself
+            return {**data, "r1": ranks[0], "r2": ranks[1], "ranks": None}
+        return data
+
+    @model_validator(mode="after")
+    def _chain_settings(self) -> AdapterConfig:
+        if self.ranks is None:
+            return self
+        if self.type != "abba":
+            raise ValueError(f"adapter.ranks is a chain of ABBA pairs; {self.type} takes adapter.r")
+        if len(self.ranks) < 2:
+            raise ValueError(
+                f"adapter.ranks {self.ranks}: a chain needs at least two pairs (one pair is LoRA: adapter.type lora)"
+            )
+        if self.path == "hybrid":
+            raise ValueError(
+                "adapter.path hybrid is a two-pair path; a chain runs khatri_rao, merged or auto"
+            )
+        if self.init not in ("default", "svd", "random"):
+            raise ValueError(
+                f"adapter.init {self.init!r} is defined for two pairs; a chain takes svd or random"
+            )
+        return self
+
     @model_validator(mode="after")
     def _ranks_for_type(self) -> AdapterConfig:
         if self.type == "full":
-            given = [k for k in ("r", "r1", "r2", "alpha") if getattr(self, k) is not None]
+            given = [k for k in ("r", "r1", "r2", "ranks", "alpha") if getattr(self, k) is not None]
             if given:
                 raise ValueError(
                     f"adapter.type 'full' trains every weight and takes no {'/'.join(given)}; remove "
@@ -140,9 +185,9 @@ class AdapterConfig(_Strict):
         if self.type == "abba":
             if self.r is not None:
                 raise ValueError("adapter.r is the LoRA/HiRA rank; ABBA takes adapter.r1 and adapter.r2")
-            if self.r1 is None:
+            if self.r1 is None and self.ranks is None:
                 self.r1 = 16
-            if self.r2 is None:
+            if self.r2 is None and self.ranks is None:
                 self.r2 = 16
             if self.alpha is None:
                 # s = 16 at r1 = r2 = 16 (32 at 8 + 8): the low end of the authors' s = 16-64, the best of that

@@ -417,7 +417,9 @@ def describe_paths(model: nn.Module, tokens: int, device_type: str | None = None
     """
     by_path: dict[str, list[str]] = {}
     for name, module in model.named_modules():
-        if isinstance(module, ABBALinear):
+        if getattr(module, "kind", None) == "abba" and isinstance(
+            module, AdapterLinear
+        ):  # two pairs or a chain
             dropout = isinstance(module.dropout, nn.Dropout) and module.dropout.p > 0
             by_path.setdefault(module.resolved_path(tokens, dropout, device_type), []).append(name)
     if not by_path:

@@ -19,6 +19,7 @@ lookup: `torch.compile` traces it as a constant). `benchmarks/layer_sweep.py --f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -128,3 +129,39 @@ def choose_path(
         if value < costs[best]:
             best = path
     return best
+
+
+def chain_path_costs(
+    m: int,
+    n: int,
+    ranks: list[int],
+    tokens: int,
+    dropout: bool = False,
+    constants: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The two-pair model's terms for a chain of K pairs (chain.py), R = prod r_k: the Khatri-Rao path's three
+    skinny matmuls over R, plus building B* and A*; the merged path's big matmul(s) plus four builds of the K
+    products (each sum(r_k)·m·n multiply-adds and K - 1 element-wise passes). Launches are not priced: the
+    constants were fitted on two pairs, and neither chain path has been launch-counted."""
+    c = CPU_COSTS if constants is None else constants
+    big_r = math.prod(ranks)
+    kr_macs = big_r * (m + n) * tokens
+    kr_build = 2 * big_r * (m + n) * (len(ranks) - 1)
+    stream = c["KR_ELEMENT_COST"] * (m + n) * tokens
+    build = m * n * (c["BUILD_COST"] * sum(ranks) + c["ELEMENT_COST"] * (len(ranks) - 1))
+    return {
+        "khatri_rao": c["KR_COST"] * (3 * kr_macs + kr_build) + 3 * stream,
+        "merged": (3 if dropout else 1) * m * n * tokens + 4 * build,
+    }
+
+
+def choose_chain_path(
+    m: int,
+    n: int,
+    ranks: list[int],
+    tokens: int,
+    dropout: bool = False,
+    constants: Mapping[str, Any] | None = None,
+) -> str:
+    costs = chain_path_costs(m, n, ranks, tokens, dropout, constants)
+    return "khatri_rao" if costs["khatri_rao"] <= costs["merged"] else "merged"

@@ -1,7 +1,8 @@
 """An adapter's update as a thin product, and the SVD of a thin product without forming it.
 
 Every low-rank update we store is dW = s P Q with P (m, R) and Q (R, n):
-- ABBA: (B1 A1) ⊙ (B2 A2) = B* A*, the Khatri-Rao factors of rank r1 r2 (ARCHITECTURE.md section 1);
+- ABBA: (B1 A1) ⊙ (B2 A2) = B* A*, the Khatri-Rao factors of rank r1 r2 (ARCHITECTURE.md section 1); a chain
+  of K pairs the same way, rank prod r_k;
 - LoRA: B A; PiSSA trains against W0 - s B0 A0, so relative to W0 its update is s [B, -B0] [A; A0].
 Export, rank-K truncation and inspect all start from this form; the SVD below never sees an (m, n) matrix:
 
@@ -15,14 +16,14 @@ from dataclasses import dataclass
 
 import torch
 
-from abba_cli.adapters.abba import khatri_rao_factors
+from abba_cli.adapters.chain import khatri_rao_chain, pairs_of
 
 
 def thin_factors(kind: str, factors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(P, Q) with P @ Q the unscaled update of an `abba` or `lora` (`lora_pro`) layer's stored factors (dtype
     kept); for `dora`, its LoRA part B A (the magnitude rescales W0 + s B A, which PEFT's DoRA form keeps)."""
-    if kind == "abba":
-        return khatri_rao_factors(factors["B1"], factors["A1"], factors["B2"], factors["A2"])
+    if kind == "abba":  # two pairs or a chain of K: the K-fold Khatri-Rao factors (chain.py), rank prod r_k
+        return khatri_rao_chain(pairs_of(factors))
     if kind not in ("lora", "lora_pro", "dora"):
         raise ValueError(f"{kind} updates have no thin-product form")
     B, A = factors["B"], factors["A"]

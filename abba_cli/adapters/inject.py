@@ -15,6 +15,7 @@ from torch import nn
 
 from abba_cli.adapters.abba import ABBALinear, abba_scaling
 from abba_cli.adapters.base import AdapterLinear
+from abba_cli.adapters.chain import ABBAChainLinear, chain_scaling
 from abba_cli.adapters.dora import DoRALinear
 from abba_cli.adapters.hira import HiRALinear
 from abba_cli.adapters.lora import LoRALinear, lora_scaling
@@ -26,6 +27,8 @@ from abba_cli.models.quantization import is_quantized_linear
 def scaling_for(cfg: AdapterConfig) -> float:
     """The numeric s the layers apply (stored in adapter_config.json)."""
     if cfg.type == "abba":
+        if cfg.ranks is not None:
+            return chain_scaling(cfg.alpha, cfg.ranks, cfg.scaling)
         return abba_scaling(cfg.alpha, cfg.r1, cfg.r2, cfg.scaling)
     if cfg.type in LORA_SCALED:
         return lora_scaling(cfg.alpha, cfg.r, cfg.use_rslora)
@@ -42,7 +45,10 @@ def _build_layer(
 ) -> AdapterLinear:
     m, n = base.out_features, base.in_features
     limit = min(m, n)
-    ranks = {"r1": cfg.r1, "r2": cfg.r2} if cfg.type == "abba" else {"r": cfg.r}
+    if cfg.type == "abba":
+        ranks = {f"ranks[{i}]" if cfg.ranks else f"r{i + 1}": r for i, r in enumerate(cfg.abba_ranks())}
+    else:
+        ranks = {"r": cfg.r}
     for key, value in ranks.items():
         if value > limit:
             raise UserError(
@@ -55,6 +61,8 @@ def _build_layer(
         # path is an execution choice, all exact, so an adapter trained on a full base loads here too.
         path = "khatri_rao" if quantized else cfg.path
         init_method = "svd" if cfg.init == "default" else cfg.init
+        if cfg.ranks is not None:
+            return ABBAChainLinear(base, cfg.ranks, scaling, cfg.dropout, path, name, seed, init, init_method)
         return ABBALinear(base, cfg.r1, cfg.r2, scaling, cfg.dropout, path, name, seed, init, init_method)
     # LoRA-Pro trains plain LoRA factors; only its optimizer step differs (train/lora_pro.py).
     if cfg.type in ("lora", "lora_pro"):

@@ -42,7 +42,10 @@ ADAPTER_TYPES = ("abba", "lora", "hira", "dora", "lora_pro")
 
 def adapter_config_dict(model: nn.Module | None, cfg: AdapterConfig, base_model: str) -> dict:
     """adapter_config.json's content (`model` None: without the list of adapted modules)."""
-    ranks = {"r1": cfg.r1, "r2": cfg.r2} if cfg.type == "abba" else {"r": cfg.r}
+    if cfg.type == "abba":
+        ranks = {"ranks": list(cfg.ranks)} if cfg.ranks is not None else {"r1": cfg.r1, "r2": cfg.r2}
+    else:
+        ranks = {"r": cfg.r}
     return {
         "format": FORMAT,
         "abba_cli_version": __version__,
@@ -121,7 +124,19 @@ def _checkpoint_adapter_config(root: Path) -> dict:
 
 
 def adapter_config_from_dict(data: dict, source: str = ADAPTER_CONFIG) -> AdapterConfig:
-    keys = ["type", "r1", "r2", "r", "alpha", "dropout", "target_modules", "init", "use_rslora", "path"]
+    keys = [
+        "type",
+        "r1",
+        "r2",
+        "r",
+        "ranks",
+        "alpha",
+        "dropout",
+        "target_modules",
+        "init",
+        "use_rslora",
+        "path",
+    ]
     fields = {k: data[k] for k in keys if data.get(k) is not None}
     if data.get("type") == "abba" and data.get("scaling_convention") in ("paper", "released"):
         fields["scaling"] = data["scaling_convention"]

@@ -236,6 +236,8 @@ class RunReport:
 def _adapter_method(cfg: dict) -> tuple[str, str]:
     s = f"s={cfg['scaling']:g}"
     if cfg["type"] == "abba":
+        if cfg.get("ranks"):
+            return "abba", f"ranks={cfg['ranks']} {s}"
         return "abba", f"r1={cfg.get('r1')} r2={cfg.get('r2')} {s}"
     if cfg["type"] == "lora":
         name = "pissa" if cfg.get("init") == "pissa" else "rslora" if cfg.get("use_rslora") else "lora"

@@ -66,9 +66,10 @@ def read_run_adapter(run: str | Path | None) -> RunAdapter:
 
     tensors = to_our_tensors(cfg, tensors, files.weights)  # a PEFT LoRA/LoHa folder; ours pass unchanged
     factors: dict[str, dict[str, torch.Tensor]] = {}
+    names = _factor_names(kind, cfg)
     for key, t in tensors.items():
         module, _, name = key.rpartition(".")
-        allowed = FACTORS[kind] + OPTIONAL_FACTORS.get(kind, ())
+        allowed = names + OPTIONAL_FACTORS.get(kind, ())
         if name not in allowed or not module:
             raise UserError(
                 f"{files.weights}: unexpected tensor {key!r}; a {kind} adapter stores "
@@ -83,7 +84,7 @@ def read_run_adapter(run: str | Path | None) -> RunAdapter:
     if not factors:
         raise UserError(f"{files.weights}: holds no adapter tensors")
     for module, f in factors.items():
-        missing = [n for n in FACTORS[kind] if n not in f]
+        missing = [n for n in names if n not in f]
         if ("A0" in f) != ("B0" in f):
             missing.append("B0" if "A0" in f else "A0")
         if missing:
@@ -93,14 +94,26 @@ def read_run_adapter(run: str | Path | None) -> RunAdapter:
     return RunAdapter(run_dir, files.root, files.weights, cfg, kind, float(scaling), base, factors)
 
 
+def _factor_names(kind: str, cfg: dict) -> tuple[str, ...]:
+    """The factors a run of `kind` stores: ABBA's B1, A1, ..., BK, AK for its K pairs (adapter_config's ranks)."""
+    ranks = cfg.get("ranks")
+    if kind != "abba" or ranks is None:
+        return FACTORS[kind]
+    if not isinstance(ranks, list) or len(ranks) < 2:
+        raise UserError(f"adapter_config.json: 'ranks' must list at least two ranks, got {ranks!r}")
+    return tuple(name for i in range(1, len(ranks) + 1) for name in (f"B{i}", f"A{i}"))
+
+
 def _check_factor_shapes(weights: Path, kind: str, module: str, f: dict[str, torch.Tensor]) -> None:
     where = f"{weights}: {module}"
     shapes = {k: tuple(v.shape) for k, v in f.items()}
     if any(len(s) != (1 if k == "m" else 2) for k, s in shapes.items()):
         raise UserError(f"{where}: factors must be matrices (DoRA's m a vector), got {shapes}")
     if kind == "abba":
-        (m1, r1), (r1b, n1), (m2, r2), (r2b, n2) = (shapes[k] for k in ("B1", "A1", "B2", "A2"))
-        ok = m1 == m2 and n1 == n2 and r1 == r1b and r2 == r2b
+        k = sum(1 for name in shapes if name.startswith("B"))
+        pairs = [(shapes[f"B{i}"], shapes[f"A{i}"]) for i in range(1, k + 1)]
+        ok = len({b[0] for b, _ in pairs}) == 1 and len({a[1] for _, a in pairs}) == 1
+        ok = ok and all(b[1] == a[0] for b, a in pairs)
     else:
         ok = shapes["A"][0] == shapes["B"][1] and ("m" not in f or shapes["m"] == shapes["B"][:1])
     if not ok:

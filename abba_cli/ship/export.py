@@ -15,6 +15,7 @@ HiRA cannot be exported: its update s * W0 * (B@A) depends on W0 and is not low-
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -189,6 +190,7 @@ def _exact_lora_factors(adapter: RunAdapter) -> tuple[dict[str, tuple[torch.Tens
     count (0 for LoRA). The Khatri-Rao identity is checked on every layer in float64."""
     from tqdm.auto import tqdm
 
+    from abba_cli.adapters.chain import chain_product, pairs_of
     from abba_cli.adapters.factors import thin_factors
 
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -200,7 +202,7 @@ def _exact_lora_factors(adapter: RunAdapter) -> tuple[dict[str, tuple[torch.Tens
         if adapter.type == "abba":
             abba_params += sum(t.numel() for t in f.values())
             # Verify the identity on this layer in float64 (one m x n matrix at a time).
-            ref = (f["B1"].double() @ f["A1"].double()) * (f["B2"].double() @ f["A2"].double())
+            ref = chain_product([(b.double(), a.double()) for b, a in pairs_of(f)])
             got = B.double() @ A.double()
             max_rel_err = max(max_rel_err, float((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
         pairs[module] = (B, A)
@@ -316,11 +318,14 @@ def _export_peft_lora(adapter: RunAdapter, out: Path, served: ServedFormat, rank
         f"{n_params:,} params, {_human_bytes(size)}"
     )
     if adapter.type == "abba":
-        f = adapter.factors[modules[0]]
-        r1, r2 = f["A1"].shape[0], f["A2"].shape[0]
+        from abba_cli.adapters.chain import pairs_of
+
+        ranks = [a.shape[0] for _, a in pairs_of(adapter.factors[modules[0]])]
         kind = "truncated from" if report is not None else "a LoRA of"
+        names = " ".join(f"r{i}={r}" for i, r in enumerate(ranks, 1))
         line += (
-            f" (the ABBA factors r1={r1}, r2={r2} hold {abba_params:,} params; {kind} rank r1*r2 = {r1 * r2}: "
+            f" (the ABBA factors {names} hold {abba_params:,} params; {kind} rank "
+            f"{'*'.join(f'r{i}' for i in range(1, len(ranks) + 1))} = {math.prod(ranks)}: "
             f"{n_params / max(abba_params, 1):.1f}x as many)"
         )
     print(line)
@@ -335,6 +340,12 @@ def _export_peft_loha(adapter: RunAdapter, out: Path, served: ServedFormat) -> P
     from abba_cli.util.files import atomic_directory, atomic_save_safetensors, atomic_write_json
 
     modules = sorted(adapter.factors)
+    if "B3" in adapter.factors[modules[0]]:
+        k = sum(1 for n in adapter.factors[modules[0]] if n.startswith("B"))
+        raise UserError(
+            f"{adapter.run_dir}: a chain of {k} ABBA pairs has no LoHa form (LoHa holds two); export it "
+            "exactly with --format peft-lora"
+        )
     linear_names = _check_base(adapter)
     r = max(max(f["A1"].shape[0], f["A2"].shape[0]) for f in adapter.factors.values())
     alpha, fold = peft_alpha(adapter.scaling, r)
