@@ -293,11 +293,20 @@ def compare(
     set_: list[str] = typer.Option(
         [], "--set", help="KEY=VALUE for every method, METHOD:KEY=VALUE for one (--set lora:train.lr=3e-4)."
     ),
+    sweep: list[str] = typer.Option(
+        [],
+        "--sweep",
+        help="KEY=V1,V2,... : one row per value (repeat: the grid); e.g. --sweep adapter.alpha=4,8,16 or "
+        "--sweep adapter.ranks=[8,24],[16,16]. At the budget unless the key is a rank.",
+    ),
+    paper: str | None = typer.Option(
+        None, "--paper", help="Print this table of the paper's figures beside ours (e.g. table1-llama3.2-1b)."
+    ),
 ) -> None:
     """Train and evaluate several methods at equal trainable parameters; resumable (rerun the same command)."""
     from abba_cli.analysis.compare import run_compare
 
-    run_compare(config, methods, seeds, out, set_)
+    run_compare(config, methods, seeds, out, set_, sweep, paper)
 
 
 @app.command()

@@ -16,6 +16,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from abba_cli.analysis.compare.sweep import Sweep, apply_cell, cells, changes_rank
 from abba_cli.config import RunConfig, apply_overrides, validate_config
 from abba_cli.errors import UserError
 
@@ -65,7 +66,7 @@ def rank_sum(cfg: RunConfig) -> int:
             "adapter.type full: the config must describe an adapter (e.g. adapter.type lora, adapter.r 16) whose "
             "trainable-parameter count the methods are matched to"
         )
-    return a.r1 + a.r2 if a.type == "abba" else a.r
+    return sum(a.abba_ranks()) if a.type == "abba" else a.r
 
 
 def method_block(method: str, cfg: RunConfig) -> dict[str, Any]:
@@ -81,10 +82,11 @@ def method_block(method: str, cfg: RunConfig) -> dict[str, Any]:
                 f"abba cannot match the budget of {a.type} r={total}: it needs r1 + r2 = {total} with r1, r2 >= 1"
             )
         if a.type == "abba":
+            ranks = {"ranks": list(a.ranks)} if a.ranks is not None else {"r1": a.r1, "r2": a.r2}
             return {
                 "type": "abba",
-                "r1": a.r1,
-                "r2": a.r2,
+                **ranks,
+                "init": a.init,
                 "alpha": a.alpha,
                 "scaling": a.scaling,
                 "path": a.path,
@@ -107,36 +109,55 @@ class MethodPlan:
     trainable: int
     describe: str
     extra: int = 0  # trainable parameters beyond the rank budget (DoRA's magnitudes)
+    row: str = ""  # the row's name in run folders and the table: the method, plus the sweep cell's slug
+    label: str = ""  # the row as the table shows it: "abba", or "abba alpha=16"
+
+    def __post_init__(self) -> None:
+        self.row = self.row or self.method
+        self.label = self.label or self.method
 
 
 def plan_methods(
-    raw: dict, source: str, methods: list[str], per_method: dict[str, list[str]]
+    raw: dict,
+    source: str,
+    methods: list[str],
+    per_method: dict[str, list[str]],
+    sweeps: list[Sweep] | None = None,
 ) -> list[MethodPlan]:
-    """One MethodPlan per method, counted on the meta-device model; UserError when a count misses the budget."""
+    """One MethodPlan per method and sweep cell, counted on the meta-device model; UserError when a count misses
+    the budget (not checked when a swept key is a rank: those rows differ in parameters by design)."""
     cfg = validate_config(raw, source)
     budget_total = rank_sum(cfg)
     model = _meta_model(cfg)
     budget, budget_extra = _count(model, cfg)
     budget -= budget_extra  # a DoRA config's budget is its rank's; every method adds its own extra
+    matched = not changes_rank(sweeps or [])
     plans = []
     for method in methods:
         mraw = copy.deepcopy(raw)
         mraw["adapter"] = method_block(method, cfg)
         apply_overrides(mraw, per_method.get(method, []))
-        mcfg = validate_config(mraw, f"{source} ({method})")
-        try:
-            count, extra = _count(model, mcfg)
-        except UserError as e:
-            raise UserError(f"{method} cannot match the budget (rank sum {budget_total}): {e}") from None
-        if method != "full" and count - extra != budget:
-            raise UserError(
-                f"{method}: {count:,} trainable parameters, but the budget is {budget:,} "
-                f"(--set {method}:... changed a rank?); compare matches every adapter method to the config's count"
-            )
-        describe = describe_block(mcfg)
-        if extra:
-            describe += f" (+{extra:,} magnitude parameters beyond the budget)"
-        plans.append(MethodPlan(method, mraw, mcfg, count, describe, extra))
+        for cell in cells(sweeps or []):
+            craw = apply_cell(mraw, cell)
+            where = f"{source} ({method}{' ' + cell.label if cell.label else ''})"
+            mcfg = validate_config(craw, where)
+            try:
+                count, extra = _count(model, mcfg)
+            except UserError as e:
+                what = f"{method} cannot match the budget (rank sum {budget_total})" if matched else where
+                raise UserError(f"{what}: {e}") from None
+            if matched and method != "full" and count - extra != budget:
+                raise UserError(
+                    f"{method}: {count:,} trainable parameters, but the budget is {budget:,} (rank sum "
+                    f"{budget_total}; --set {method}:... changed a rank?); compare matches every adapter method to "
+                    "the config's count unless a swept key is a rank"
+                )
+            describe = describe_block(mcfg)
+            if extra:
+                describe += f" (+{extra:,} magnitude parameters beyond the budget)"
+            row = f"{method}_{cell.slug}" if cell.slug else method
+            label = f"{method} {cell.label}" if cell.label else method
+            plans.append(MethodPlan(method, craw, mcfg, count, describe, extra, row, label))
     return plans
 
 
@@ -146,16 +167,21 @@ def describe_block(cfg: RunConfig) -> str:
     a = cfg.adapter
     if a.type == "full":
         return "every weight (not matched: full fine-tuning trains the whole model)"
-    ranks = f"r1={a.r1} r2={a.r2}" if a.type == "abba" else f"r={a.r}"
+    if a.type == "abba":
+        ranks = f"ranks={a.ranks}" if a.ranks is not None else f"r1={a.r1} r2={a.r2}"
+    else:
+        ranks = f"r={a.r}"
     extra = " rsLoRA" if a.use_rslora else " PiSSA init" if a.init == "pissa" else ""
+    if a.type == "abba" and a.init not in ("default", "svd"):
+        extra = f" init {a.init}"
     return f"{a.type}{extra} {ranks} alpha={a.alpha:g} (s={scaling_for(a):g})"
 
 
 def format_budget(plans: list[MethodPlan], cfg: RunConfig) -> str:
     lines = [f"budget: {describe_block(cfg)} on {', '.join(cfg.adapter.target_modules)}"]
-    width = max(len(p.method) for p in plans)
+    width = max(len(p.label) for p in plans)
     for p in plans:
-        lines.append(f"  {p.method.ljust(width)}  {p.trainable:>14,}  {p.describe}")
+        lines.append(f"  {p.label.ljust(width)}  {p.trainable:>14,}  {p.describe}")
     return "\n".join(lines)
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from abba_cli.analysis.compare.budget import format_budget, parse_methods, plan_methods, split_sets
 from abba_cli.analysis.compare.folder import RESOURCES, TABLE, config_path, run_dir, run_name
+from abba_cli.analysis.compare.paper_figures import paper_table
+from abba_cli.analysis.compare.sweep import parse_sweeps
 from abba_cli.analysis.compare.table import finished, write_outputs
 from abba_cli.config import RunConfig, apply_overrides, dump_config, validate_config
 from abba_cli.errors import UserError
@@ -60,9 +62,21 @@ def check_comparable(cfg: RunConfig, source: str) -> None:
         )
 
 
-def run_compare(config: Path, methods: str, seeds: int, out: Path, sets: list[str]) -> Path:
-    """Plan, train, evaluate, tabulate; returns OUT/compare.md."""
+def run_compare(
+    config: Path,
+    methods: str,
+    seeds: int,
+    out: Path,
+    sets: list[str],
+    sweeps: list[str] | None = None,
+    paper: str | None = None,
+) -> Path:
+    """Plan, train, evaluate, tabulate; returns OUT/compare.md. `sweeps`: --sweep KEY=V1,V2 (a grid of rows);
+    `paper`: a table of the paper's figures (compare.paper_figures) to print beside ours."""
     method_list = parse_methods(methods)
+    grid = parse_sweeps(sweeps or [])
+    if paper is not None:
+        paper_table(paper)  # an unknown name is refused before anything trains
     if seeds < 1:
         raise UserError(f"--seeds {seeds}: give at least 1")
     if out.exists() and not out.is_dir():
@@ -76,25 +90,25 @@ def run_compare(config: Path, methods: str, seeds: int, out: Path, sets: list[st
     apply_overrides(raw, common)
     cfg = validate_config(raw, str(config))
     check_comparable(cfg, str(config))
-    plans = plan_methods(raw, str(config), method_list, per_method)
+    plans = plan_methods(raw, str(config), method_list, per_method, grid)
     if _is_main():
         print(format_budget(plans, cfg))
     jobs = [(plan, seed) for seed in range(1, seeds + 1) for plan in plans]  # seed 1 of every method first
-    runs = [_seeded(plan.raw, plan.method, seed, out) for plan, seed in jobs]
+    runs = [_seeded(plan.raw, plan.row, seed, out) for plan, seed in jobs]
     for run_cfg, _ in runs:
         run_state(run_cfg)  # refuses a folder of other settings now, not after the runs before it
     with one_process_group() as fresh_state:
         for i, ((plan, seed), (run_cfg, path)) in enumerate(zip(jobs, runs, strict=True), 1):
             if _is_main():
-                print(f"[{i}/{len(jobs)}] {run_name(plan.method, seed)}: {plan.describe}", file=sys.stderr)
+                print(f"[{i}/{len(jobs)}] {run_name(plan.row, seed)}: {plan.describe}", file=sys.stderr)
             train_one(run_cfg, path, fresh_state)
     if not _is_main():
         return out / TABLE
     for plan, seed in jobs:
-        folder = run_dir(out, run_name(plan.method, seed))
+        folder = run_dir(out, run_name(plan.row, seed))
         if not _eval_done(folder, plan.cfg.eval.tasks):
             _evaluate(folder)
-    return write_outputs(out, config, plans, seeds)
+    return write_outputs(out, config, plans, seeds, paper)
 
 
 def _seeded(raw: dict, method: str, seed: int, out: Path) -> tuple[RunConfig, Path]:

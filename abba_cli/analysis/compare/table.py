@@ -115,9 +115,11 @@ def summarize(out: Path, config: Path, plans: list[MethodPlan], seeds: int) -> d
 
     methods = {}
     for plan in plans:
-        runs = [run_dir(out, run_name(plan.method, s)) for s in range(1, seeds + 1)]
+        runs = [run_dir(out, run_name(plan.row, s)) for s in range(1, seeds + 1)]
         done = [r for r in runs if finished(r)]  # a run still training would mix a partial curve in
-        methods[plan.method] = {
+        methods[plan.row] = {
+            "label": plan.label,
+            "method": plan.method,
             "adapter": plan.describe,
             "trainable_params": plan.trainable,
             **method_summary(done, plan.cfg.eval.tasks),
@@ -157,7 +159,42 @@ def _memory(m: dict) -> str:
     return f"{b / 2**30:.2f} GiB ({'GPU' if m['memory_kind'] == 'cuda_max_allocated' else 'RSS'})"
 
 
-def to_markdown(summary: dict) -> str:
+def paper_layout(summary: dict, paper: dict | None = None) -> list[str]:
+    """Rows and columns as the paper prints them: one row per method (and sweep cell), its trainable
+    parameters, accuracy per task (mean over seeds, %) and the average over tasks; the paper's figure beside
+    ours in brackets where `paper` (compare.paper_figures) has it."""
+    from abba_cli.analysis.compare.paper_figures import paper_cell
+
+    tasks = summary["tasks"]
+    lines = [
+        "| method | params | " + " | ".join(tasks) + " | Avg |",
+        "|---|---:|" + "---:|" * (len(tasks) + 1),
+    ]
+    for row, m in summary["methods"].items():
+        per_task = m["accuracy"]["per_task"]
+        cells = []
+        for t in tasks:
+            acc = per_task[t]["accuracy"]
+            cells.append(_with_paper(None if acc is None else 100 * acc, paper_cell(paper, row, t)))
+        accs = [per_task[t]["accuracy"] for t in tasks]
+        avg = 100 * sum(accs) / len(accs) if accs and None not in accs else None
+        cells.append(_with_paper(avg, paper_cell(paper, row, "avg")))
+        params = f"{m['trainable_params'] / 1e6:.3f}M"
+        theirs = (paper or {}).get("trainable_params", {}).get(row)
+        if theirs is not None:
+            params += f" (paper {theirs / 1e6:.2f}M)"
+        lines.append(f"| {m.get('label', row)} | {params} | " + " | ".join(cells) + " |")
+    if paper is not None:
+        lines += ["", f"In brackets: {paper['title']}; source: {paper['source']}."]
+    return lines
+
+
+def _with_paper(ours: float | None, theirs: float | None) -> str:
+    cell = "-" if ours is None else f"{ours:.1f}"
+    return cell if theirs is None else f"{cell} (paper {theirs:.2f})"
+
+
+def to_markdown(summary: dict, paper: dict | None = None) -> str:
     lines = [
         f"`abba compare {summary['config']}`: {summary['seeds']} seed(s) per method (seed k: train.seed = "
         "data.seed = k); loss: mean ± sample sd over seeds; accuracy: every question of every task and seed.",
@@ -175,12 +212,19 @@ def to_markdown(summary: dict) -> str:
         )
         seeds = ", ".join(f"{100 * a:.1f}" for a in p["per_seed"]) or "-"
         lines.append(
-            f"| {name} | {m['adapter']} | {m['trainable_params']:,} | {len(m['runs'])} | {_ms(m['final_val_loss'])} | "
+            f"| {m.get('label', name)} | {m['adapter']} | {m['trainable_params']:,} | {len(m['runs'])} | {_ms(m['final_val_loss'])} | "
             f"{_ms(m['best_val_loss'])} | {acc} | {seeds} | {p['invalid'] if p['n'] else '-'} | "
             f"{_ms(m['seconds_per_step'], 3)} | {_memory(m)} |"
         )
     names = list(summary["methods"])
-    lines += ["", "| task | n per run | majority label | " + " | ".join(names) + " |"]
+    lines += [
+        "",
+        "As the paper's tables lay it out (accuracy %, mean over seeds):",
+        "",
+        *paper_layout(summary, paper),
+    ]
+    labels = [summary["methods"][n].get("label", n) for n in names]
+    lines += ["", "| task | n per run | majority label | " + " | ".join(labels) + " |"]
     lines.append("|---|---:|---:|" + "---:|" * len(names))
     for t in summary["tasks"]:
         cells, n = [], "-"
@@ -228,9 +272,16 @@ def plot(out: Path, summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(out: Path, config: Path, plans: list[MethodPlan], seeds: int) -> Path:
+def write_outputs(
+    out: Path, config: Path, plans: list[MethodPlan], seeds: int, paper_name: str | None = None
+) -> Path:
+    from abba_cli.analysis.compare.paper_figures import paper_table
+
     summary = summarize(out, config, plans, seeds)
-    text = to_markdown(summary)
+    paper = paper_table(paper_name) if paper_name is not None else None
+    if paper is not None:
+        summary["paper"] = {"name": paper_name, **paper}
+    text = to_markdown(summary, paper)
     atomic_write_text(out / TABLE, text)
     atomic_write_json(out / SUMMARY, summary)
     plot(out, summary, out / CURVES)
