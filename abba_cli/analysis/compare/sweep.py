@@ -2,8 +2,8 @@
 
 Values are YAML, as `--set` reads them, split at the commas outside brackets, so a list is one value:
 `--sweep adapter.ranks=[8,24],[16,16],[24,8]` is three cells. Several `--sweep` options give their product.
-Each row keeps the parameter budget unless a swept key is a rank (adapter.r, r1, r2, ranks): then the rows differ
-in trainable parameters on purpose, and the table prints each row's count.
+Each row keeps the parameter budget unless a swept key sets the parameter count itself (adapter.r, r1, r2, ranks,
+target_modules): then the rows differ in trainable parameters on purpose, and the table prints each row's count.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Any
 from abba_cli.config import _parse_value
 from abba_cli.errors import UserError
 
-RANK_KEYS = ("adapter.r", "adapter.r1", "adapter.r2", "adapter.ranks")
+# Keys whose values set the trainable-parameter count: sweeping one frees the rows from the budget.
+RANK_KEYS = ("adapter.r", "adapter.r1", "adapter.r2", "adapter.ranks", "adapter.target_modules")
 # Setting one form of ABBA's ranks removes the other (the config refuses both at once).
 DISPLACES = {
     "adapter.ranks": ("r1", "r2"),
