@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from abba_cli.adapters import abba_scaling, inject_adapters, scaling_for
-from abba_cli.adapters.abba import khatri_rao_factors
+from abba_cli.adapters.abba import describe_paths, khatri_rao_factors
 from abba_cli.adapters.chain import (
     ABBAChainLinear,
     _KhatriRaoChain,
@@ -203,3 +203,29 @@ def test_chain_layer_with_a_rank_too_large_for_a_layer_is_refused():
     model.add_module("q_proj", nn.Linear(N, M))
     with pytest.raises(Exception, match=r"adapter.ranks\[1\]=20"):
         inject_adapters(model, AdapterConfig(ranks=[2, 20, 2]), init=False)
+
+
+def test_adapter_term_alone_for_a_quantized_base_matches_reference():
+    """On a packed base the frozen matmul runs in bitsandbytes and the chain adds its term alone (weight None)."""
+    layer = _chain_layer("khatri_rao", seed=2)
+    x = torch.randn(T, N, dtype=torch.float64, requires_grad=True)
+    factors = list(layer.factors().values())
+    y = _KhatriRaoChain.apply(x, None, None, None, layer.scaling, *factors)
+    up = torch.randn_like(y)
+    (y * up).sum().backward()
+    y_ref, x_ref, _, f_ref = _reference(layer, x)
+    y_ref = y_ref - (x_ref @ layer.weight.T + layer.bias)
+    (y_ref * up).sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-12, atol=1e-12)
+    for name, p in layer.factors().items():
+        torch.testing.assert_close(p.grad, f_ref[name].grad, rtol=1e-11, atol=1e-11, msg=f"d{name}")
+
+
+def test_describe_paths_names_the_chain_layers():
+    model = nn.Sequential()
+    model.add_module("q_proj", nn.Linear(N, M))
+    inject_adapters(
+        model, AdapterConfig(ranks=[2, 2, 2], target_modules=["q_proj"], path="merged"), init=False
+    )
+    assert describe_paths(model, 512) == "ABBA execution at 512 tokens per micro-batch: merged on 1 (q_proj)"
