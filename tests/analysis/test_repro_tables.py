@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from abba_cli.compare.budget import METHODS, method_block, parse_methods
-from abba_cli.compare.paper_figures import paper_table
-from abba_cli.compare.sweep import apply_cell, cells, parse_sweeps
+from abba_cli.analysis.compare.budget import METHODS, method_block, parse_methods
+from abba_cli.analysis.compare.paper_figures import paper_table
+from abba_cli.analysis.compare.sweep import apply_cell, cells, parse_sweeps
 from abba_cli.config import apply_overrides, load_config, validate_config
-from abba_cli.yamlfile import read_yaml
+from abba_cli.util.yaml_file import read_yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REPRO = ROOT / "configs" / "repro"
 README = (REPRO / "README.md").read_text()
 # The rows each table of the paper has (methods x settings), as the commands must produce them.

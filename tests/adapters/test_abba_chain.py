@@ -22,9 +22,9 @@ from abba_cli.adapters.chain import (
     khatri_rao_chain,
 )
 from abba_cli.adapters.cost import chain_path_costs, choose_chain_path, path_costs
+from abba_cli.analysis.spectra import inspect_run
 from abba_cli.config import AdapterConfig
-from abba_cli.export import export_run
-from abba_cli.inspect import inspect_run
+from abba_cli.ship.export import export_run
 
 M, N, T = 12, 9, 7
 RANKS = [3, 2, 4]  # unequal on purpose
