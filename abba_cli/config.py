@@ -35,6 +35,7 @@ AttnImplementation = Literal[
     "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention"
 ]
 ATTN_IMPLEMENTATIONS: tuple[str, ...] = get_args(AttnImplementation)
+AdapterInit = Literal["default", "pissa", "svd", "random", "svd_second", "svd_minor", "svd_zero_a2", "svd_a2"]
 
 
 def _expand_home(value: str) -> str:
@@ -94,8 +95,8 @@ class AdapterConfig(_Strict):
     r: int | None = Field(None, ge=1, description="LoRA/HiRA/DoRA/LoRA-Pro rank (default 32).")
     ranks: list[Annotated[int, Field(ge=1)]] | None = Field(
         None,
-        description="ABBA as a chain of K pairs, dW = s (B1 A1) ⊙ ... ⊙ (BK AK), with these ranks; paper "
-        "scaling s = alpha^K / sqrt(prod r_k). [a, b] is adapter.r1 a, adapter.r2 b; give one form or the other.",
+        description="ABBA as a chain of K pairs, dW = s (B1 A1) ⊙ ... ⊙ (BK AK), s = alpha^K / sqrt(prod r_k) "
+        "(paper scaling); [a, b] is r1 a, r2 b (give ranks or r1/r2).",
     )
     alpha: float | None = Field(
         None,
@@ -113,13 +114,10 @@ class AdapterConfig(_Strict):
         min_length=1,
         description="Module-name suffixes of the nn.Linear layers to adapt.",
     )
-    init: Literal["default", "pissa", "svd", "random", "svd_second", "svd_minor", "svd_zero_a2", "svd_a2"] = (
-        Field(
-            "default",
-            description="'default': each method's own (LoRA: Kaiming A, zero B; ABBA: svd). LoRA: 'pissa' "
-            "(principal singular vectors). ABBA (adapters/abba_init.py): 'svd' (B1 A1 = W0's top SVD, B2 = 0, "
-            "A2 Kaiming), 'random', 'svd_second', 'svd_minor', 'svd_zero_a2', 'svd_a2'; all start at dW = 0.",
-        )
+    init: AdapterInit = Field(
+        "default",
+        description="'default': the method's own (LoRA: Kaiming A, zero B; ABBA: svd). LoRA: 'pissa'. ABBA "
+        "(adapters/abba_init.py): 'svd', 'random', 'svd_second', 'svd_minor', 'svd_zero_a2', 'svd_a2'.",
     )
     use_rslora: bool = Field(
         False, description="LoRA, DoRA, LoRA-Pro: rank-stabilised scaling alpha/sqrt(r)."
@@ -142,8 +140,7 @@ class AdapterConfig(_Strict):
         given = [k for k in ("r1", "r2") if data.get(k) is not None]
         if given:
             raise ValueError(
-                f"adapter.ranks and adapter.{'/'.join(given)} both give ABBA's ranks; use adapter.ranks: [...] "
-                "(any number of pairs) or adapter.r1/adapter.r2 (two pairs), not both"
+                f"adapter.ranks and adapter.{'/'.join(given)} both set ABBA's ranks; give one, not both"
             )
         ranks = data["ranks"]
         if isinstance(ranks, list) and len(ranks) == 2:  # two pairs: the ABBA layer itself
@@ -154,20 +151,19 @@ class AdapterConfig(_Strict):
     def _chain_settings(self) -> AdapterConfig:
         if self.ranks is None:
             return self
-        if self.type != "abba":
-            raise ValueError(f"adapter.ranks is a chain of ABBA pairs; {self.type} takes adapter.r")
-        if len(self.ranks) < 2:
-            raise ValueError(
-                f"adapter.ranks {self.ranks}: a chain needs at least two pairs (one pair is LoRA: adapter.type lora)"
-            )
-        if self.path == "hybrid":
-            raise ValueError(
-                "adapter.path hybrid is a two-pair path; a chain runs khatri_rao, merged or auto"
-            )
-        if self.init not in ("default", "svd", "random"):
-            raise ValueError(
-                f"adapter.init {self.init!r} is defined for two pairs; a chain takes svd or random"
-            )
+        problem = (
+            f"is a chain of ABBA pairs; {self.type} takes adapter.r"
+            if self.type != "abba"
+            else f"{self.ranks}: a chain needs at least two pairs (one pair is LoRA: adapter.type lora)"
+            if len(self.ranks) < 2
+            else "with adapter.path hybrid, a two-pair path; a chain runs khatri_rao, merged or auto"
+            if self.path == "hybrid"
+            else f"with adapter.init {self.init!r}, defined for two pairs; a chain takes svd or random"
+            if self.init not in ("default", "svd", "random")
+            else None
+        )
+        if problem:
+            raise ValueError(f"adapter.ranks {problem}")
         return self
 
     @model_validator(mode="after")
@@ -201,13 +197,9 @@ class AdapterConfig(_Strict):
             if self.alpha is None:
                 self.alpha = float(2 * self.r) if self.type in LORA_SCALED else float(self.r)
         if self.init == "pissa" and self.type != "lora":
-            raise ValueError(
-                "adapter.init 'pissa' applies to lora only; ABBA's SVD init is adapter.init 'svd'"
-            )
+            raise ValueError("adapter.init 'pissa' applies to lora only (ABBA's SVD init is 'svd')")
         if self.init not in ("default", "pissa") and self.type != "abba":
-            raise ValueError(
-                f"adapter.init {self.init!r} is an ABBA initialisation; {self.type} takes default or pissa"
-            )
+            raise ValueError(f"adapter.init {self.init!r} is ABBA's; {self.type} takes default or pissa")
         return self
 
 

@@ -72,7 +72,7 @@ def test_default_keeps_the_released_svd_init_and_injection_uses_the_configured_o
 
 
 def test_abba_inits_are_refused_for_other_methods():
-    with pytest.raises(ValueError, match="ABBA initialisation"):
+    with pytest.raises(ValueError, match="is ABBA.s; lora takes default or pissa"):
         AdapterConfig(type="lora", r=4, init="svd_minor")
     with pytest.raises(ValueError, match="lora only"):
         AdapterConfig(type="abba", init="pissa")
