@@ -25,7 +25,7 @@ PAPER_ROWS = {
     "table3_init.yaml": 6,  # the six initialisations
     "table4_alpha.yaml": 6,
     "table5_split.yaml": 7,
-    "table6_chain.yaml": 2,  # two pairs, four pairs
+    "table6_chain.yaml": 4,  # two pairs, four pairs, each at two alphas (equal s needs its own alpha per K)
     "table7_alpha_commonsense.yaml": 6,
     "table8_rank.yaml": 4,
     "figure3_placement.yaml": 4,
