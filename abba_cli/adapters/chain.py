@@ -208,10 +208,11 @@ class ABBAChainLinear(AdapterLinear):
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * chain_product([(b.float(), a.float()) for b, a in self._pairs()])
 
-    def resolved_path(self, tokens: int, dropout: bool = False) -> str:
+    def resolved_path(self, tokens: int, dropout: bool = False, device_type: str | None = None) -> str:
+        """The path a forward over `tokens` tokens runs on `device_type` (default: where the weight is now)."""
         if self.path != "auto":
             return self.path
-        costs = cost_constants(self.weight.device.type)
+        costs = cost_constants(device_type or self.weight.device.type)
         return choose_chain_path(self.out_features, self.in_features, self.ranks, tokens, dropout, costs)
 
     def adapter_forward(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -50,9 +50,9 @@ def fix_auto_paths(model: Any, tokens: int, device_type: str) -> None:
     was made."""
     from torch import nn
 
-    from abba_cli.adapters.abba import ABBALinear
+    from abba_cli.adapters.base import AdapterLinear
 
-    for module in model.modules():
-        if isinstance(module, ABBALinear) and module.path == "auto":
+    for module in model.modules():  # ABBA layers of two pairs or a chain (kind "abba")
+        if isinstance(module, AdapterLinear) and module.kind == "abba" and module.path == "auto":
             dropout = isinstance(module.dropout, nn.Dropout) and module.dropout.p > 0
             module.path = module.resolved_path(tokens, dropout, device_type)
