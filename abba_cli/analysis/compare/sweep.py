@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from abba_cli.config import _parse_value
+from abba_cli.config import parse_override_value
 from abba_cli.errors import UserError
 
 # Keys whose values set the trainable-parameter count: sweeping one frees the rows from the budget.
@@ -60,7 +60,7 @@ def parse_sweep(text: str) -> Sweep:
         raise UserError(f"--sweep {text!r}: an empty value; separate values with single commas")
     if len(set(texts)) != len(texts):
         raise UserError(f"--sweep {text!r}: a value is listed twice")
-    return Sweep(key, tuple(_parse_value(t) for t in texts), tuple(texts))
+    return Sweep(key, tuple(parse_override_value(t) for t in texts), tuple(texts))
 
 
 def parse_sweeps(texts: list[str]) -> list[Sweep]:
