@@ -262,6 +262,12 @@ class TrainConfig(_Strict):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast dtype.")
     seed: int = Field(42, description="Seed of adapter init, dropout and data order.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    loss_impl: Literal["auto", "full", "chunked"] = Field(
+        "auto",
+        description="Cross-entropy: 'full' holds the fp32 logits of the whole micro-batch; 'chunked' projects "
+        "and scores chunks of tokens, recomputing each in backward (same loss and gradients, less memory); "
+        "'auto': chunked when a micro-batch holds more tokens than one chunk.",
+    )
     compile: bool = Field(
         False,
         description="torch.compile each decoder layer in place after the engine wraps the model (one graph "

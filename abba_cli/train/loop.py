@@ -106,8 +106,7 @@ def accumulate_gradients(run: Run, host: list[dict], micro: list[dict]) -> float
         # not used: it needs Accelerator(gradient_accumulation_steps=N), which divides every loss by N again.
         accelerator.gradient_state._set_sync_gradients(sync)
         with nullcontext() if sync else accelerator.no_sync(run.model):
-            logits = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = run.loss_fn(logits, batch["labels"]) / n_targets
+            loss = run.micro_batch_loss(batch) / n_targets
             accelerator.backward(loss, **backward_kwargs)
         step_loss += loss.detach()
     return accelerator.reduce(step_loss, "mean").item()

@@ -177,9 +177,12 @@ def run_extension(cfg: RunConfig, resume: Resume | None, data: TrainData) -> int
     return old if data.total_steps > old else None
 
 
-def print_plan(cfg: RunConfig, model: Any, data: TrainData, world: int, engine: str = "") -> None:
+def print_plan(
+    cfg: RunConfig, model: Any, data: TrainData, world: int, engine: str = "", loss_impl: str = "full"
+) -> None:
     from abba_cli.adapters import trainable_summary
     from abba_cli.train.execution_plan import describe_execution, training_device_type
+    from abba_cli.train.loss import describe_loss_impl
 
     t = cfg.train
     print(trainable_summary(model), file=sys.stderr)
@@ -197,6 +200,7 @@ def print_plan(cfg: RunConfig, model: Any, data: TrainData, world: int, engine: 
         f"({data.total_steps * t.grad_accum_steps / data.per_epoch:.2f} epochs), {data.warmup} warmup steps",
         file=sys.stderr,
     )
+    print(describe_loss_impl(loss_impl, model, tokens), file=sys.stderr)
     if data.val is not None:
         print(describe_validation(cfg, len(data.val)), file=sys.stderr)
 
