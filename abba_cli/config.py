@@ -229,6 +229,9 @@ class DataConfig(_Strict):
     cache: bool = Field(
         True, description="Reuse the tokenized dataset from $ABBA_HOME/cache (keyed by content)."
     )
+    packing: bool = Field(
+        False, description="Pack examples into rows of max_seq_len (micro_batch_size: rows)."
+    )
     val_samples: int | None = Field(
         None, ge=1, description="Hold this many examples of the source out of training for val_loss."
     )
@@ -264,9 +267,7 @@ class TrainConfig(_Strict):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
     loss_impl: Literal["auto", "full", "chunked"] = Field(
         "auto",
-        description="Cross-entropy: 'full' holds the fp32 logits of the whole micro-batch; 'chunked' projects "
-        "and scores chunks of tokens, recomputing each in backward (same loss and gradients, less memory); "
-        "'auto': chunked when a micro-batch holds more tokens than one chunk.",
+        description="Cross-entropy over whole logits or chunks of tokens (same values); auto: if smaller.",
     )
     compile: bool = Field(
         False,

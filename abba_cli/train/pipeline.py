@@ -21,6 +21,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from abba_cli.config import RunConfig
+from abba_cli.data.packing import check_packing
 from abba_cli.run.training_dir import RunLock, check_run_dir
 from abba_cli.train.compiling import compile_for_training
 from abba_cli.train.context import Run
@@ -55,6 +56,7 @@ def _run_training(cfg: RunConfig, resume: bool, dry_run: bool) -> Path | None:
 
     run_dir = Path(cfg.output_dir)
     check_output_dir(run_dir, key="output_dir")
+    check_packing(cfg)
     accelerator, strategy = setup_accelerator(cfg, run_dir)
     # The main process locks the run directory for the whole run: a second `abba train` on it fails at once.
     with RunLock(run_dir) if accelerator.is_main_process and not dry_run else nullcontext():
