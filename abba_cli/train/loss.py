@@ -47,10 +47,11 @@ def micro_batch_loss(model: Any, batch: dict, impl: str, loss_fn: Any = target_l
 
 def model_inputs(batch: dict) -> dict:
     """What the model reads of a collated batch: padded batches carry an attention mask, packed ones position
-    ids (from which the attention backend isolates the examples of a row). No cache: with one, transformers
-    stops reading example boundaries from position ids."""
-    keys = ("input_ids", "attention_mask", "position_ids")
-    return {**{k: batch[k] for k in keys if k in batch}, "use_cache": False}
+    ids (from which the attention backend isolates the examples of a row)."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if "position_ids" in inputs:  # with a cache, transformers stops reading example boundaries from them
+        inputs["use_cache"] = False
+    return inputs
 
 
 def final_hidden_states(model: Any, batch: dict) -> Any:
