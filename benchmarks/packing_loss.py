@@ -140,7 +140,9 @@ def padding_of(name: str, ds, batch: int, max_seq_len: int) -> tuple[float, list
         order = [rows[i] for i in epoch_order(len(rows), 42, 0)]
         slots = len(rows) * max_seq_len
         return 1 - sum(lengths) / slots, [order[i : i + batch] for i in range(0, len(order), batch)]
-    order = epoch_order(len(ds), 42, 0) if name == "plain" else length_grouped_order(lengths, 42, 0, batch)
+    order = (
+        epoch_order(len(lengths), 42, 0) if name == "plain" else length_grouped_order(lengths, 42, 0, batch)
+    )
     batches = [[[i] for i in order[j : j + batch]] for j in range(0, len(order), batch)]
     padded = sum(max(lengths[r[0]] for r in b) * len(b) for b in batches)
     return 1 - sum(lengths) / padded, batches
