@@ -61,6 +61,21 @@ def test_a_packed_batch_restarts_positions_and_ignores_each_first_target():
     assert flat["input_ids"].shape == (1, 20) and flat["position_ids"][0, 10:13].tolist() == [0, 1, 2]
 
 
+def test_flattened_rows_give_flash_attention_each_example_as_a_sequence():
+    # What transformers' FlashAttention path reads from position ids on a one-row batch (no GPU needed here).
+    from transformers.modeling_flash_attention_utils import (
+        _is_packed_sequence,
+        prepare_fa_kwargs_from_position_ids,
+    )
+
+    a, b, c = _examples([4, 3, 6])
+    flat = PackedCollator(PAD, 8, flatten=True)([[a, b], [c]])
+    assert _is_packed_sequence(flat["position_ids"], batch_size=1)
+    (cu_seqlens, _), (max_len, _) = prepare_fa_kwargs_from_position_ids(flat["position_ids"])
+    assert cu_seqlens.tolist() == [0, 4, 7, 8, 14, 16]  # a, b, the row's padding, c, its padding
+    assert max_len == 6
+
+
 def _model(attn: str, adapter: str = "abba"):
     model = build_tiny_llama(VOCAB, seed=2, tie_word_embeddings=True, attn_implementation=attn).float()
     cfg = {"abba": dict(type="abba", r1=2, r2=2, alpha=2.0), "lora": dict(type="lora", r=4, alpha=8.0)}[
