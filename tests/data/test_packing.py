@@ -76,6 +76,37 @@ def test_flattened_rows_give_flash_attention_each_example_as_a_sequence():
     assert max_len == 6
 
 
+def test_chat_conversations_pack_with_their_assistant_masks():
+    from conftest import build_tiny_tokenizer
+
+    from abba_cli.data.formats import ChatExample
+    from abba_cli.data.packing import PackedRows
+    from abba_cli.data.tokenize import build_train_dataset
+
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    chats = [
+        ChatExample(
+            f"c-{i}",
+            (
+                {"role": "user", "content": f"What is {i} * 7?"},
+                {"role": "assistant", "content": f"The answer is: {7 * i}"},
+            ),
+        )
+        for i in range(6)
+    ]
+    ds = build_train_dataset(chats, build_tiny_tokenizer(), 512, chat_template=template)
+    rows = PackedRows(ds, 2 * max(ds["length"]), seed=0)
+    assert len(rows) < len(chats)
+    batch = PackedCollator(PAD, rows.max_len)([rows[i] for i in range(len(rows))])
+    # Every assistant token of every conversation is a target once packed, and nothing else is.
+    want = sorted(t for e in ds for t in e["labels"][1:] if t != IGNORE_INDEX)
+    assert sorted(t for t in batch["labels"].flatten().tolist() if t != IGNORE_INDEX) == want
+    assert count_targets(batch["labels"]) == len(want)
+
+
 def _model(attn: str, adapter: str = "abba"):
     model = build_tiny_llama(VOCAB, seed=2, tie_word_embeddings=True, attn_implementation=attn).float()
     cfg = {"abba": dict(type="abba", r1=2, r2=2, alpha=2.0), "lora": dict(type="lora", r=4, alpha=8.0)}[
