@@ -16,7 +16,7 @@
   next to the ratio of their multiply-adds with each ABBA layer on its cheapest exact path (no launches, no memory
   traffic): the FLOP floor of the ratio.
 
-    python benchmarks/packing_loss.py [--parts memory throughput floor] [--batch 4] [--repeats 3]
+    python -m benchmarks.packing_loss [--parts memory throughput floor] [--batch 4] [--repeats 3]
                                       [--llama-layers 2] [--dtype bf16] [--out results/packing_loss_cpu.json]
 """
 
@@ -28,8 +28,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
+from benchmarks import common
 
 SOURCES = {"commonsense": "commonsense_bundled_train", "metamath-style (gsm8k)": "gsm8k_bundled_train"}
 ABBA = {"type": "abba", "r1": 16, "r2": 16}
@@ -105,7 +104,6 @@ def memory(args) -> list[dict]:
         for r, s in (tuple(map(int, shape.split("x"))) for shape in args.shapes):
             for impl in ("full", "chunked"):
                 cell = [
-                    __file__,
                     "--memory-cell",
                     model_name,
                     impl,
@@ -115,7 +113,7 @@ def memory(args) -> list[dict]:
                     str(args.llama_layers),
                     args.device,
                 ]
-                out = common.run_json_subprocess(cell, timeout=3600)
+                out = common.run_json_subprocess(__spec__.name, cell, timeout=3600)
                 print(f"memory {model_name} {r}x{s} {impl}: step {out['step_mib']:.0f} MiB", file=sys.stderr)
                 rows.append(out)
     return rows

@@ -176,12 +176,16 @@ def _raw(**data) -> dict:
 
 
 def test_packing_refuses_grouping_and_an_unverified_backend():
-    with pytest.raises(ValueError, match="data.packing and data.group_by_length"):
-        RunConfig(**_raw(packing=True, group_by_length=True))
+    from abba_cli.data.packing import check_packing
+    from abba_cli.errors import UserError
+
+    with pytest.raises(UserError, match="data.packing and data.group_by_length"):
+        check_packing(RunConfig(**_raw(packing=True, group_by_length=True)))
     raw = _raw(packing=True)
     raw["model"]["attn_implementation"] = "flash_attention_4"
-    with pytest.raises(ValueError, match="data.packing with model.attn_implementation 'flash_attention_4'"):
-        RunConfig(**raw)
+    with pytest.raises(UserError, match="data.packing with model.attn_implementation 'flash_attention_4'"):
+        check_packing(RunConfig(**raw))
+    check_packing(RunConfig(**_raw(packing=True)))  # sdpa, the default, isolates examples
 
 
 def _config(tmp_path, model_dir, out: str, **train):

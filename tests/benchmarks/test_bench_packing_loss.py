@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from helpers import load_benchmark
+
+from benchmarks import packing_loss as bench
 
 
 def test_padding_counts_every_example_once_and_packs_by_hand():
-    bench = load_benchmark("packing_loss")
     ds = {"length": [5, 3, 8, 2]}
     # First fit decreasing into rows of 8: [8], [5, 3], [2] -> 18 tokens in 3 x 8 slots.
     padding, batches = bench.padding_of("packing", ds, 2, 8)
