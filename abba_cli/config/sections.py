@@ -220,6 +220,9 @@ class DataConfig(_Strict):
     cache: bool = Field(
         True, description="Reuse the tokenized dataset from $ABBA_HOME/cache (keyed by content)."
     )
+    packing: bool = Field(
+        False, description="Pack examples into rows of max_seq_len (micro_batch_size: rows)."
+    )
     val_samples: int | None = Field(
         None, ge=1, description="Hold this many examples of the source out of training for val_loss."
     )
@@ -253,6 +256,10 @@ class TrainConfig(_Strict):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast dtype.")
     seed: int = Field(42, description="Seed of adapter init, dropout and data order.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    loss_impl: Literal["auto", "full", "chunked"] = Field(
+        "auto",
+        description="Cross-entropy over whole logits or chunks of tokens (same values); auto: if smaller.",
+    )
     compile: bool = Field(
         False,
         description="torch.compile each decoder layer in place after the engine wraps the model (one graph "

@@ -51,3 +51,10 @@ def make_collator(
 def to_device(batch: dict, device: Any) -> dict:
     """A collated batch on `device` (non-tensor entries kept as they are)."""
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+def batch_tokens(batch: dict) -> int:
+    """The tokens a collated batch holds, padding excluded (packed batches count them when built)."""
+    if "num_tokens" in batch:
+        return int(batch["num_tokens"])
+    return int(batch["attention_mask"].sum())

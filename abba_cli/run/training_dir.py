@@ -151,6 +151,10 @@ def check_run_dir(cfg_json: dict, run_dir: Path, resume: bool) -> Resume | None:
     saved = read_saved_config(run_dir)
     # Runs saved before the `distributed` section existed trained with its defaults (ddp).
     saved.setdefault("distributed", cfg_json.get("distributed") if _is_default_ddp(cfg_json) else None)
+    # Keys added later: a run saved before them trained with their defaults (the loss was then the full one,
+    # which `auto` may replace by the chunked one: the same values up to round-off).
+    saved.setdefault("data", {}).setdefault("packing", False)
+    saved.setdefault("train", {}).setdefault("loss_impl", "auto")
     diffs = [k for k in diff_keys(saved, cfg_json) if not k.startswith(RESUME_MAY_CHANGE)]
     extends = bool(diffs) and all(k in RESUME_EXTENDS for k in diffs)
     if diffs and not extends:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from abba_cli.config import RunConfig
-from abba_cli.train.loss import target_loss_sum
+from abba_cli.train.loss import micro_batch_loss, target_loss_sum
 from abba_cli.util.signals import GracefulStop
 
 
@@ -44,6 +44,7 @@ class Run:
     extends_from: int | None = None  # the old total of steps when --resume extends a run
     val_tracker: Any = None  # early_stopping.ValTracker: the best val_loss so far, the early-stopping count
     stop: GracefulStop | None = None  # catches SIGINT/SIGTERM while the loop runs
+    loss_impl: str = "full"  # full | chunked: train.loss_impl resolved for this model (train/loss.py)
 
     @property
     def full(self) -> bool:
@@ -62,6 +63,10 @@ class Run:
     def loss_fn(self, logits: Any, labels: Any) -> Any:
         """The summed loss of one micro-batch over its target tokens (train/loss.py)."""
         return target_loss_sum(logits, labels)
+
+    def micro_batch_loss(self, batch: dict) -> Any:
+        """Forward and summed loss of one micro-batch; the full loss goes through `loss_fn`."""
+        return micro_batch_loss(self.model, batch, self.loss_impl, self.loss_fn)
 
     def stop_requested(self) -> bool:
         """Whether any process caught a stop signal; every process must agree, or the others hang in a

@@ -11,7 +11,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from abba_cli.data.collate import to_device
+from abba_cli.data.collate import batch_tokens, to_device
 from abba_cli.data.order import batch_stream
 from abba_cli.errors import UserError
 from abba_cli.run.layout import METRICS_FILE
@@ -106,8 +106,7 @@ def accumulate_gradients(run: Run, host: list[dict], micro: list[dict]) -> float
         # not used: it needs Accelerator(gradient_accumulation_steps=N), which divides every loss by N again.
         accelerator.gradient_state._set_sync_gradients(sync)
         with nullcontext() if sync else accelerator.no_sync(run.model):
-            logits = run.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = run.loss_fn(logits, batch["labels"]) / n_targets
+            loss = run.micro_batch_loss(batch) / n_targets
             accelerator.backward(loss, **backward_kwargs)
         step_loss += loss.detach()
     return accelerator.reduce(step_loss, "mean").item()
@@ -139,7 +138,7 @@ def advance(run: Run, host: list[dict], clock: tuple[float, float, int]) -> floa
 
     state, accelerator, accum = run.state, run.accelerator, run.cfg.train.grad_accum_steps
     start, elapsed0, tokens0 = clock
-    n_tokens = sum(int(b["attention_mask"].sum()) for b in host)  # host copies: no device sync
+    n_tokens = sum(batch_tokens(b) for b in host)  # host copies: no device sync
     if accelerator.num_processes > 1:
         n_tokens = int(accelerator.reduce(torch.tensor(n_tokens, device=accelerator.device), "sum").item())
     state.tokens_seen += n_tokens

@@ -21,12 +21,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from abba_cli.config import RunConfig
+from abba_cli.data.packing import check_packing
 from abba_cli.run.training_dir import RunLock, check_run_dir
 from abba_cli.train.compiling import compile_for_training
 from abba_cli.train.context import Run
 from abba_cli.train.distributed import describe_engine
 from abba_cli.train.finish import finish
 from abba_cli.train.loop import fit
+from abba_cli.train.loss import resolve_loss_impl
 from abba_cli.train.setup import (
     print_plan,
     run_extension,
@@ -54,14 +56,16 @@ def _run_training(cfg: RunConfig, resume: bool, dry_run: bool) -> Path | None:
 
     run_dir = Path(cfg.output_dir)
     check_output_dir(run_dir, key="output_dir")
+    check_packing(cfg)
     accelerator, strategy = setup_accelerator(cfg, run_dir)
     # The main process locks the run directory for the whole run: a second `abba train` on it fails at once.
     with RunLock(run_dir) if accelerator.is_main_process and not dry_run else nullcontext():
         resume_plan = None if dry_run else check_run_dir(cfg.model_dump(mode="json"), run_dir, resume)
         model, tokenizer, params = setup_model(cfg, accelerator, strategy)
         data = setup_data(cfg, tokenizer, accelerator)
+        loss_impl = resolve_loss_impl(cfg, model)
         if accelerator.is_main_process:
-            print_plan(cfg, model, data, accelerator.num_processes, describe_engine(accelerator))
+            print_plan(cfg, model, data, accelerator.num_processes, describe_engine(accelerator), loss_impl)
         if dry_run:
             print("dry run: nothing trained, nothing written")
             return None
@@ -72,6 +76,7 @@ def _run_training(cfg: RunConfig, resume: bool, dry_run: bool) -> Path | None:
         # FSDP2 replaces each parameter by a sharded DTensor: clipping and the finiteness check need those.
         params = [p for p in model.parameters() if p.requires_grad]
         run = Run(cfg, run_dir, accelerator, model, tokenizer, params, data, optimizer, scheduler, strategy)
+        run.loss_impl = loss_impl
         run.extends_from = run_extension(cfg, resume_plan, data)
         start_run_dir(run, fresh=resume_plan is None)
         rng = restore(run, resume_plan.checkpoint if resume_plan else None)

@@ -15,10 +15,12 @@ def validate_run(cfg: RunConfig, config_path: str | Path, device: str | None = N
     paths are priced for the device training would use here (as `abba train` prices them), or for `device`.
     """
     from abba_cli.adapters import inject_adapters, trainable_summary
+    from abba_cli.data.packing import check_packing
     from abba_cli.data.training_set import check_examples, load_train_examples
     from abba_cli.models.loading import load_configured_base
     from abba_cli.train.execution_plan import describe_execution, fix_auto_paths, training_device_type
 
+    check_packing(cfg)
     print(f"# resolved config from {config_path}")
     print(dump_config(cfg), end="")
     _, examples, _ = load_train_examples(cfg.data)  # every row read and checked before the model is built
@@ -41,3 +43,9 @@ def validate_run(cfg: RunConfig, config_path: str | Path, device: str | None = N
     if plan:
         print(plan)
     print(check_examples(cfg.data, examples, tokenizer, cfg.model.name_or_path))
+    if cfg.data.packing:  # the rows need the tokenized lengths (read from the cache when built before)
+        from abba_cli.data.packing import PackedRows
+        from abba_cli.data.training_set import prepare_train_dataset
+
+        dataset, _ = prepare_train_dataset(cfg.data, tokenizer, cfg.model.name_or_path)
+        print(f"# {PackedRows(dataset, cfg.data.max_seq_len, cfg.train.seed).stats()}")

@@ -177,9 +177,12 @@ def run_extension(cfg: RunConfig, resume: Resume | None, data: TrainData) -> int
     return old if data.total_steps > old else None
 
 
-def print_plan(cfg: RunConfig, model: Any, data: TrainData, world: int, engine: str = "") -> None:
+def print_plan(
+    cfg: RunConfig, model: Any, data: TrainData, world: int, engine: str = "", loss_impl: str = "full"
+) -> None:
     from abba_cli.adapters import trainable_summary
     from abba_cli.train.execution_plan import describe_execution, training_device_type
+    from abba_cli.train.loss import describe_loss_impl
 
     t = cfg.train
     print(trainable_summary(model), file=sys.stderr)
@@ -191,12 +194,17 @@ def print_plan(cfg: RunConfig, model: Any, data: TrainData, world: int, engine: 
     plan = describe_execution(model, tokens, training_device_type(), fixed=t.compile)
     if plan:
         print(plan, file=sys.stderr)
+    stats = getattr(data.train, "stats", None)
+    if stats is not None:  # data.packing
+        print(stats(), file=sys.stderr)
     print(
-        f"{len(data.train)} training examples, {data.per_epoch} micro-batches of {t.micro_batch_size} per epoch "
+        f"{len(data.train)} training {'rows' if stats else 'examples'}, {data.per_epoch} micro-batches of "
+        f"{t.micro_batch_size} per epoch "
         f"x {world} process(es){f' ({engine})' if engine else ''}; {data.total_steps} optimizer steps of {t.grad_accum_steps} micro-batches "
         f"({data.total_steps * t.grad_accum_steps / data.per_epoch:.2f} epochs), {data.warmup} warmup steps",
         file=sys.stderr,
     )
+    print(describe_loss_impl(loss_impl, model, tokens), file=sys.stderr)
     if data.val is not None:
         print(describe_validation(cfg, len(data.val)), file=sys.stderr)
 
@@ -249,9 +257,18 @@ def build_dataset(
         raise UserError(
             f"data.recipe {d.recipe!r}: no training examples left (check data.num_samples/skip_samples)"
         )
-    # Compiled layers see few distinct lengths: multiples of PAD_MULTIPLE up to max_seq_len.
-    pad = (PAD_MULTIPLE, d.max_seq_len) if cfg.train.compile else (None, None)
-    return dataset, val_dataset, make_collator(tokenizer, *pad), examples_sha256(dataset)
+    sha256 = examples_sha256(dataset)
+    if not d.packing:
+        # Compiled layers see few distinct lengths: multiples of PAD_MULTIPLE up to max_seq_len.
+        pad = (PAD_MULTIPLE, d.max_seq_len) if cfg.train.compile else (None, None)
+        return dataset, val_dataset, make_collator(tokenizer, *pad), sha256
+    from abba_cli.data.packing import PackedRows, make_packed_collator
+
+    # Rows are fixed for the run (train.seed); each epoch shuffles them (data/order.py).
+    train_rows = PackedRows(dataset, d.max_seq_len, cfg.train.seed)
+    val_rows = None if val_dataset is None else PackedRows(val_dataset, d.max_seq_len, cfg.train.seed)
+    collate = make_packed_collator(tokenizer, d.max_seq_len, cfg.model.attn_implementation)
+    return train_rows, val_rows, collate, sha256
 
 
 def examples_sha256(dataset: Any) -> str:

@@ -16,7 +16,7 @@ from abba_cli.data.collate import to_device
 from abba_cli.run.layout import BEST_DIR, VAL_SUMMARY_FILE
 from abba_cli.train.context import Run
 from abba_cli.train.early_stopping import write_best
-from abba_cli.train.loss import count_targets, target_loss_sum
+from abba_cli.train.loss import count_targets, micro_batch_loss, target_loss_sum
 from abba_cli.train.state import gathered_trainable_state
 from abba_cli.util.files import atomic_write_text
 
@@ -33,6 +33,7 @@ def validate_if_due(run: Run, bar: Any) -> dict | None:
         run.data.collate,
         run.cfg.train.micro_batch_size,
         run.loss_fn,
+        run.loss_impl,
     )
     if run.val_tracker.update(step, val["val_loss"]) and run.cfg.train.keep_best:
         tensors = gathered_trainable_state(run.accelerator, run.model, run.full)  # a collective
@@ -56,6 +57,7 @@ def validation_loss(
     collate: Callable,
     micro_batch_size: int,
     loss_fn: Callable = target_loss_sum,
+    loss_impl: str = "full",
 ) -> dict[str, float | int]:
     """{"val_loss": mean next-token loss per target token of the validation set, "val_tokens": their count}.
 
@@ -76,9 +78,10 @@ def validation_loss(
             for b in range(n_batches):
                 idx = shard[b * micro_batch_size : (b + 1) * micro_batch_size]
                 batch = to_device(collate([val_dataset[i] for i in idx or [0]]), accelerator.device)
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                # Every process runs the loss too: the chunked loss gathers a sharded head's weight.
+                loss = micro_batch_loss(model, batch, loss_impl, loss_fn)
                 if idx:
-                    loss_sum += float(loss_fn(logits, batch["labels"]))
+                    loss_sum += float(loss)
                     targets += count_targets(batch["labels"])
     finally:
         model.train()

@@ -1,0 +1,17 @@
+"""`abba ARGS...` as a subprocess (alone or one process of a torchrun launch) whose chunked loss takes chunks of
+ABBA_TEST_CHUNK_TOKENS tokens, so a tiny model's micro-batch spans several (and processes differ in how many)."""
+
+from __future__ import annotations
+
+import os
+
+from abba_cli.train import linear_cross_entropy
+
+if os.environ.get("ABBA_TEST_CHUNK_TOKENS"):
+    linear_cross_entropy.MIN_CHUNK_TOKENS = int(os.environ["ABBA_TEST_CHUNK_TOKENS"])
+    linear_cross_entropy.CHUNK_ELEMENTS = 0
+
+if __name__ == "__main__":
+    from abba_cli.cli import app
+
+    app(prog_name="abba")
