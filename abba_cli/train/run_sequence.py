@@ -34,9 +34,14 @@ def one_process_group() -> Iterator[Callable[[], None]]:
 
     original = PartialState.destroy_process_group
     PartialState.destroy_process_group = lambda self, group=None: None
+    grouped = torch.distributed.is_available() and torch.distributed.is_initialized
     try:
         yield fresh
+        if grouped():
+            # Every process is done before any tears the group down: a process leaving while another still
+            # talks to it aborts the other (gloo: "terminate called without an active exception").
+            torch.distributed.barrier()
     finally:
         PartialState.destroy_process_group = original
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if grouped():
             torch.distributed.destroy_process_group()

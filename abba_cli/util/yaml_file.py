@@ -1,5 +1,5 @@
 """Reading a YAML (or JSON) file the user wrote: UTF-8 only, every syntax error and repeated key one line
-naming the file, line and column. Run configs (config.py) and recipes (data/recipes.py) both come through here.
+naming the file, line and column. Run configs (config/files.py) and recipes (data/recipes.py) both come through here.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ The folder's layout is analysis/compare/folder.py's; the table and curves are ta
 
 Resumable by rerunning the same command: a finished run (final adapter or model saved, same config) is kept, an
 interrupted one resumes from its latest checkpoint (`train.save_every`; without one it restarts from step 0),
-evaluation continues where it stopped. Under a multi-process launcher every process trains every run in turn
-(each run uses all processes); evaluation and the table are then done by the main process alone.
+evaluation continues where it stopped. Under a multi-process launcher every process trains and evaluates every
+run in turn (each run uses all processes); the table is written by the main process alone.
 """
 
 from __future__ import annotations
@@ -102,12 +102,13 @@ def run_compare(
             if _is_main():
                 print(f"[{i}/{len(jobs)}] {run_name(plan.row, seed)}: {plan.describe}", file=sys.stderr)
             train_one(run_cfg, path, fresh_state)
+        # Every process evaluates each run too (eval shares the prompts out); the main process writes.
+        for plan, seed in jobs:
+            folder = run_dir(out, run_name(plan.row, seed))
+            if not _eval_done(folder, plan.cfg.eval.tasks):
+                _evaluate(folder)
     if not _is_main():
         return out / TABLE
-    for plan, seed in jobs:
-        folder = run_dir(out, run_name(plan.row, seed))
-        if not _eval_done(folder, plan.cfg.eval.tasks):
-            _evaluate(folder)
     return write_outputs(out, config, plans, seeds, paper)
 
 
