@@ -152,6 +152,14 @@ def _generate_round(model, tokenizer, rows, gen_cfg, stop_criterion, eos_ids, de
     new_ids = out[:, width:].tolist()
     finished = criterion.finished.tolist()
     lengths = criterion.lengths.tolist()
+    eos = set(eos_ids.tolist())
+    for j, ids in enumerate(new_ids):
+        # A generate that ended without the criterion marking a row (one that does not call its stopping
+        # criteria): the row's own tokens say whether it ended, so a round never repeats without progress.
+        if not finished[j]:
+            end = next((k + 1 for k, t in enumerate(ids) if t in eos), None)
+            if end is not None or len(ids) >= int(budgets[j]) or not ids:
+                finished[j], lengths[j] = True, end if end is not None else min(len(ids), int(budgets[j]))
     done, running = [], []
     for row, ids, fin, n in zip(rows, new_ids, finished, lengths, strict=True):
         if fin:
