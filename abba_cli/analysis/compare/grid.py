@@ -23,9 +23,10 @@ from abba_cli.analysis.compare.budget import format_budget, parse_methods, plan_
 from abba_cli.analysis.compare.folder import RESOURCES, TABLE, config_path, run_dir, run_name
 from abba_cli.analysis.compare.paper_figures import paper_table
 from abba_cli.analysis.compare.sweep import parse_sweeps
-from abba_cli.analysis.compare.table import finished, write_outputs
+from abba_cli.analysis.compare.table import write_outputs
 from abba_cli.config import RunConfig, apply_overrides, dump_config, validate_config
 from abba_cli.errors import UserError
+from abba_cli.run.layout import has_final_output
 from abba_cli.train.run_sequence import one_process_group
 from abba_cli.util.files import atomic_write_text
 from abba_cli.util.yaml_file import read_yaml
@@ -148,7 +149,7 @@ def run_state(cfg: RunConfig) -> str:
             f"{run_dir} was trained with other settings ({', '.join(diffs)}); give another --out, or remove "
             "that run to train it again"
         )
-    return "finished" if finished(run_dir) else "interrupted"
+    return "finished" if has_final_output(run_dir) else "interrupted"
 
 
 def train_one(cfg: RunConfig, config_path: Path, fresh_state: Callable[[], None]) -> None:

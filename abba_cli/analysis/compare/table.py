@@ -23,17 +23,8 @@ if TYPE_CHECKING:
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
 
 
-def finished(run: Path) -> bool:
-    """Training is over (a run still training would mix a partial curve in)."""
-    return has_final_output(run)
-
-
-def records(run: Path) -> list[dict]:
-    return read_metrics_records(run)
-
-
 def val_curve(run: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["val_loss"]) for r in records(run) if "val_loss" in r]
+    return [(r["step"], r["val_loss"]) for r in read_metrics_records(run) if "val_loss" in r]
 
 
 def read_eval(run: Path) -> dict[str, dict]:
@@ -91,7 +82,7 @@ def method_summary(runs: list[Path], tasks: list[str]) -> dict[str, Any]:
     }
     per_step, memory, kinds = [], [], set()
     for r in runs:
-        rows = records(r)
+        rows = read_metrics_records(r)
         if rows:
             per_step.append(rows[-1]["elapsed_s"] / rows[-1]["step"])
         res = r / RESOURCES
@@ -116,7 +107,7 @@ def summarize(out: Path, config: Path, plans: list[MethodPlan], seeds: int) -> d
     methods = {}
     for plan in plans:
         runs = [run_dir(out, run_name(plan.row, s)) for s in range(1, seeds + 1)]
-        done = [r for r in runs if finished(r)]  # a run still training would mix a partial curve in
+        done = [r for r in runs if has_final_output(r)]  # a run still training would mix a partial curve in
         methods[plan.row] = {
             "label": plan.label,
             "method": plan.method,
@@ -252,7 +243,7 @@ def plot(out: Path, summary: dict, path: Path) -> None:
     for i, (name, m) in enumerate(summary["methods"].items()):
         color = colors[i % len(colors)]
         for j, run in enumerate(m["runs"]):
-            rows = records(run_dir(out, run))
+            rows = read_metrics_records(run_dir(out, run))
             curve = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
             if curve:
                 axes[0].plot(
