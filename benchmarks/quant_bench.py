@@ -184,8 +184,11 @@ NF4_BYTES = (4 + 32 / 64) / 8
 NF4_DQ_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8
 
 
-def estimate(arch: tuple) -> dict[str, float]:
-    """GiB of weights, adapter + AdamW, activations and logits for one training step (bf16 compute)."""
+def estimate(arch: tuple, chunked_loss: bool = False) -> dict[str, float]:
+    """GiB of weights, adapter + AdamW, activations and logits for one training step (bf16 compute).
+    `chunked_loss`: train.loss_impl chunked, which holds one chunk's logits at a time, not the micro-batch's."""
+    from abba_cli.train.linear_cross_entropy import chunk_tokens
+
     h, i, layers, nq, nkv, d, vocab, tied, micro, seq, ckpt = arch
     shapes = [(nq * d, h), (nkv * d, h), (nkv * d, h), (h, nq * d), (i, h), (i, h), (h, i)]  # (out, in)
     linear = layers * sum(m * n for m, n in shapes)
@@ -209,7 +212,10 @@ def estimate(arch: tuple) -> dict[str, float]:
         "adapter_adamw": adapter * 16 / gib,  # fp32 factor, fp32 gradient, two fp32 AdamW moments
         "activations": act_elems * 2 / gib,
         # bf16 logits, their fp32 copy, fp32 log-softmax saved by cross_entropy, fp32 gradient
-        "logits": tokens * vocab * (2 + 4 + 4 + 4) / gib,
+        "logits": (min(tokens, chunk_tokens(vocab)) if chunked_loss else tokens)
+        * vocab
+        * (2 + 4 + 4 + 4)
+        / gib,
         "tokens": tokens,
         "checkpointing": ckpt,
     }
