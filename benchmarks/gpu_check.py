@@ -8,6 +8,9 @@ fails records its error and the next one runs):
   peak memory and the fraction of the step the GPU is busy (kernel time / wall time, from the profiler), for no
   adapter, our LoRA, PEFT LoRA, ABBA `auto` and each forced path; the --compile variants also compiled.
 - step_8x512: micro-batch 8 x 512 without checkpointing, the same rows.
+- step_packed_1x4096: one packed row of 4,096 tokens per micro-batch (examples of 64-512 tokens, position ids
+  restarting per example, the attention backend isolating them; no attention mask) with the chunked loss, as
+  `abba train` runs data.packing with train.loss_impl chunked: PEFT LoRA, our LoRA and ABBA, no checkpointing.
 - layers: one layer forward + backward per path at 512, 4096 and 8192 tokens, timed with CUDA events (>= 10
   repeats), the launches each path ran, and the `auto` constants fitted on them (layer_sweep's fitter).
 - decode (all 32 layers): greedy decode ms per step at batch 8, 16 and 64 (as `abba eval` generates, adapter
@@ -42,12 +45,14 @@ from benchmarks.op_count import OpCounter
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["none", "lora", "peft_lora", "abba", "abba_merged", "abba_khatri_rao", "abba_hybrid"]
+STAGES = ["bf16_error", "step_1x512", "step_8x512", "step_packed_1x4096", "layers", "decode"]
 GSM8K_QUESTIONS, GSM8K_NEW_TOKENS = 1319, 512
 MATH_QUESTIONS, MATH_NEW_TOKENS = 5000, 512
 
 SIZES = {
     "full": dict(
         width=4096, inter=14336, heads=32, kv=8, layers=8, decode_layers=32, vocab=32000, seq=512, big_batch=8, accum=4,
+        packed_seq=4096, packed_example_tokens=(64, 512),
         rounds=5, err_shapes=[(4096, 4096), (14336, 4096)], err_tokens=512,
         layer_shapes={"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)},
         layer_ranks=[16, 32, 64], layer_tokens=[512, 4096, 8192], layer_repeats=10,
@@ -55,6 +60,7 @@ SIZES = {
     ),
     "smoke": dict(
         width=64, inter=160, heads=4, kv=2, layers=2, decode_layers=2, vocab=256, seq=32, big_batch=2, accum=2,
+        packed_seq=64, packed_example_tokens=(4, 24),
         rounds=1, err_shapes=[(64, 64), (160, 64)], err_tokens=32,
         layer_shapes={"q/o": (64, 64), "gate/up": (160, 64)},
         layer_ranks=[8], layer_tokens=[16, 64], layer_repeats=2,
@@ -168,13 +174,61 @@ def _busy_fraction(step, device: str) -> float | None:
 
 def step_rows(sz: dict, device: str, base, batch: int, ckpt: bool, compile_variants: list[str], backend: str):
     """ms per micro-batch, peak memory and GPU busy fraction of each variant, eager and (some) compiled."""
-    from abba_cli.adapters import compile_model
-
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, sz["vocab"], (sz["accum"], batch, sz["seq"]), generator=gen).to(device)
+
+    def loss(model, micro) -> torch.Tensor:  # transformers' own loss: the mean over the micro-batch's tokens
+        return model(input_ids=micro, labels=micro).loss / len(ids)
+
+    return _timed_steps(sz, device, base, list(ids), loss, VARIANTS, ckpt, compile_variants, backend)
+
+
+def packed_micro_batches(sz: dict, device: str) -> tuple[list[dict], float]:
+    """`accum` packed rows of sz["packed_seq"] tokens, as abba's PackedCollator builds them (position ids
+    restarting per example, each example's first label ignored), from seeded example lengths of
+    MetaMathQA-like size; the attention backend isolates the examples from the position ids. Also returns the
+    mean examples per row."""
+    from abba_cli.data.packing import PackedCollator, pack_rows
+
+    gen = torch.Generator().manual_seed(1)
+    row = sz["packed_seq"]
+    lo, hi = sz["packed_example_tokens"]
+    lengths = torch.randint(lo, hi + 1, (sz["accum"] * row // lo,), generator=gen).tolist()
+    packed = pack_rows(lengths, row, seed=0)[: sz["accum"]]  # full rows first (first-fit decreasing)
+    collate = PackedCollator(pad_token_id=0, max_len=row)
+    micros = []
+    for examples in packed:
+        rows = [[{"input_ids": (ids := torch.randint(1, sz["vocab"], (lengths[i],), generator=gen).tolist()),
+                  "labels": ids} for i in examples]]  # fmt: skip
+        batch = collate(rows)
+        micros.append({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+    return micros, sum(map(len, packed)) / len(packed)
+
+
+def packed_step_rows(sz: dict, device: str, base) -> list[dict[str, Any]]:
+    """1 packed row x sz["packed_seq"] tokens per micro-batch with the chunked loss normalised by the step's
+    target tokens (as abba train runs data.packing with train.loss_impl chunked): PEFT LoRA, our LoRA, ABBA."""
+    from abba_cli.train.loss import count_targets, micro_batch_loss
+
+    micros, per_row = packed_micro_batches(sz, device)
+    targets = sum(count_targets(m["labels"]) for m in micros)
+
+    def loss(model, micro) -> torch.Tensor:
+        return micro_batch_loss(model, micro, "chunked") / targets
+
+    rows = _timed_steps(sz, device, base, micros, loss, ["peft_lora", "lora", "abba"], False, [], "inductor")
+    for r in rows:
+        r |= {"tokens_per_row": sz["packed_seq"], "examples_per_row": per_row,
+              "attn_implementation": base.config._attn_implementation}  # fmt: skip
+    return rows
+
+
+def _timed_steps(sz, device, base, micros, loss_fn, variants, ckpt, compile_variants, backend) -> list[dict]:
+    from abba_cli.adapters import compile_model
+
     dev_type = torch.device(device).type
     rows = []
-    for name in VARIANTS:
+    for name in variants:
         for compiled in [False, True] if name in compile_variants else [False]:
             model, params = make_variant(base, name)
             if ckpt:
@@ -185,9 +239,9 @@ def step_rows(sz: dict, device: str, base, batch: int, ckpt: bool, compile_varia
             opt = torch.optim.AdamW(params, lr=1e-5)
 
             def step(model=model, opt=opt) -> None:
-                for micro in ids:  # accumulation: one optimizer step per `accum` micro-batches
+                for micro in micros:  # accumulation: one optimizer step per `accum` micro-batches
                     with torch.autocast(dev_type, dtype=torch.bfloat16):
-                        loss = model(input_ids=micro, labels=micro).loss / len(ids)
+                        loss = loss_fn(model, micro)
                     loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -199,7 +253,7 @@ def step_rows(sz: dict, device: str, base, batch: int, ckpt: bool, compile_varia
             times = [common.time_once(step, device) for _ in range(sz["rounds"])]
             peak = common.read_peak(device) - resting
             busy = _busy_fraction(step, device)
-            ms = statistics.median(times) * 1e3 / sz["accum"]
+            ms = statistics.median(times) * 1e3 / len(micros)
             rows.append(
                 {"variant": name, "compiled": compiled, "ms_per_micro_batch": ms, "peak_step_bytes": peak,
                  "gpu_busy": busy, "first_step_s": first_s, "times_s": times}
@@ -295,9 +349,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true", help="every stage on the CPU at tiny sizes")
     p.add_argument("--device", help="default: cuda, or cpu with --smoke")
     p.add_argument("--layers", type=int, help="decoder layers of the training-step model (default 8)")
-    p.add_argument(
-        "--stages", nargs="+", default=["bf16_error", "step_1x512", "step_8x512", "layers", "decode"]
-    )
+    p.add_argument("--stages", nargs="+", default=STAGES)
     p.add_argument(
         "--compile", nargs="*", help="variants also timed compiled (default: lora abba; --smoke: abba)"
     )
@@ -318,11 +370,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res: dict[str, Any] = {"config": {**vars(args), "out": str(args.out), "layers": layers, "sizes": sz},
                            "machine": common.machine_info(device), "stages": {}}  # fmt: skip
     common.write_json(args.out, res)
-    base = build_base(sz, device, layers) if {"step_1x512", "step_8x512"} & set(args.stages) else None
+    steps = {"step_1x512", "step_8x512", "step_packed_1x4096"}
+    base = build_base(sz, device, layers) if steps & set(args.stages) else None
     stages = {
         "bf16_error": lambda: stage_bf16_error(sz, device),
         "step_1x512": lambda: step_rows(sz, device, base, 1, True, compile_variants, backend),
         "step_8x512": lambda: step_rows(sz, device, base, sz["big_batch"], False, compile_variants, backend),
+        "step_packed_1x4096": lambda: packed_step_rows(sz, device, base),
         "layers": lambda: stage_layers(sz, device),
         "decode": lambda: stage_decode(sz, device, build_base(sz, device, sz["decode_layers"])),
     }

@@ -70,7 +70,8 @@ def _commands(data: dict) -> str:
 
 def summarize(res: Path) -> str:
     out = [f"# GPU check: {res}\n"]
-    render = {"bf16_error": _bf16, "step_1x512": _steps, "step_8x512": _steps, "decode": _decode,
+    render = {"bf16_error": _bf16, "step_1x512": _steps, "step_8x512": _steps, "step_packed_1x4096": _steps,
+              "decode": _decode,
               "layers": lambda r: r["table"], "commands": _commands}  # fmt: skip
     for name, fn in render.items():
         result, problem = _stage(res, name)

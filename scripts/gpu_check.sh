@@ -22,6 +22,8 @@
 #   bf16_error    each ABBA path's and LoRA's bf16 error against float64 (output, dx, every factor gradient)
 #   step_1x512    no adapter, PEFT LoRA, our LoRA, ABBA auto and each forced path on 8 Mistral-7B-shaped layers,
 #   step_8x512    1 x 512 with checkpointing and 8 x 512 without; ABBA and LoRA also compiled
+#   step_packed_1x4096  one packed row of 4,096 tokens per micro-batch (position ids restarting per example) with
+#                 the chunked loss: PEFT LoRA, our LoRA, ABBA
 #   layers        the layer sweep, timed with CUDA events, and the CUDA constants of `auto` refitted on it
 #   decode        greedy decode ms/step of a 32-layer Mistral-7B shape at batch 8, 16, 64; GSM8K and MATH implied
 #   commands      abba train (20 steps: 1 x 512 checkpointing, 8 x 512, 8 x 512 compiled with recompiles
@@ -95,10 +97,11 @@ run() {
         "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
         if [ ${#smoke[@]} -eq 0 ]; then  # one process per stage: a stage that hangs costs only its own limit
             stage bf16_error 25 "${check[@]}" --stages bf16_error --out "$RES/bf16_error.json"
-            stage step_1x512 90 "${check[@]}" --stages step_1x512 --out "$RES/step_1x512.json"
-            stage step_8x512 90 "${check[@]}" --stages step_8x512 --out "$RES/step_8x512.json"
-            stage layers 45 "${check[@]}" --stages layers --out "$RES/layers.json"
-            stage decode 45 "${check[@]}" --stages decode --out "$RES/decode.json"
+            stage step_1x512 80 "${check[@]}" --stages step_1x512 --out "$RES/step_1x512.json"
+            stage step_8x512 80 "${check[@]}" --stages step_8x512 --out "$RES/step_8x512.json"
+            stage step_packed_1x4096 40 "${check[@]}" --stages step_packed_1x4096 --out "$RES/step_packed.json"
+            stage layers 40 "${check[@]}" --stages layers --out "$RES/layers.json"
+            stage decode 40 "${check[@]}" --stages decode --out "$RES/decode.json"
         else  # the same stages at tiny sizes in one process: the test suite pays one start-up
             stage gpu_check 900 "${check[@]}" --out "$RES/gpu_check.json"
         fi

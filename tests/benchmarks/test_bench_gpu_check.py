@@ -40,7 +40,8 @@ def smoke(tiny_model_dir, tmp_path_factory) -> dict:
     # --smoke runs the measurement stages in one process (gpu_check.json); the GPU run writes one file per stage
     check = json.loads((res / "gpu_check.json").read_text())
     return {"out": tmp / "out", "log": (res / "log.txt").read_text(), "stdout": p.stdout,
-            **{n: check for n in ("bf16_error", "step_1x512", "step_8x512", "layers", "decode")},
+            **{n: check for n in ("bf16_error", "step_1x512", "step_8x512", "step_packed_1x4096", "layers",
+                                  "decode")},
             "commands": json.loads((res / "commands.json").read_text())}  # fmt: skip
 
 
@@ -54,7 +55,15 @@ def test_delivers_a_summary_the_log_and_an_archive(smoke):
     files = sorted(p.name for p in smoke["out"].iterdir())
     assert files == ["gpu_check.tar.gz", "log.txt", "summary.md"]
     summary = (smoke["out"] / "summary.md").read_text()
-    for stage in ("bf16_error", "step_1x512", "step_8x512", "layers", "decode", "commands"):
+    for stage in (
+        "bf16_error",
+        "step_1x512",
+        "step_8x512",
+        "step_packed_1x4096",
+        "layers",
+        "decode",
+        "commands",
+    ):
         assert f"## {stage}" in summary
     assert "failed" not in summary and "not run" not in summary and "did not finish" not in summary, summary
     with tarfile.open(smoke["out"] / "gpu_check.tar.gz") as tar:
@@ -76,6 +85,14 @@ def test_bf16_error_and_step_stages(smoke):
             ("abba", True)
         }
         assert all(r["ms_per_micro_batch"] > 0 and r["gpu_busy"] is None for r in rows)  # no busy on the CPU
+
+
+def test_packed_step_stage(smoke):
+    rows = _result(smoke["step_packed_1x4096"], "step_packed_1x4096")
+    assert [r["variant"] for r in rows] == ["peft_lora", "lora", "abba"]
+    for r in rows:  # several examples share each 64-token row, isolated by the sdpa backend's packed mask
+        assert r["tokens_per_row"] == 64 and r["examples_per_row"] > 2 and r["attn_implementation"] == "sdpa"
+        assert r["ms_per_micro_batch"] > 0 and not r["compiled"]
 
 
 def test_layer_sweep_and_decode(smoke):
