@@ -256,9 +256,10 @@ class TrainConfig(_Strict):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast dtype.")
     seed: int = Field(42, description="Seed of adapter init, dropout and data order.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
-    loss_impl: Literal["auto", "full", "chunked"] = Field(
+    loss_impl: Literal["auto", "full", "chunked", "cce", "liger"] = Field(
         "auto",
-        description="Cross-entropy over whole logits or chunks of tokens (same values); auto: if smaller.",
+        description="Cross-entropy over whole logits or chunks of tokens (same values); auto: if smaller; "
+        "cce / liger: cut-cross-entropy's or Liger Kernel's fused kernel (CUDA, installed extras).",
     )
     compile: bool = Field(
         False,

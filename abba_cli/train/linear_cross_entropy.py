@@ -95,14 +95,20 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
-def chunked_cross_entropy_sum(hidden: torch.Tensor, labels: torch.Tensor, head: Any) -> torch.Tensor:
-    """The same sum as train/loss.py's `target_loss_sum` over a micro-batch's final hidden states (B, T, H) and
-    labels (B, T): position t is scored against labels[t + 1], rows without a target are never projected."""
+def target_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows (N, H), targets (N,)) of a micro-batch's final hidden states (B, T, H) and labels (B, T): position t
+    is scored against labels[t + 1], and only positions with a target are kept (the others never need logits)."""
     from abba_cli.data.tokenize import IGNORE_INDEX
 
     labels = labels.to(hidden.device)
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # (B, T)
     keep = targets != IGNORE_INDEX
-    rows = hidden[keep]  # (N, H): a copy of the target rows only
+    return hidden[keep], targets[keep]  # a copy of the target rows only
+
+
+def chunked_cross_entropy_sum(hidden: torch.Tensor, labels: torch.Tensor, head: Any) -> torch.Tensor:
+    """The same sum as train/loss.py's `target_loss_sum` over a micro-batch's final hidden states (B, T, H) and
+    labels (B, T), chunk by chunk."""
+    rows, targets = target_rows(hidden, labels)
     weight = head.weight if head.weight.requires_grad else None
-    return ChunkedLinearCrossEntropy.apply(rows, weight, targets[keep], head, chunk_tokens(head.out_features))
+    return ChunkedLinearCrossEntropy.apply(rows, weight, targets, head, chunk_tokens(head.out_features))

@@ -34,15 +34,21 @@ def count_targets(labels: Any) -> int:
 
 def micro_batch_loss(model: Any, batch: dict, impl: str, loss_fn: Any = target_loss_sum) -> Any:
     """The summed loss of one collated micro-batch over its target tokens: `full` scores the model's logits
-    with `loss_fn(logits, labels)`; `chunked` projects its final hidden states chunk by chunk."""
-    if impl == "chunked":
-        from accelerate.utils import extract_model_from_parallel
+    with `loss_fn(logits, labels)`; `chunked` projects its final hidden states chunk by chunk; `cce` and
+    `liger` hand them to that library's fused kernel."""
+    if impl == "full":
+        return loss_fn(model(**model_inputs(batch)).logits, batch["labels"])
+    from accelerate.utils import extract_model_from_parallel
 
+    head = extract_model_from_parallel(model).get_output_embeddings()
+    hidden = final_hidden_states(model, batch)
+    if impl == "chunked":
         from abba_cli.train.linear_cross_entropy import chunked_cross_entropy_sum
 
-        head = extract_model_from_parallel(model).get_output_embeddings()
-        return chunked_cross_entropy_sum(final_hidden_states(model, batch), batch["labels"], head)
-    return loss_fn(model(**model_inputs(batch)).logits, batch["labels"])
+        return chunked_cross_entropy_sum(hidden, batch["labels"], head)
+    from abba_cli.train.fused_cross_entropy import fused_cross_entropy_sum
+
+    return fused_cross_entropy_sum(hidden, batch["labels"], head, impl)
 
 
 def model_inputs(batch: dict) -> dict:
@@ -98,10 +104,21 @@ def chunked_loss_unsupported(model: Any) -> str | None:
     return None
 
 
+def check_loss_impl(cfg: Any, device_type: str) -> None:
+    """Refuse train.loss_impl cce / liger where its library, triton or CUDA is missing (before any model loads)."""
+    from abba_cli.errors import UserError
+    from abba_cli.train.fused_cross_entropy import FUSED_IMPLS, fused_loss_unavailable
+
+    impl = cfg.train.loss_impl
+    reason = fused_loss_unavailable(impl, device_type) if impl in FUSED_IMPLS else None
+    if reason:
+        raise UserError(f"train.loss_impl {impl}: {reason}; or use train.loss_impl chunked (the same loss)")
+
+
 def resolve_loss_impl(cfg: Any, model: Any) -> str:
-    """train.loss_impl -> full | chunked. `auto`: chunked when a micro-batch can hold more tokens than one
-    chunk (its fp32 logits are then larger than a chunk's) and the model allows it. Decided once per run:
-    under ZeRO-3/FSDP2 every process must make the same weight-gathering calls."""
+    """train.loss_impl -> full | chunked | cce | liger. `auto`: chunked when a micro-batch can hold more tokens
+    than one chunk (its fp32 logits are then larger than a chunk's) and the model allows it. Decided once per
+    run: under ZeRO-3/FSDP2 every process must make the same weight-gathering calls."""
     from abba_cli.errors import UserError
     from abba_cli.train.linear_cross_entropy import chunk_tokens
 
@@ -109,10 +126,10 @@ def resolve_loss_impl(cfg: Any, model: Any) -> str:
     if impl == "full":
         return "full"
     reason = chunked_loss_unsupported(model)
-    if impl == "chunked":
+    if impl != "auto":  # chunked, cce, liger: all project the final hidden states with the head's weight
         if reason:
-            raise UserError(f"train.loss_impl chunked: {reason}; use train.loss_impl full or auto")
-        return "chunked"
+            raise UserError(f"train.loss_impl {impl}: {reason}; use train.loss_impl full or auto")
+        return impl
     tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
     return "chunked" if reason is None and tokens > chunk_tokens(model.config.vocab_size) else "full"
 
@@ -122,6 +139,8 @@ def describe_loss_impl(impl: str, model: Any, tokens: int) -> str:
     from abba_cli.train.linear_cross_entropy import chunk_tokens
 
     vocab = model.config.vocab_size
+    if impl in ("cce", "liger"):
+        return f"loss: {impl} fused linear cross-entropy (its own kernel; the whole logits never held)"
     held = min(tokens, chunk_tokens(vocab)) if impl == "chunked" else tokens
     return (
         f"loss: {impl} cross-entropy, fp32 logits of at most {held} x {vocab} "

@@ -26,9 +26,10 @@ from abba_cli.run.training_dir import RunLock, check_run_dir
 from abba_cli.train.compiling import compile_for_training
 from abba_cli.train.context import Run
 from abba_cli.train.distributed import describe_engine
+from abba_cli.train.execution_plan import training_device_type
 from abba_cli.train.finish import finish
 from abba_cli.train.loop import fit
-from abba_cli.train.loss import resolve_loss_impl
+from abba_cli.train.loss import check_loss_impl, resolve_loss_impl
 from abba_cli.train.setup import (
     print_plan,
     run_extension,
@@ -57,6 +58,7 @@ def _run_training(cfg: RunConfig, resume: bool, dry_run: bool) -> Path | None:
     run_dir = Path(cfg.output_dir)
     check_output_dir(run_dir, key="output_dir")
     check_packing(cfg)
+    check_loss_impl(cfg, training_device_type())
     accelerator, strategy = setup_accelerator(cfg, run_dir)
     # The main process locks the run directory for the whole run: a second `abba train` on it fails at once.
     with RunLock(run_dir) if accelerator.is_main_process and not dry_run else nullcontext():

@@ -19,8 +19,10 @@ def validate_run(cfg: RunConfig, config_path: str | Path, device: str | None = N
     from abba_cli.data.training_set import check_examples, load_train_examples
     from abba_cli.models.loading import load_configured_base
     from abba_cli.train.execution_plan import describe_execution, fix_auto_paths, training_device_type
+    from abba_cli.train.loss import check_loss_impl
 
     check_packing(cfg)
+    check_loss_impl(cfg, training_device_type(device))
     print(f"# resolved config from {config_path}")
     print(dump_config(cfg), end="")
     _, examples, _ = load_train_examples(cfg.data)  # every row read and checked before the model is built
