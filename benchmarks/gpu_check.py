@@ -11,6 +11,8 @@ fails records its error and the next one runs):
 - step_packed_1x4096: one packed row of 4,096 tokens per micro-batch (examples of 64-512 tokens, position ids
   restarting per example, the attention backend isolating them; no attention mask) with the chunked loss, as
   `abba train` runs data.packing with train.loss_impl chunked: PEFT LoRA, our LoRA and ABBA, no checkpointing.
+- loss_impls: train.loss_impl full, chunked, cce and liger (where installed) on a Llama-3.2-1B-shaped head, each
+  against chunked: loss and gradient errors, time and peak memory (benchmarks/gpu_loss_impls.py).
 - layers: one layer forward + backward per path at 512, 4096 and 8192 tokens, timed with CUDA events (>= 10
   repeats), the launches each path ran, and the `auto` constants fitted on them (layer_sweep's fitter).
 - decode (all 32 layers): greedy decode ms per step at batch 8, 16 and 64 (as `abba eval` generates, adapter
@@ -41,11 +43,12 @@ import torch
 
 from benchmarks import common
 from benchmarks import layer_sweep as sweep
+from benchmarks.gpu_loss_impls import stage_loss_impls
 from benchmarks.op_count import OpCounter
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = ["none", "lora", "peft_lora", "abba", "abba_merged", "abba_khatri_rao", "abba_hybrid"]
-STAGES = ["bf16_error", "step_1x512", "step_8x512", "step_packed_1x4096", "layers", "decode"]
+STAGES = ["bf16_error", "step_1x512", "step_8x512", "step_packed_1x4096", "loss_impls", "layers", "decode"]
 GSM8K_QUESTIONS, GSM8K_NEW_TOKENS = 1319, 512
 MATH_QUESTIONS, MATH_NEW_TOKENS = 5000, 512
 
@@ -377,6 +380,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "step_1x512": lambda: step_rows(sz, device, base, 1, True, compile_variants, backend),
         "step_8x512": lambda: step_rows(sz, device, base, sz["big_batch"], False, compile_variants, backend),
         "step_packed_1x4096": lambda: packed_step_rows(sz, device, base),
+        "loss_impls": lambda: stage_loss_impls(args.smoke, device),
         "layers": lambda: stage_layers(sz, device),
         "decode": lambda: stage_decode(sz, device, build_base(sz, device, sz["decode_layers"])),
     }

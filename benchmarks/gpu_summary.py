@@ -49,6 +49,19 @@ def _steps(rows: list[dict]) -> str:
     )  # fmt: skip
 
 
+def _loss_impls(rows: list[dict]) -> str:
+    return md_table(
+        ["loss_impl", "tokens x vocab", "rel err vs chunked (loss, d hidden, d weight)", "ms fwd+bwd", "peak GiB"],
+        [
+            [r["impl"], "-", r["skipped"], "-", "-"] if "skipped" in r else
+            [r["impl"], f"{r['tokens']} x {r['vocab']}",
+             f"{r['loss_rel_err']:.1e}, {r['d_hidden_rel_err']:.1e}, {r['d_weight_rel_err']:.1e}",
+             f"{r['ms']:.1f}", _gib(r["peak_bytes"])]
+            for r in rows
+        ],
+    )  # fmt: skip
+
+
 def _decode(rows: list[dict]) -> str:
     return md_table(
         ["batch", "decode ms/step", "GSM8K upper min", "MATH upper min"],
@@ -71,7 +84,7 @@ def _commands(data: dict) -> str:
 def summarize(res: Path) -> str:
     out = [f"# GPU check: {res}\n"]
     render = {"bf16_error": _bf16, "step_1x512": _steps, "step_8x512": _steps, "step_packed_1x4096": _steps,
-              "decode": _decode,
+              "loss_impls": _loss_impls, "decode": _decode,
               "layers": lambda r: r["table"], "commands": _commands}  # fmt: skip
     for name, fn in render.items():
         result, problem = _stage(res, name)

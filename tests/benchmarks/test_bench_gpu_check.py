@@ -40,8 +40,8 @@ def smoke(tiny_model_dir, tmp_path_factory) -> dict:
     # --smoke runs the measurement stages in one process (gpu_check.json); the GPU run writes one file per stage
     check = json.loads((res / "gpu_check.json").read_text())
     return {"out": tmp / "out", "log": (res / "log.txt").read_text(), "stdout": p.stdout,
-            **{n: check for n in ("bf16_error", "step_1x512", "step_8x512", "step_packed_1x4096", "layers",
-                                  "decode")},
+            **{n: check for n in ("bf16_error", "step_1x512", "step_8x512", "step_packed_1x4096", "loss_impls",
+                                  "layers", "decode")},
             "commands": json.loads((res / "commands.json").read_text())}  # fmt: skip
 
 
@@ -93,6 +93,17 @@ def test_packed_step_stage(smoke):
     for r in rows:  # several examples share each 64-token row, isolated by the sdpa backend's packed mask
         assert r["tokens_per_row"] == 64 and r["examples_per_row"] > 2 and r["attn_implementation"] == "sdpa"
         assert r["ms_per_micro_batch"] > 0 and not r["compiled"]
+
+
+def test_loss_impls_stage(smoke):
+    rows = {r["impl"]: r for r in _result(smoke["loss_impls"], "loss_impls")}
+    assert list(rows) == ["full", "chunked", "cce", "liger"]
+    for impl in ("cce", "liger"):  # no CUDA here: the row says so instead of failing the stage
+        assert rows[impl]["skipped"].startswith("needs a CUDA GPU"), rows[impl]
+    assert rows["chunked"]["ms"] > 0 and rows["chunked"]["peak_bytes"] >= 0
+    full = rows["full"]  # bf16 autocast both ways: a few bf16 ulps apart, nowhere near a wrong gradient
+    assert max(full["loss_rel_err"], full["d_hidden_rel_err"], full["d_weight_rel_err"]) < 2e-2, full
+    assert full["ms"] > 0 and full["tokens"] == 64
 
 
 def test_layer_sweep_and_decode(smoke):

@@ -157,6 +157,19 @@ def test_refused_without_cuda_or_the_library(tmp_path, tiny_model_dir):
     check_loss_impl(cfg, "cpu")  # the others need nothing
 
 
+def test_refused_without_triton(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    found = {"cut_cross_entropy": object(), "triton": None}
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: found[name] if name in found else real(name, *a)
+    )
+    assert fused_cross_entropy.fused_loss_unavailable("cce", "cuda") == (
+        "needs triton for cut-cross-entropy's kernels, which is not installed (pip install triton)"
+    )
+
+
 @pytest.mark.parametrize("command", ["train", "validate"])
 def test_the_cli_refuses_in_one_line(tmp_path, tiny_model_dir, command):
     config = tiny_config(tmp_path, tiny_model_dir, train={"loss_impl": "liger"})
