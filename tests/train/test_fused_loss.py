@@ -6,11 +6,10 @@ CUDA), so their entry points are replaced by float64 references with the librari
 from __future__ import annotations
 
 import sys
-import types
 
+import fake_fused_kernels
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import cli, cli_error_line, tiny_config, tiny_raw_config, train_in_process
 from test_chunked_loss import _batch, _Cfg, _loss_and_grads, _model  # the same tiny model and batch
 
@@ -20,68 +19,12 @@ from abba_cli.train import fused_cross_entropy
 from abba_cli.train.loss import check_loss_impl, micro_batch_loss, resolve_loss_impl
 
 
-class _Calls:
-    n = 0
-
-
-def _reference(e, c, targets, ignore_index, reduction):
-    """The cross-entropy of e @ c.T in float64, cast back to the kernels' fp32 loss (gradients flow through)."""
-    logits = e.double() @ c.double().T
-    return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction).float()
-
-
-def _fake_cce() -> types.ModuleType:
-    module = types.ModuleType("cut_cross_entropy")
-
-    # cut-cross-entropy 25.1.1's signature (cut_cross_entropy/linear_cross_entropy.py)
-    def linear_cross_entropy(
-        e,
-        c,
-        targets,
-        ignore_index=-100,
-        softcap=None,
-        reduction="mean",
-        shift=False,
-        filter_eps="high",
-        impl="cce",
-    ):
-        _Calls.n += 1
-        assert filter_eps is None and softcap is None and not shift  # exact gradients, rows already shifted
-        return _reference(e, c, targets, ignore_index, reduction)
-
-    module.linear_cross_entropy = linear_cross_entropy
-    return module
-
-
-def _fake_liger() -> dict[str, types.ModuleType]:
-    functional = types.ModuleType("liger_kernel.transformers.functional")
-
-    # liger-kernel 0.8.5's signature (liger_kernel/transformers/functional.py)
-    def liger_fused_linear_cross_entropy(
-        input, weight, target, bias=None, ce_weight=None, ignore_index=-100, lse_square_scale=0.0,
-        label_smoothing=0.0, reduction="mean", softcap=None, return_z_loss=False, accum_dtype=None,
-        use_token_scaling=False, return_token_accuracy=False, return_predicted_tokens=False, chunk_mem_const=1,
-    ):  # fmt: skip
-        _Calls.n += 1
-        assert bias is None and ce_weight is None and label_smoothing == 0.0 and not return_z_loss
-        return _reference(input, weight, target, ignore_index, reduction)
-
-    functional.liger_fused_linear_cross_entropy = liger_fused_linear_cross_entropy
-    package, transformers = types.ModuleType("liger_kernel"), types.ModuleType("liger_kernel.transformers")
-    package.transformers, transformers.functional = transformers, functional
-    return {
-        "liger_kernel": package,
-        "liger_kernel.transformers": transformers,
-        functional.__name__: functional,
-    }
-
-
 @pytest.fixture
 def fake_libraries(monkeypatch):
-    for name, module in {"cut_cross_entropy": _fake_cce(), **_fake_liger()}.items():
+    for name, module in fake_fused_kernels.fake_modules().items():
         monkeypatch.setitem(sys.modules, name, module)
-    _Calls.n = 0
-    return _Calls
+    fake_fused_kernels.Calls.n = 0
+    return fake_fused_kernels.Calls
 
 
 @pytest.mark.parametrize("impl", ["cce", "liger"])
