@@ -72,7 +72,11 @@ def stage_loss_impls(smoke: bool, device: str) -> list[dict[str, Any]]:
         if why:
             rows.append({"impl": impl, "skipped": why})
             continue
-        loss, dh, dw = _run(impl, hidden, labels, head, device)  # also the warm-up
+        try:  # a library that installed but fails here (its triton, this GPU) loses only its own row
+            loss, dh, dw = _run(impl, hidden, labels, head, device)  # also the warm-up
+        except Exception as err:  # noqa: BLE001
+            rows.append({"impl": impl, "skipped": f"failed: {type(err).__name__}: {err}"[:300]})
+            continue
         resting = common.reset_peak(device)
         times = [common.time_once(lambda impl=impl: _run(impl, hidden, labels, head, device), device)
                  for _ in range(sz["repeats"])]  # fmt: skip
