@@ -172,6 +172,6 @@ def test_bad_gguf_input_is_one_line_and_loses_nothing(tiny_model_dir, tmp_path):
 def test_smollm2_tokenizer_gets_llama_cpps_pre_tokenizer_name(smollm2_dir):
     """The fingerprint text is llama.cpp's exactly: SmolLM2's tokenizer hashes to the `smollm` entry (the bundled
     GGUF, written by llama.cpp's converter, says `smollm` too)."""
-    from abba_cli.ship.gguf_file import pre_tokenizer
+    from abba_cli.ship.gguf_vocab import pre_tokenizer
 
     assert pre_tokenizer(AutoTokenizer.from_pretrained(smollm2_dir)) == "smollm"
