@@ -34,6 +34,13 @@ def gguf_architecture(config: Any, source: str) -> str:
             f"--format gguf: {source} is {', '.join(archs) or config.model_type}; GGUF export supports the Llama "
             f"family: {', '.join(ARCHITECTURES)}"
         )
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if arch == "qwen2" and head_dim * config.num_attention_heads != config.hidden_size:
+        # llama.cpp's qwen2 loader sizes the Q and output projections hidden_size wide
+        raise UserError(
+            f"--format gguf: {source} has {config.num_attention_heads} heads of {head_dim}, not hidden_size "
+            f"{config.hidden_size} wide, which llama.cpp's qwen2 architecture cannot load"
+        )
     rope = _rope_parameters(config)
     if rope.get("rope_type", "default") not in ("default", "linear"):
         raise UserError(

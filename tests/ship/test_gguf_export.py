@@ -15,7 +15,7 @@ import yaml
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")
 
 from helpers import cli, cli_error_line, make_run  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, Qwen2Config  # noqa: E402
 
 from abba_cli.adapters import load_adapter  # noqa: E402
 from abba_cli.data.prompts import render_prompt  # noqa: E402
@@ -134,6 +134,9 @@ def test_other_architectures_and_rope_scaling_are_refused():
     )
     with pytest.raises(UserError, match="'llama3' rotary scaling"):
         gguf_architecture(llama3, "llama-3.1")
+    wide = Qwen2Config(architectures=["Qwen2ForCausalLM"], hidden_size=64, num_attention_heads=4, head_dim=32)
+    with pytest.raises(UserError, match="4 heads of 32, not hidden_size 64 wide"):
+        gguf_architecture(wide, "qwen2-wide")
 
 
 def _digest(path: Path) -> str:
