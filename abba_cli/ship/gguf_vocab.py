@@ -14,6 +14,7 @@ Both end with the special ids, add_bos/add_eos and the chat template, read by gg
 from __future__ import annotations
 
 import json
+import logging
 from hashlib import sha256
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,15 @@ def add_vocabulary(writer: Any, tokenizer: Any, tokenizer_dir: Path, vocab_size:
         _add_sentencepiece(writer, gguf, tokenizer_dir, vocab_size)
     # bos/eos/unk/pad ids, add_bos/add_eos and the chat template, as llama.cpp's converter reads them; the merges
     # only for byte-level BPE (a SentencePiece vocabulary merges by score)
-    special = gguf.SpecialVocab(tokenizer_dir, load_merges=kind == "gpt2", n_vocab=vocab_size)
+    # Quiet: SpecialVocab warns about the pair template (two sequences, which llama.cpp never encodes) of every
+    # tokenizer transformers 5 saves with a BOS, e.g. "Unknown separator token '<s>' in TemplateProcessing<pair>".
+    log = logging.getLogger("gguf.vocab")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        special = gguf.SpecialVocab(tokenizer_dir, load_merges=kind == "gpt2", n_vocab=vocab_size)
+    finally:
+        log.setLevel(level)
     special.add_to_gguf(writer, quiet=True)
     return f"{kind}/{pre}"
 

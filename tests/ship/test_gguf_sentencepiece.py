@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Mis
 
 from abba_cli.adapters import load_adapter  # noqa: E402
 from abba_cli.ship.gguf_export import TOLERANCE  # noqa: E402
-from abba_cli.ship.gguf_vocab import sentencepiece_vocabulary  # noqa: E402
+from abba_cli.ship.gguf_vocab import find_sentencepiece_model, sentencepiece_vocabulary  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 _LINES = [
@@ -130,7 +130,7 @@ def _logits(model, tok, texts) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize(("mistral", "dtype"), [(False, "f16"), (True, "q8_0")])
-def test_sentencepiece_base_exports_the_llama_vocabulary(tmp_path, spm_model_file, mistral, dtype):
+def test_sentencepiece_base_exports_the_llama_vocabulary(tmp_path, caplog, spm_model_file, mistral, dtype):
     base = _base(tmp_path / "base", spm_model_file, mistral)
     run = make_run(tmp_path / "run", base, type="abba", r1=2, r2=2, alpha=1.0)
     if not mistral:  # a chat-trained run: its template must reach the file
@@ -153,6 +153,8 @@ def test_sentencepiece_base_exports_the_llama_vocabulary(tmp_path, spm_model_fil
     assert result.exit_code == 0, result.output
     assert "GGUF check passed" in result.output and "tokenizer llama/default" in result.output
     assert ("sliding window of 256 tokens" in result.output) == mistral
+    # gguf's warning about the pair template llama.cpp never uses ("Unknown separator token '<s>' ...") is quiet
+    assert [r.getMessage() for r in caplog.records if r.name == "gguf.vocab"] == []
 
     # the metadata, against sentencepiece's own view of the model file
     sp = spm.SentencePieceProcessor(model_file=str(base / "tokenizer.model"))
@@ -230,3 +232,17 @@ def test_a_fast_sentencepiece_tokenizer_without_its_model_file_is_refused(tmp_pa
     line = cli_error_line(result)
     assert "SentencePiece" in line and "no tokenizer.model" in line, line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "run"]
+
+
+def test_a_hub_bases_tokenizer_model_is_found_in_the_hub_cache(tmp_path, monkeypatch, spm_model_file):
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "hub" / "models--org--spm-base" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    shutil.copyfile(spm_model_file, snapshot / "tokenizer.model")
+    (tmp_path / "hub" / "models--org--spm-base" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--spm-base" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert find_sentencepiece_model("org/spm-base", {}) == snapshot / "tokenizer.model"
+    assert find_sentencepiece_model("org/not-cached", {}) is None
+    assert find_sentencepiece_model(str(snapshot.parent), {}) is None  # a folder without one
