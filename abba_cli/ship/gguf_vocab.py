@@ -167,7 +167,8 @@ def sentencepiece_vocabulary(
     tokenizer_dir: Path, vocab_size: int
 ) -> tuple[list[str], list[float], list[int]]:
     """(tokens, scores, types) for `vocab_size` ids: the pieces of tokenizer.model, then the added tokens of
-    added_tokens.json and tokenizer_config.json over them, rows beyond both as unused `[PADi]`."""
+    added_tokens.json, tokenizer_config.json and tokenizer.json over them (but for sentencepiece's own control and
+    unknown pieces), rows beyond both as unused `[PADi]`."""
     import gguf
 
     try:
@@ -192,10 +193,13 @@ def sentencepiece_vocabulary(
     decoder = _read_json(tokenizer_dir / "tokenizer_config.json").get("added_tokens_decoder") or {}
     added = {int(i): entry for i, entry in decoder.items()}
     added.update(_added_tokens_of(tokenizer_dir))
+    own = (int(gguf.TokenType.CONTROL), int(gguf.TokenType.UNKNOWN))
     for i, entry in sorted(added.items()):
-        if i >= vocab_size:
-            continue
         content = entry["content"]
+        if i >= vocab_size or (types[i] in own and tokens[i] == content):
+            # sentencepiece's own <unk>, <s>, </s> keep its type and score, as in llama.cpp's reference Llama
+            # vocabulary (models/ggml-vocab-llama-spm.gguf); transformers lists them as added tokens too
+            continue
         if entry.get("special") or _looks_special(content):
             types[i] = int(gguf.TokenType.CONTROL)
         else:

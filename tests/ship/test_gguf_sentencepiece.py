@@ -169,19 +169,22 @@ def test_sentencepiece_base_exports_the_llama_vocabulary(tmp_path, caplog, spm_m
     embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
     assert list(embedding.shape) == [64, MODEL_VOCAB]  # GGUF lists dimensions innermost first
     assert tokens[:SPM_VOCAB] == [sp.IdToPiece(i) for i in range(SPM_VOCAB)]
-    # added tokens score -1000, as llama.cpp's converter writes them (<unk>, <s>, </s> are added tokens too)
-    assert scores[:SPM_VOCAB] == pytest.approx([-1000.0] * 3 + [sp.GetScore(i) for i in range(3, SPM_VOCAB)])
+    assert scores[:SPM_VOCAB] == pytest.approx([sp.GetScore(i) for i in range(SPM_VOCAB)])
     kinds = gguf.TokenType
     byte_a = sp.PieceToId("<0x41>")
     normal = next(
         i for i in range(SPM_VOCAB) if not sp.IsByte(i) and not sp.IsControl(i) and not sp.IsUnknown(i)
     )
     assert types[byte_a] == kinds.BYTE and types[normal] == kinds.NORMAL
-    # <unk>, <s>, </s> are special added tokens of the tokenizer: control, as llama.cpp's converter marks them
-    assert [types[i] for i in (0, 1, 2)] == [kinds.CONTROL] * 3
+    # sentencepiece's own specials keep its types (llama.cpp's reference Llama vocabulary has the same), though
+    # transformers lists them as added special tokens
+    assert [types[i] for i in (0, 1, 2)] == [kinds.UNKNOWN, kinds.CONTROL, kinds.CONTROL]
     added = {t: SPM_VOCAB + k for k, t in enumerate(ADDED)}
     assert [tokens[i] for i in added.values()] == list(ADDED)
     assert [types[i] for i in added.values()] == [kinds.CONTROL, kinds.CONTROL, kinds.USER_DEFINED]
+    assert [scores[i] for i in added.values()] == [
+        -1000.0
+    ] * 3  # as llama.cpp's converter scores added tokens
     assert tokens[-1] == f"[PAD{MODEL_VOCAB - 1}]" and types[-1] == kinds.UNUSED
     ids = {
         k: field[f"tokenizer.ggml.{k}"].contents()
