@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -75,6 +75,41 @@ def stop_flag():
             )
 
     return StopOnRequest()
+
+
+class PromptInterrupts:
+    """SIGINT for a whole conversation: at the prompt it raises KeyboardInterrupt, which input() needs to abandon
+    the line being typed; anywhere else between answers (an answer that just ended, the history being trimmed)
+    it is ignored, so a Ctrl-C that lands as an answer ends, or a second one while the first is reported, never
+    ends the chat. Answers install their own handler (ctrl_c_ends_answer) and restore this one."""
+
+    def __init__(self) -> None:
+        self.at_prompt = False
+
+    def handle(self, signum, frame) -> None:
+        if self.at_prompt:
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def installed(self) -> Iterator[PromptInterrupts]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.signal(signal.SIGINT, self.handle)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def read(self, read_line: Callable[[str], str], prompt: str) -> str:
+        """read_line(prompt), interruptible by Ctrl-C. CPython's readline acts on a SIGINT only when it interrupts
+        the wait for a key: one that arrives after the prompt is drawn but before that wait begins is handled
+        when the line is entered, and then abandons that line (KeyboardInterrupt here, as for any Ctrl-C)."""
+        self.at_prompt = True
+        try:
+            return read_line(prompt)
+        finally:
+            self.at_prompt = False
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from abba_cli.chat.conversation import Conversation, MessageTooLong, context_length
-from abba_cli.chat.generation import Sampling, generate_answer, generation_config
+from abba_cli.chat.generation import PromptInterrupts, Sampling, generate_answer, generation_config
 from abba_cli.errors import UserError
 
 PROMPT_FORMATS = ("auto", "chat", "alpaca")
@@ -131,10 +131,21 @@ def chat_template(target, tokenizer, prompt_format: str) -> str | None:
 
 
 def chat_loop(session: ChatSession, read_line: Callable[[str], str], out: TextIO, err: TextIO) -> None:
-    """Read a message, answer it, repeat, until /exit or end of input."""
+    """Read a message, answer it, repeat, until /exit or end of input; Ctrl-C never ends the loop."""
+    with PromptInterrupts().installed() as interrupts:
+        _converse(session, interrupts, read_line, out, err)
+
+
+def _converse(
+    session: ChatSession,
+    interrupts: PromptInterrupts,
+    read_line: Callable[[str], str],
+    out: TextIO,
+    err: TextIO,
+) -> None:
     while True:
         try:
-            line = read_line(">>> ")
+            line = interrupts.read(read_line, ">>> ")
         except EOFError:
             out.write("\n")
             return

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import gc
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -84,8 +85,10 @@ def export_gguf(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp_name:
         tmp = Path(tmp_name)
+        _save_tokenizer(
+            served.tokenizer, base_name, adapter.run_dir, tmp / "tokenizer"
+        )  # refuses before merging
         merge_run(out=tmp / "merged", run=adapter.run_dir, base=base, onto=onto)
-        served.tokenizer.save_pretrained(tmp / "tokenizer")
         from abba_cli.ship.gguf_file import write_gguf
 
         written = write_gguf(
@@ -99,6 +102,19 @@ def export_gguf(
     size = out.stat().st_size / 2**20
     print(f"wrote {out} ({size:.1f} MiB, {dtype}, {served.describe()}); run it with llama.cpp or Ollama")
     return {**written, "check": check, "dtype": dtype, "out": str(out)}
+
+
+def _save_tokenizer(tokenizer: Any, base_name: str, run_dir: Path, out: Path) -> None:
+    """The run's tokenizer saved for the writer, with the base's tokenizer.model beside it (a SentencePiece
+    vocabulary's scores live only there); UserError when the writer has no GGUF vocabulary for it."""
+    from abba_cli.ship.gguf_vocab import SENTENCEPIECE_FILE, find_sentencepiece_model, tokenizer_kind
+    from abba_cli.ship.run_base import run_load_settings
+
+    tokenizer.save_pretrained(out)
+    model_file = find_sentencepiece_model(base_name, run_load_settings(run_dir))
+    if model_file is not None:
+        shutil.copyfile(model_file, out / SENTENCEPIECE_FILE)
+    tokenizer_kind(out)
 
 
 def check_gguf(gguf_path: Path, merged_dir: Path, tokenizer_dir: Path, dtype: str) -> dict[str, Any]:
@@ -170,7 +186,7 @@ def _report(written: dict[str, Any], check: dict[str, Any], dtype: str) -> None:
     verdict = "passed" if check["passed"] else "FAILED"
     layout, rounding = check["vs_rounded_merged"], check["vs_merged"]
     print(
-        f"GGUF check {verdict}: {written['architecture']} ({types}; pre-tokenizer {written['pre_tokenizer']}) read "
+        f"GGUF check {verdict}: {written['architecture']} ({types}; tokenizer {written['tokenizer']}) read "
         f"back by transformers: logits vs the merged model rounded to {dtype} {layout['max_rel_diff']:.3g} "
         f"(relative; tolerance {EXACT_TOLERANCE:g}), vs the merged model {rounding['max_rel_diff']:.3g} "
         f"(tolerance {TOLERANCE[dtype]:.3g}, top-1 agreement {rounding['top1_agreement']:.1%}); token ids "

@@ -3,15 +3,16 @@
 Follows llama.cpp's convert_hf_to_gguf.py conventions for the Llama family: tensor names from gguf's own
 TensorNameMap; Q and K rows of `llama` models reordered for llama.cpp's rotary layout (its `permute`: HF keeps
 each head's two rotary halves apart, llama.cpp interleaves them); 1-D tensors (norms, biases) kept in F32;
-`tokenizer.ggml.*` for byte-level BPE tokenizers (the `gpt2` model: SmolLM2, Qwen2, Llama 3) with the
-pre-tokenizer named by the same fingerprint llama.cpp uses. Written by hand because the converter is a script
-in llama.cpp's repository, not part of the `gguf` package.
+the tokenizer as its `gpt2` (byte-level BPE) or `llama` (SentencePiece) vocabulary (gguf_vocab.py). Written by
+hand because the converter is a script in llama.cpp's repository, not part of the `gguf` package.
+
+Mistral is written as `llama`, as llama.cpp's converter does: its architecture has no sliding window, so
+llama.cpp attends over the whole context where Mistral's config limits attention to `sliding_window` tokens.
+The two agree on any sequence up to that length (4096 for Mistral 7B), which the export says.
 """
 
 from __future__ import annotations
 
-import json
-from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +21,6 @@ from abba_cli.errors import UserError
 GGUF_DTYPES = ("f16", "bf16", "q8_0")
 # Hugging Face architecture -> GGUF architecture. Mistral is `llama` in llama.cpp.
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-# llama.cpp names a BPE pre-tokenizer by the sha256 of str(tokenizer.encode(PRE_TOKENIZER_PROBE)); these are the
-# fingerprints of the families above, from convert_hf_to_gguf.py's get_vocab_base_pre.
-PRE_TOKENIZER_PROBE = (
-    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 "
-    "333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= "
-    "нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? 'M not sure "
-    "I'll make it, 'D you like some tea? We'Ve a'lL"
-)
-PRE_TOKENIZERS = {
-    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
-    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
-    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
-    "63b97e4253352e6f357cc59ea5b583e3a680eaeaf2632188c2b952de2588485e": "tekken",
-}
 _Q8_0_BLOCK = 32  # values per Q8_0 block; a row whose length is not a multiple stays F16, as llama.cpp does
 
 
@@ -46,6 +33,13 @@ def gguf_architecture(config: Any, source: str) -> str:
         raise UserError(
             f"--format gguf: {source} is {', '.join(archs) or config.model_type}; GGUF export supports the Llama "
             f"family: {', '.join(ARCHITECTURES)}"
+        )
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if arch == "qwen2" and head_dim * config.num_attention_heads != config.hidden_size:
+        # llama.cpp's qwen2 loader sizes the Q and output projections hidden_size wide
+        raise UserError(
+            f"--format gguf: {source} has {config.num_attention_heads} heads of {head_dim}, not hidden_size "
+            f"{config.hidden_size} wide, which llama.cpp's qwen2 architecture cannot load"
         )
     rope = _rope_parameters(config)
     if rope.get("rope_type", "default") not in ("default", "linear"):
@@ -63,17 +57,13 @@ def _rope_parameters(config: Any) -> dict[str, Any]:
     return rope
 
 
-def pre_tokenizer(tokenizer: Any) -> str | None:
-    """llama.cpp's name for this tokenizer's pre-tokenizer, or None when it is not one of PRE_TOKENIZERS."""
-    ids = tokenizer.encode(PRE_TOKENIZER_PROBE)
-    return PRE_TOKENIZERS.get(sha256(str(ids).encode()).hexdigest())
-
-
 def write_gguf(merged_dir: Path, tokenizer_dir: Path, out: Path, dtype: str, name: str) -> dict[str, Any]:
     """Write the merged model in `merged_dir` and the tokenizer in `tokenizer_dir` (its chat template included) to
-    `out`; returns what was written (architecture, tensor counts per type, pre-tokenizer)."""
+    `out`; returns what was written (architecture, tensor counts per type, tokenizer model/pre-tokenizer)."""
     import gguf
     from transformers import AutoConfig, AutoTokenizer
+
+    from abba_cli.ship.gguf_vocab import add_vocabulary
 
     config = AutoConfig.from_pretrained(merged_dir)
     arch = gguf_architecture(config, str(merged_dir))
@@ -81,13 +71,19 @@ def write_gguf(merged_dir: Path, tokenizer_dir: Path, out: Path, dtype: str, nam
     writer = gguf.GGUFWriter(out, arch, use_temp_file=True)
     writer.add_name(name)
     _add_hparams(writer, gguf, config, arch, dtype)
-    pre = _add_tokenizer(writer, gguf, tokenizer, tokenizer_dir, config.vocab_size)
+    window = getattr(config, "sliding_window", None)
+    if window and window < config.max_position_embeddings:
+        print(
+            f"note: {config.architectures[0]} attends within a sliding window of {window} tokens; llama.cpp runs "
+            f"it as `llama`, with full attention: the two agree on sequences up to {window} tokens"
+        )
+    vocabulary = add_vocabulary(writer, tokenizer, tokenizer_dir, config.vocab_size)
     counts = _add_tensors(writer, gguf, merged_dir, config, arch, dtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=True)
     writer.close()
-    return {"architecture": arch, "tensors": counts, "pre_tokenizer": pre}
+    return {"architecture": arch, "tensors": counts, "tokenizer": vocabulary}
 
 
 def _add_hparams(writer: Any, gguf: Any, config: Any, arch: str, dtype: str) -> None:
@@ -114,45 +110,6 @@ def _add_hparams(writer: Any, gguf: Any, config: Any, arch: str, dtype: str) -> 
     file_type = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}[dtype]
     writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-
-
-def _add_tokenizer(writer: Any, gguf: Any, tokenizer: Any, tokenizer_dir: Path, vocab_size: int) -> str:
-    """tokens, token types, merges, special ids, chat template. Returns the pre-tokenizer name written."""
-    spec = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    model, decoder = spec.get("model") or {}, spec.get("decoder") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
-        raise UserError(
-            "--format gguf: the base's tokenizer is not a byte-level BPE (GPT-2 style, as SmolLM2, Qwen2 and Llama 3 "
-            "use); SentencePiece-style tokenizers are not written yet: merge with `abba merge` and convert with "
-            "llama.cpp's convert_hf_to_gguf.py"
-        )
-    reverse = {i: t for t, i in tokenizer.get_vocab().items()}
-    added = tokenizer.added_tokens_decoder
-    tokens, types = [], []
-    for i in range(vocab_size):
-        if i not in reverse:  # embedding rows beyond the tokenizer (padded vocabularies)
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif i in added:
-            tokens.append(added[i].content)
-            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(reverse[i])
-            types.append(gguf.TokenType.NORMAL)
-    pre = pre_tokenizer(tokenizer)
-    if pre is None:
-        print(
-            "note: the tokenizer's pre-tokenizer is not one llama.cpp names (smollm, llama-bpe, qwen2, tekken); "
-            "writing 'default' (GPT-2's split): llama.cpp may split text differently from training"
-        )
-        pre = "default"
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    # merges, bos/eos/unk/pad ids, add_bos/add_eos and the chat template, as llama.cpp's converter reads them
-    gguf.SpecialVocab(tokenizer_dir, load_merges=True, n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
-    return pre
 
 
 def permute_for_llama_cpp(weight: Any, n_head: int) -> Any:

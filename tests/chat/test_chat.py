@@ -139,6 +139,27 @@ def test_ctrl_c_ends_the_answer_not_the_conversation(alpaca_run):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C means Ctrl-C again
 
 
+def test_ctrl_c_as_an_answer_ends_does_not_end_the_chat(alpaca_run):
+    """A Ctrl-C that lands after the answer's last token, before the next prompt, is ignored: the chat goes on."""
+    session = open_session(alpaca_run, None, None, "auto", Sampling(), 8)
+
+    class InterruptAfterAnswer(io.StringIO):
+        def write(self, text: str) -> int:
+            if text == "\n" and not getattr(
+                self, "sent", False
+            ):  # the line end reply() writes after the answer
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().write(text)
+
+    lines = iter(["hello", "more", "/exit"])
+    out, err = InterruptAfterAnswer(), io.StringIO()
+    chat_loop(session, lambda prompt: next(lines), out, err)
+    assert out.sent and [t.user for t in session.conversation.turns] == ["hello", "more"]
+    assert "to leave" not in err.getvalue() and "(answer stopped)" not in err.getvalue()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 _UNREAD: dict[int, str] = {}  # per terminal: what was read past the last marker
 
 
@@ -162,9 +183,27 @@ def _read_until(fd: int, marker: str, seen: list[str], timeout: float = 180.0) -
     return buf
 
 
+def _wait_until_reading(pid: int, timeout: float = 60.0) -> None:
+    """Until the child sleeps in a system call, which after drawing its prompt is its wait for a key. CPython's
+    readline acts on a SIGINT only when it interrupts that wait: a Ctrl-C typed the instant the prompt appears,
+    before the wait begins, is held until the next line is entered (as it would be for a person's, were anyone
+    that fast). Without /proc (macOS), a person's reaction time instead."""
+    stat = Path(f"/proc/{pid}/stat")
+    if not stat.exists():
+        time.sleep(0.5)
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = stat.read_text().rsplit(")", 1)[1].split()[0]  # the main thread's: R running, S sleeping
+        if state == "S":
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"abba chat (pid {pid}) never waited for input")
+
+
 @pytest.mark.slow  # a subprocess on a pseudo-terminal
-def test_terminal_session_two_turns_reset_and_ctrl_d(alpaca_run, tmp_path):
-    """A person at a terminal: two turns (the second sees the first), /reset, Ctrl-D."""
+def test_terminal_session_two_turns_reset_ctrl_c_and_ctrl_d(alpaca_run, tmp_path):
+    """A person at a terminal: two turns (the second sees the first), Ctrl-C at the prompt, /reset, Ctrl-D."""
     session = open_session(alpaca_run, None, None, "auto", Sampling(), 8)
     first = _greedy(session, render_prompt("hello"))
     second = _greedy(
@@ -187,6 +226,10 @@ def test_terminal_session_two_turns_reset_and_ctrl_d(alpaca_run, tmp_path):
         assert first in _read_until(fd, ">>> ", seen)
         os.write(fd, b"more\n")
         assert second in _read_until(fd, ">>> ", seen)
+        _wait_until_reading(pid)
+        os.write(fd, b"\x03")  # Ctrl-C at the prompt: the program stays
+        _read_until(fd, "to leave", seen)
+        _read_until(fd, ">>> ", seen)
         os.write(fd, b"/reset\n")
         _read_until(fd, "history cleared", seen)
         _read_until(fd, ">>> ", seen)

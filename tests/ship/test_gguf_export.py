@@ -15,7 +15,7 @@ import yaml
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")
 
 from helpers import cli, cli_error_line, make_run  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, Qwen2Config  # noqa: E402
 
 from abba_cli.adapters import load_adapter  # noqa: E402
 from abba_cli.data.prompts import render_prompt  # noqa: E402
@@ -134,6 +134,9 @@ def test_other_architectures_and_rope_scaling_are_refused():
     )
     with pytest.raises(UserError, match="'llama3' rotary scaling"):
         gguf_architecture(llama3, "llama-3.1")
+    wide = Qwen2Config(architectures=["Qwen2ForCausalLM"], hidden_size=64, num_attention_heads=4, head_dim=32)
+    with pytest.raises(UserError, match="4 heads of 32, not hidden_size 64 wide"):
+        gguf_architecture(wide, "qwen2-wide")
 
 
 def _digest(path: Path) -> str:
@@ -172,6 +175,6 @@ def test_bad_gguf_input_is_one_line_and_loses_nothing(tiny_model_dir, tmp_path):
 def test_smollm2_tokenizer_gets_llama_cpps_pre_tokenizer_name(smollm2_dir):
     """The fingerprint text is llama.cpp's exactly: SmolLM2's tokenizer hashes to the `smollm` entry (the bundled
     GGUF, written by llama.cpp's converter, says `smollm` too)."""
-    from abba_cli.ship.gguf_file import pre_tokenizer
+    from abba_cli.ship.gguf_vocab import pre_tokenizer
 
     assert pre_tokenizer(AutoTokenizer.from_pretrained(smollm2_dir)) == "smollm"
