@@ -6,6 +6,9 @@ again and takes its gradients by autograd on that chunk alone, with the same ops
 loss (train/loss.py), so both give the same loss and gradients up to float round-off. Only rows that have a
 target are projected at all (prompt and padding rows never need logits).
 
+A model that soft-caps its logits after the projection (Gemma-2: cap * tanh(logits / cap)) has the cap applied
+to each chunk's logits with the same ops, in the same dtype, as its own forward.
+
 The head's weight is read whole once in forward and once in backward (`gathered_weight`): under DeepSpeed
 ZeRO-3 and FSDP2 that is a collective, so every process makes the same two calls per micro-batch however many
 chunks its own tokens need (gathering per chunk would hang processes with different chunk counts).
@@ -46,6 +49,15 @@ def gathered_weight(head: Any) -> Iterator[torch.Tensor]:
     yield full_tensor() if full_tensor is not None else weight
 
 
+def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """One chunk's logits as the model's own forward makes them: the projection, then its soft-cap if it has one
+    (transformers' Gemma-2 order: divide, tanh, multiply, in the projection's dtype)."""
+    logits = F.linear(hidden, weight)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """sum over rows of cross_entropy(hidden @ W.T, targets) in chunks of rows; every row has a target.
 
@@ -54,19 +66,19 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, head, chunk):  # hidden (N, H), targets (N,)
+    def forward(ctx, hidden, weight, targets, head, chunk, softcap):  # hidden (N, H), targets (N,)
         device_type = hidden.device.type
         ctx.autocast = (
             device_type,
             torch.is_autocast_enabled(device_type),
             torch.get_autocast_dtype(device_type),
         )
-        ctx.head, ctx.chunk = head, chunk
+        ctx.head, ctx.chunk, ctx.softcap = head, chunk, softcap
         ctx.save_for_backward(hidden, targets)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.no_grad(), gathered_weight(head) as w:
             for start in range(0, hidden.size(0), chunk):
-                logits = F.linear(hidden[start : start + chunk], w)  # (chunk, V), in the autocast dtype
+                logits = chunk_logits(hidden[start : start + chunk], w, softcap)  # (chunk, V), autocast dtype
                 total += F.cross_entropy(logits.float(), targets[start : start + chunk], reduction="sum")
         return total
 
@@ -83,7 +95,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 for start in range(0, hidden.size(0), ctx.chunk):
                     h = hidden[start : start + ctx.chunk].detach().requires_grad_(grad_hidden is not None)
                     loss = F.cross_entropy(
-                        F.linear(h, w).float(), targets[start : start + ctx.chunk], reduction="sum"
+                        chunk_logits(h, w, ctx.softcap).float(),
+                        targets[start : start + ctx.chunk],
+                        reduction="sum",
                     )
                     wrt = [t for t in (h, w) if t.requires_grad]
                     grads = dict(zip(map(id, wrt), torch.autograd.grad(loss, wrt, grad_total), strict=True))
@@ -92,7 +106,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                     if trains_weight:
                         g = grads[id(w)]
                         grad_weight = g if grad_weight is None else grad_weight + g
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
 
 
 def target_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,9 +120,12 @@ def target_rows(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return hidden[keep], targets[keep]  # a copy of the target rows only
 
 
-def chunked_cross_entropy_sum(hidden: torch.Tensor, labels: torch.Tensor, head: Any) -> torch.Tensor:
+def chunked_cross_entropy_sum(
+    hidden: torch.Tensor, labels: torch.Tensor, head: Any, softcap: float | None = None
+) -> torch.Tensor:
     """The same sum as train/loss.py's `target_loss_sum` over a micro-batch's final hidden states (B, T, H) and
-    labels (B, T), chunk by chunk."""
+    labels (B, T), chunk by chunk; `softcap`: the model's final logit soft-cap (None: none)."""
     rows, targets = target_rows(hidden, labels)
     weight = head.weight if head.weight.requires_grad else None
-    return ChunkedLinearCrossEntropy.apply(rows, weight, targets, head, chunk_tokens(head.out_features))
+    chunk = chunk_tokens(head.out_features)
+    return ChunkedLinearCrossEntropy.apply(rows, weight, targets, head, chunk, softcap)

@@ -40,12 +40,13 @@ def micro_batch_loss(model: Any, batch: dict, impl: str, loss_fn: Any = target_l
         return loss_fn(model(**model_inputs(batch)).logits, batch["labels"])
     from accelerate.utils import extract_model_from_parallel
 
-    head = extract_model_from_parallel(model).get_output_embeddings()
+    unwrapped = extract_model_from_parallel(model)
+    head = unwrapped.get_output_embeddings()
     hidden = final_hidden_states(model, batch)
     if impl == "chunked":
         from abba_cli.train.linear_cross_entropy import chunked_cross_entropy_sum
 
-        return chunked_cross_entropy_sum(hidden, batch["labels"], head)
+        return chunked_cross_entropy_sum(hidden, batch["labels"], head, logit_softcap(unwrapped))
     from abba_cli.train.fused_cross_entropy import fused_cross_entropy_sum
 
     return fused_cross_entropy_sum(hidden, batch["labels"], head, impl)
@@ -80,9 +81,16 @@ def final_hidden_states(model: Any, batch: dict) -> Any:
     return captured[-1]
 
 
-def chunked_loss_unsupported(model: Any) -> str | None:
-    """Why the chunked loss cannot reproduce this model's logits (None: it can): it projects the decoder's
-    final hidden states with the output embedding's weight and nothing else."""
+def logit_softcap(model: Any) -> float | None:
+    """The cap of a model that soft-caps its final logits (Gemma-2's config.final_logit_softcapping), else None."""
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def chunked_loss_unsupported(model: Any, impl: str = "chunked") -> str | None:
+    """Why `impl` cannot reproduce this model's logits (None: it can): the chunked loss projects the decoder's
+    final hidden states with the output embedding's weight and applies a final soft-cap as the model does;
+    the fused kernels (cce, liger) are handed the projection alone."""
     import inspect
 
     import torch
@@ -92,7 +100,10 @@ def chunked_loss_unsupported(model: Any) -> str | None:
         return f"the output layer is a {type(head).__name__}, not a plain Linear"
     if head.bias is not None:
         return "the output layer has a bias"
-    for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"):
+    transforms = ("logit_scale", "logits_scaling")
+    if impl not in ("chunked", "auto"):
+        transforms = ("final_logit_softcapping", *transforms)
+    for name in transforms:
         if getattr(model.config, name, None) not in (None, 1, 1.0):
             return f"{model.config.model_type} transforms its logits after the projection (config.{name})"
     if "logits_to_keep" not in inspect.signature(model.forward).parameters:
@@ -125,7 +136,7 @@ def resolve_loss_impl(cfg: Any, model: Any) -> str:
     impl = cfg.train.loss_impl
     if impl == "full":
         return "full"
-    reason = chunked_loss_unsupported(model)
+    reason = chunked_loss_unsupported(model, impl)
     if impl != "auto":  # chunked, cce, liger: all project the final hidden states with the head's weight
         if reason:
             raise UserError(f"train.loss_impl {impl}: {reason}; use train.loss_impl full or auto")

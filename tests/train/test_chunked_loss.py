@@ -132,9 +132,45 @@ def test_auto_takes_chunked_only_where_it_saves_memory():
     assert resolve_loss_impl(_Cfg("chunked", 1, 8), model) == "chunked"
 
 
-def test_chunked_refuses_a_model_that_transforms_its_logits():
+def test_chunked_refuses_a_model_that_scales_its_logits():
     model = _model("lora")
-    model.config.final_logit_softcapping = 30.0
-    with pytest.raises(UserError, match="train.loss_impl chunked: .*final_logit_softcapping"):
+    model.config.logit_scale = 0.5
+    with pytest.raises(UserError, match="train.loss_impl chunked: .*logit_scale"):
         resolve_loss_impl(_Cfg("chunked", 8, 4096), model)
     assert resolve_loss_impl(_Cfg("auto", 8, 4096), model) == "full"
+
+
+def _tiny_gemma2(softcap: float):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(2)
+    config = Gemma2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, final_logit_softcapping=softcap, attn_implementation="eager",
+    )  # fmt: skip
+    model = Gemma2ForCausalLM(config).float()
+    inject_adapters(
+        model, AdapterConfig(type="abba", r1=2, r2=2, alpha=2.0, target_modules=["q_proj"]), seed=0
+    )
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50.0)  # logits of order 1-5, where a cap of 0.5 bends them
+        for _, layer in adapter_layers(model):
+            for p in layer.factors().values():
+                p.normal_(0.0, 0.2)
+    return model
+
+
+def test_chunked_applies_gemma2s_final_logit_softcap(small_chunks):
+    # A cap small enough that tanh bends the logits: the chunked loss must cap each chunk as Gemma-2 does.
+    model = _tiny_gemma2(softcap=0.5)
+    assert resolve_loss_impl(_Cfg("auto", 8, 4096), model) == "chunked"
+    loss_full, grads_full = _loss_and_grads(model, "full")
+    loss_chunked, grads_chunked = _loss_and_grads(model, "chunked")
+    assert loss_chunked == pytest.approx(loss_full, rel=1e-6)
+    for name, ref in grads_full.items():
+        assert (grads_chunked[name] - ref).abs().max() <= 1e-5 * ref.abs().max(), name
+    model.config.final_logit_softcapping = None  # without the cap the loss differs: the test sees the cap
+    assert float(micro_batch_loss(model, _batch(), "chunked")) != pytest.approx(loss_full, rel=1e-2)
+    model.config.final_logit_softcapping = 0.5
+    with pytest.raises(UserError, match="train.loss_impl liger: .*final_logit_softcapping"):
+        resolve_loss_impl(_Cfg("liger", 8, 4096), model)
