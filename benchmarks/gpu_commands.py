@@ -1,5 +1,6 @@
 """The real commands on one GPU, each timed with its peak GPU memory: `abba train` (20 steps at 1 x 512 with
-gradient checkpointing, at 8 x 512 without, and at 8 x 512 with `train.compile`, recompiles logged), `abba eval
+gradient checkpointing, at 8 x 512 without, at 1 packed row of 4,096 tokens (data.packing, the chunked loss),
+and at 8 x 512 with `train.compile`, recompiles logged), `abba eval
 --task gsm8k --limit 64` at batch size 8 and at the device's default, and `abba merge`, on a random-weight
 Llama-3.2-1B-shaped model built here with a real tokenizer (random weights: the timings and memory are the
 model's, the answers are noise).
@@ -34,8 +35,8 @@ SHAPES = {  # Llama-3.2-1B's config.json; smoke: a 2-layer stand-in for the CPU
 # steps, eval --limit, the larger micro-batch, sequence length, eval's token budget, whether a compiled run is
 # timed (not with --smoke: inductor's C++ build takes minutes on a CPU; tests/train cover train.compile)
 SETTINGS = {
-    "full": dict(steps=20, limit=64, micro=8, seq=512, new_tokens=None, compile=True),
-    "smoke": dict(steps=2, limit=4, micro=2, seq=64, new_tokens=8, compile=False),
+    "full": dict(steps=20, limit=64, micro=8, seq=512, packed_seq=4096, new_tokens=None, compile=True),
+    "smoke": dict(steps=2, limit=4, micro=2, seq=64, packed_seq=256, new_tokens=8, compile=False),
 }
 
 
@@ -62,15 +63,25 @@ def build_model(tokenizer_dir: Path, out: Path, shape: dict[str, int], device: s
 
 
 def train_config(
-    res: Path, model: Path, text: Path, s: dict[str, Any], micro: int, ckpt: bool, compile_: bool
+    res: Path,
+    model: Path,
+    text: Path,
+    s: dict[str, Any],
+    micro: int,
+    ckpt: bool,
+    compile_: bool,
+    packed: bool = False,
 ):
-    """A run config: ABBA r1 = r2 = 16 on every linear layer, bf16, `steps` steps of `micro` x `seq` tokens."""
-    name = f"train_{micro}x{s['seq']}" + ("_ckpt" if ckpt else "") + ("_compile" if compile_ else "")
+    """A run config: ABBA r1 = r2 = 16 on every linear layer, bf16, `steps` steps of `micro` x `seq` tokens;
+    `packed`: rows of `packed_seq` tokens packed from the same examples (data.packing, the loss `auto` picks)."""
+    seq = s["packed_seq"] if packed else s["seq"]
+    name = f"train_{micro}x{seq}" + ("_ckpt" if ckpt else "") + ("_compile" if compile_ else "")
+    name += "_packed" if packed else ""
     cfg = {
         "model": {"name_or_path": str(model), "dtype": "bfloat16"},
         "adapter": {"type": "abba", "r1": 16, "r2": 16, "alpha": 32.0, "scaling": "released",
                     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
-        "data": {"recipe": "text", "path": str(text), "max_seq_len": s["seq"], "cache": False},
+        "data": {"recipe": "text", "path": str(text), "max_seq_len": seq, "cache": False, "packing": packed},
         "train": {"max_steps": s["steps"], "micro_batch_size": micro, "grad_accum_steps": 1, "lr": 1e-4,
                   "mixed_precision": "bf16", "gradient_checkpointing": ckpt, "compile": compile_,
                   "save_every": None, "log_every": 1},
@@ -154,13 +165,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         common.write_json(args.out, res)
 
     trained = None
-    runs = [(1, True, False), (s["micro"], False, False)] + (
-        [(s["micro"], False, True)] if s["compile"] else []
+    # (micro-batch, checkpointing, compile, packed): the packed run is 1 row of packed_seq tokens
+    runs = [(1, True, False, False), (s["micro"], False, False, False), (1, False, False, True)] + (
+        [(s["micro"], False, True, False)] if s["compile"] else []
     )
-    for micro, ckpt, compile_ in runs:
-        name, config = train_config(res_dir, model, args.train_text, s, micro, ckpt, compile_)
+    for micro, ckpt, compile_, packed in runs:
+        name, config = train_config(res_dir, model, args.train_text, s, micro, ckpt, compile_, packed)
         record(name, ["train", str(config)], lambda name=name: _train_figures(res_dir / name))
-        trained = trained or (res_dir / name if (micro, compile_) == (s["micro"], False) else None)
+        unpacked_batch = (micro, compile_, packed) == (s["micro"], False, False)
+        trained = trained or (res_dir / name if unpacked_batch else None)
     # merge first and the batch-8 eval last: if the stage's time runs out, the slowest figure is the one lost
     record("merge", ["merge", "--run", str(trained), "--out", str(res_dir / "merged")])
     budget = ["--max-new-tokens", str(s["new_tokens"])] if s["new_tokens"] else []

@@ -121,6 +121,7 @@ def test_the_real_commands_ran(smoke):
     assert list(cmds) == [
         "train_1x64_ckpt",
         "train_2x64",
+        "train_1x256_packed",
         "merge",
         "eval_gsm8k_device_default",
         "eval_gsm8k_bs8",
