@@ -5,6 +5,7 @@ padding with an attention mask, stop strings, progress with tokens/s.
 from __future__ import annotations
 
 import contextlib
+import copy
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -142,10 +143,13 @@ def _generate_round(model, tokenizer, rows, gen_cfg, stop_criterion, eos_ids, de
     width = batch["input_ids"].shape[1]
     budgets = torch.tensor([max_new - len(r[2]) for r in rows], device=device)
     criterion = _RowsFinished(eos_ids, stop_criterion, width, budgets, leave_at)
+    # This round's budget goes in a copy of the config: generate() warns (once per process, on every eval)
+    # when a generation_config comes with generation arguments beside it.
+    round_cfg = copy.copy(gen_cfg)
+    round_cfg.max_new_tokens = int(budgets.max())
     out = model.generate(
         **batch,
-        generation_config=gen_cfg,
-        max_new_tokens=int(budgets.max()),
+        generation_config=round_cfg,
         stopping_criteria=StoppingCriteriaList([criterion]),
         tokenizer=tokenizer,
     )

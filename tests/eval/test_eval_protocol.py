@@ -67,6 +67,21 @@ def test_checkpoint_generation_config_does_not_change_greedy_outputs(tiny_model_
     assert penalised.generation_config.repetition_penalty == 5.0  # and generate() put it back afterwards
 
 
+def test_generate_passes_its_budget_inside_the_config(tiny_model_dir, monkeypatch):
+    # generate() warns once per process when arguments come beside a generation_config; every eval printed it.
+    from transformers.generation import utils as generation_utils
+
+    from abba_cli.eval.generate import generate
+    from abba_cli.eval.target import load_model_for_eval
+
+    warned: list[str] = []
+    monkeypatch.setattr(generation_utils.logger, "warning_once", lambda msg, *a, **k: warned.append(str(msg)))
+    model, tok, dev = load_model_for_eval(str(tiny_model_dir), None)
+    outputs = generate(model, tok, PROMPTS, batch_size=2, max_new_tokens=5, device=dev)
+    assert len(outputs) == len(PROMPTS)
+    assert not [w for w in warned if "generation_config" in w], warned
+
+
 def test_metrics_record_effective_generation_dtype_batch_size(penalised_model_dir, tmp_path):
     out = tmp_path / "o"
     result, text = _invoke(
