@@ -19,7 +19,7 @@
 # [200, 1319) (4 per row, so a row fills 512 tokens). SmolLM2's weights (98 MB) do not fit one call's 64 MiB:
 # the optional ABBA-vs-LoRA stage on SmolLM2 needs a second call and is not part of this one.
 #
-# Stages, each with its own time limit (a failed or timed-out stage is logged and the next one runs), 530 s in
+# Stages, each with its own time limit (a failed or timed-out stage is logged and the next one runs), 545 s in
 # all plus about 30 s of setup; after each one $OUT gets summary.md, log.txt and gpu_check.tar.gz (every JSON and log):
 #   bf16_error    each ABBA path's and LoRA's bf16 error against float64 (output, dx, every factor gradient)
 #   step_1x512    no adapter, PEFT LoRA, our LoRA, ABBA auto and each forced path on 8 Mistral-7B-shaped layers,
@@ -30,8 +30,8 @@
 #                 against chunked (loss, hidden and weight gradients), ms and peak memory
 #   layers        the layer sweep, timed with CUDA events, and the CUDA constants of `auto` refitted on it
 #   decode        greedy decode ms/step of a 32-layer Mistral-7B shape at batch 8, 16, 64; GSM8K and MATH implied
-#   commands      abba train (20 steps: 1 x 512 checkpointing, 8 x 512, 8 x 512 compiled with recompiles
-#                 logged), abba merge, abba eval --task gsm8k --limit 64 at the device default and at batch 8,
+#   commands      abba train (20 steps: 1 x 512 checkpointing, 8 x 512, 1 packed row of 4,096 tokens, 8 x 512
+#                 compiled with recompiles logged), abba merge, abba eval --task gsm8k --limit 64 at the device default and at batch 8,
 #                 on a random-weight Llama-3.2-1B shape with SmolLM2's tokenizer; time and peak memory of each
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -90,7 +90,7 @@ deliver() {
 }
 
 run() {
-    local smoke=() limit=200 start=$SECONDS
+    local smoke=() limit=215 start=$SECONDS
     [ "${1:-}" = "--smoke" ] && smoke=(--smoke) && limit=900  # the CPU, under other work: generous
     RES=${RES:-/tmp/gpu_check}
     rm -rf "$RES" && mkdir -p "$RES"
