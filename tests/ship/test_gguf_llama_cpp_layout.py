@@ -19,7 +19,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")
 
-from conftest import build_tiny_llama, build_tiny_tokenizer  # noqa: E402
+from conftest import TINY_DECODER, build_tiny_llama, build_tiny_tokenizer  # noqa: E402
 from transformers import LlamaConfig, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from abba_cli.ship.gguf_file import write_gguf  # noqa: E402
@@ -138,12 +138,7 @@ def _qwen2(vocab_size: int):
     torch.manual_seed(0)
     cfg = Qwen2Config(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        **TINY_DECODER,
         tie_word_embeddings=True,
         rope_theta=1_000_000.0,
     )

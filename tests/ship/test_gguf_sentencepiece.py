@@ -22,7 +22,7 @@ pytest.importorskip(
     "google.protobuf", reason="transformers reads tokenizer.model through protobuf (the dev extra)"
 )
 
-from conftest import build_tiny_llama  # noqa: E402
+from conftest import TINY_DECODER, build_tiny_llama  # noqa: E402
 from helpers import cli, cli_error_line, make_run, max_rel  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM  # noqa: E402
 
@@ -108,12 +108,7 @@ def _base(folder: Path, spm_model_file: Path, mistral: bool) -> Path:
         torch.manual_seed(0)
         cfg = MistralConfig(
             vocab_size=MODEL_VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
+            **TINY_DECODER,
             sliding_window=256,  # longer than every check prompt: the same attention as llama.cpp's there
             **shape,
         )
