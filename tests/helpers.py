@@ -13,6 +13,12 @@ from abba_cli.adapters import adapter_layers, inject_adapters, save_adapter
 from abba_cli.config import AdapterConfig
 
 PROMPTS = ["The answer is: 42", "Natalia sold clips to 48 of her friends in April."]
+REPO = Path(__file__).resolve().parents[1]
+# The chat template of a chat-trained run (ChatML), which exports must carry to what serves them.
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def make_run(run_dir: Path, base_dir: Path, seed: int = 0, **adapter) -> Path:
@@ -31,6 +37,23 @@ def make_run(run_dir: Path, base_dir: Path, seed: int = 0, **adapter) -> Path:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     save_adapter(model, cfg, run_dir, base_model=str(base_dir))
     return run_dir
+
+
+def make_chat_run(run_dir: Path, base_dir: Path, **adapter) -> Path:
+    """make_run's run, recorded as trained on examples/data/chat.jsonl with CHATML as its chat template."""
+    run = make_run(run_dir, base_dir, **adapter)
+    config = {
+        "model": {"name_or_path": str(base_dir)},
+        "adapter": adapter,
+        "data": {
+            "recipe": "chat",
+            "path": str(REPO / "examples" / "data" / "chat.jsonl"),
+            "chat_template": CHATML,
+        },
+        "output_dir": str(run),
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return run
 
 
 def logits(model, tok_dir: Path) -> list[torch.Tensor]:

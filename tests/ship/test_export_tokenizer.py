@@ -8,19 +8,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
-from helpers import cli, cli_error_line, make_run
+from helpers import CHATML, cli, cli_error_line, make_chat_run, make_run
 from transformers import AutoTokenizer
 
 from abba_cli.data.prompts import chat_prompt, render_prompt, user_message
 from abba_cli.ship.export import export_run
 from abba_cli.ship.export_tokenizer import PROMPT_FORMAT_FILE, alpaca_chat_template
 
-REPO = Path(__file__).resolve().parents[2]
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 INSTRUCTION = "  Natalia sold 48 clips in April and half as many in May. How many in all?\n"
 EXPORTS = [("peft-lora", None), ("peft-loha", None), ("peft-lora", 1)]
 
@@ -32,19 +26,7 @@ def _served_prompt(export_dir: Path, content: str) -> str:
 
 
 def _chat_run(tmp_path: Path, model_dir: Path) -> Path:
-    run = make_run(tmp_path / "run", model_dir, type="abba", r1=2, r2=2)
-    config = {
-        "model": {"name_or_path": str(model_dir)},
-        "adapter": {"type": "abba", "r1": 2, "r2": 2},
-        "data": {
-            "recipe": "chat",
-            "path": str(REPO / "examples" / "data" / "chat.jsonl"),
-            "chat_template": CHATML,
-        },
-        "output_dir": str(run),
-    }
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
-    return run
+    return make_chat_run(tmp_path / "run", model_dir, type="abba", r1=2, r2=2)
 
 
 @pytest.mark.parametrize(("format", "rank"), EXPORTS)

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed")
 
-from helpers import cli, cli_error_line, make_run  # noqa: E402
+from helpers import cli, cli_error_line, make_chat_run, make_run  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig, Qwen2Config  # noqa: E402
 
 from abba_cli.adapters import load_adapter  # noqa: E402
@@ -24,30 +23,13 @@ from abba_cli.ship.export import export_run  # noqa: E402
 from abba_cli.ship.gguf_export import TOLERANCE  # noqa: E402
 from abba_cli.ship.gguf_file import gguf_architecture, permute_for_llama_cpp  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 PROMPTS = ("Natalia sold clips to 48 of her friends in April.", "The answer is: 42")
 
 
 def _run(tmp_path: Path, model_dir: Path, chat: bool) -> Path:
     # alpha 1: an update the size of W0 (a trained adapter's scale), so rounding stays far inside the tolerances.
-    run = make_run(tmp_path / "run", model_dir, type="abba", r1=2, r2=2, alpha=1.0)
-    if chat:
-        config = {
-            "model": {"name_or_path": str(model_dir)},
-            "adapter": {"type": "abba", "r1": 2, "r2": 2, "alpha": 1.0},
-            "data": {
-                "recipe": "chat",
-                "path": str(REPO / "examples/data/chat.jsonl"),
-                "chat_template": CHATML,
-            },
-            "output_dir": str(run),
-        }
-        (run / "config.yaml").write_text(yaml.safe_dump(config))
-    return run
+    build = make_chat_run if chat else make_run
+    return build(tmp_path / "run", model_dir, type="abba", r1=2, r2=2, alpha=1.0)
 
 
 def _rel(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:

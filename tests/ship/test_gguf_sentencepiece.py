@@ -23,14 +23,13 @@ pytest.importorskip(
 )
 
 from conftest import TINY_DECODER, build_tiny_llama  # noqa: E402
-from helpers import cli, cli_error_line, make_run, max_rel  # noqa: E402
+from helpers import cli, cli_error_line, make_chat_run, make_run, max_rel  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, MistralForCausalLM  # noqa: E402
 
 from abba_cli.adapters import load_adapter  # noqa: E402
 from abba_cli.ship.gguf_export import TOLERANCE  # noqa: E402
 from abba_cli.ship.gguf_vocab import find_sentencepiece_model, sentencepiece_vocabulary  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
 _LINES = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
     "### Instruction:\n### Response:",
@@ -44,10 +43,6 @@ ADDED = {"<|im_start|>": True, "<|im_end|>": True, "<think>": False}  # content 
 MODEL_VOCAB = (
     SPM_VOCAB + len(ADDED) + 1
 )  # one embedding row beyond the tokenizer, as padded vocabularies have
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 TEXTS = [
     "Hello world",
     "The answer is: 42</s>",  # a special token in the text
@@ -127,22 +122,8 @@ def _logits(model, tok, texts) -> list[torch.Tensor]:
 @pytest.mark.parametrize(("mistral", "dtype"), [(False, "f16"), (True, "q8_0")])
 def test_sentencepiece_base_exports_the_llama_vocabulary(tmp_path, caplog, spm_model_file, mistral, dtype):
     base = _base(tmp_path / "base", spm_model_file, mistral)
-    run = make_run(tmp_path / "run", base, type="abba", r1=2, r2=2, alpha=1.0)
-    if not mistral:  # a chat-trained run: its template must reach the file
-        (run / "config.yaml").write_text(
-            json.dumps(
-                {
-                    "model": {"name_or_path": str(base)},
-                    "adapter": {"type": "abba", "r1": 2, "r2": 2, "alpha": 1.0},
-                    "data": {
-                        "recipe": "chat",
-                        "path": str(REPO / "examples/data/chat.jsonl"),
-                        "chat_template": CHATML,
-                    },
-                    "output_dir": str(run),
-                }
-            )
-        )
+    build = make_run if mistral else make_chat_run  # a chat-trained run: its template must reach the file
+    run = build(tmp_path / "run", base, type="abba", r1=2, r2=2, alpha=1.0)
     out = tmp_path / "ship" / "model.gguf"
     result = cli("export", "--format", "gguf", "--out", out, "--run", run, "--dtype", dtype)
     assert result.exit_code == 0, result.output
