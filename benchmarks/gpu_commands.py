@@ -62,6 +62,13 @@ def build_model(tokenizer_dir: Path, out: Path, shape: dict[str, int], device: s
     return out
 
 
+def run_name(s: dict[str, Any], micro: int, ckpt: bool, compile_: bool, packed: bool) -> str:
+    """The folder of one `abba train` of this stage, e.g. train_8x512 or train_1x4096_packed."""
+    seq = s["packed_seq"] if packed else s["seq"]
+    suffixes = ("_ckpt" if ckpt else "") + ("_compile" if compile_ else "") + ("_packed" if packed else "")
+    return f"train_{micro}x{seq}{suffixes}"
+
+
 def train_config(
     res: Path,
     model: Path,
@@ -75,8 +82,7 @@ def train_config(
     """A run config: ABBA r1 = r2 = 16 on every linear layer, bf16, `steps` steps of `micro` x `seq` tokens;
     `packed`: rows of `packed_seq` tokens packed from the same examples (data.packing, the loss `auto` picks)."""
     seq = s["packed_seq"] if packed else s["seq"]
-    name = f"train_{micro}x{seq}" + ("_ckpt" if ckpt else "") + ("_compile" if compile_ else "")
-    name += "_packed" if packed else ""
+    name = run_name(s, micro, ckpt, compile_, packed)
     cfg = {
         "model": {"name_or_path": str(model), "dtype": "bfloat16"},
         "adapter": {"type": "abba", "r1": 16, "r2": 16, "alpha": 32.0, "scaling": "released",
@@ -164,7 +170,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         common.write_json(args.out, res)
 
-    trained = None
     # (micro-batch, checkpointing, compile, packed): the packed run is 1 row of packed_seq tokens
     runs = [(1, True, False, False), (s["micro"], False, False, False), (1, False, False, True)] + (
         [(s["micro"], False, True, False)] if s["compile"] else []
@@ -172,8 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for micro, ckpt, compile_, packed in runs:
         name, config = train_config(res_dir, model, args.train_text, s, micro, ckpt, compile_, packed)
         record(name, ["train", str(config)], lambda name=name: _train_figures(res_dir / name))
-        unpacked_batch = (micro, compile_, packed) == (s["micro"], False, False)
-        trained = trained or (res_dir / name if unpacked_batch else None)
+    trained = res_dir / run_name(s, s["micro"], False, False, False)  # what merge and eval start from
     # merge first and the batch-8 eval last: if the stage's time runs out, the slowest figure is the one lost
     record("merge", ["merge", "--run", str(trained), "--out", str(res_dir / "merged")])
     budget = ["--max-new-tokens", str(s["new_tokens"])] if s["new_tokens"] else []

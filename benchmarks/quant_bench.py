@@ -195,6 +195,9 @@ def estimate(arch: tuple, chunked_loss: bool = False) -> dict[str, float]:
     adapter = layers * sum((R1 + R2) * (m + n) for m, n in shapes)
     embed = vocab * h * (1 if tied else 2)  # lm_head is never quantized (transformers' choice)
     tokens = micro * seq
+    logit_rows = (
+        min(tokens, chunk_tokens(vocab)) if chunked_loss else tokens
+    )  # rows whose logits exist at once
     # Elements saved per token and layer in bf16 (sdpa, no T x T scores): two RMSNorms (fp32 input copy, output:
     # ~4h each), q/k before RoPE, v, q after RoPE, k/v repeated to nq heads, attention output and its reshaped
     # copy (o_proj input), four (T, i) MLP tensors, and the Khatri-Rao path's (T, r1 r2) per adapted layer.
@@ -212,10 +215,7 @@ def estimate(arch: tuple, chunked_loss: bool = False) -> dict[str, float]:
         "adapter_adamw": adapter * 16 / gib,  # fp32 factor, fp32 gradient, two fp32 AdamW moments
         "activations": act_elems * 2 / gib,
         # bf16 logits, their fp32 copy, fp32 log-softmax saved by cross_entropy, fp32 gradient
-        "logits": (min(tokens, chunk_tokens(vocab)) if chunked_loss else tokens)
-        * vocab
-        * (2 + 4 + 4 + 4)
-        / gib,
+        "logits": logit_rows * vocab * (2 + 4 + 4 + 4) / gib,
         "tokens": tokens,
         "checkpointing": ckpt,
     }

@@ -85,9 +85,8 @@ def export_gguf(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp_name:
         tmp = Path(tmp_name)
-        _save_tokenizer(
-            served.tokenizer, base_name, adapter.run_dir, tmp / "tokenizer"
-        )  # refuses before merging
+        # saved first: a tokenizer GGUF cannot describe is refused before the merge's work
+        _save_tokenizer(served.tokenizer, base_name, adapter.run_dir, tmp / "tokenizer")
         merge_run(out=tmp / "merged", run=adapter.run_dir, base=base, onto=onto)
         from abba_cli.ship.gguf_file import write_gguf
 

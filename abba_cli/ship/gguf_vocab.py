@@ -106,8 +106,7 @@ def add_vocabulary(writer: Any, tokenizer: Any, tokenizer_dir: Path, vocab_size:
     if kind == "gpt2":
         pre = _add_byte_level_bpe(writer, gguf, tokenizer, vocab_size)
     else:
-        pre = "default"  # llama.cpp's SentencePiece tokenizer has no pre-tokenizer to name
-        _add_sentencepiece(writer, gguf, tokenizer_dir, vocab_size)
+        pre = _add_sentencepiece(writer, gguf, tokenizer_dir, vocab_size)
     # bos/eos/unk/pad ids, add_bos/add_eos and the chat template, as llama.cpp's converter reads them; the merges
     # only for byte-level BPE (a SentencePiece vocabulary merges by score)
     # Quiet: SpecialVocab warns about the pair template (two sequences, which llama.cpp never encodes) of every
@@ -151,16 +150,18 @@ def _add_byte_level_bpe(writer: Any, gguf: Any, tokenizer: Any, vocab_size: int)
     return pre
 
 
-def _add_sentencepiece(writer: Any, gguf: Any, tokenizer_dir: Path, vocab_size: int) -> None:
+def _add_sentencepiece(writer: Any, gguf: Any, tokenizer_dir: Path, vocab_size: int) -> str:
     tokens, scores, types = sentencepiece_vocabulary(tokenizer_dir, vocab_size)
+    pre = "default"  # llama.cpp's SentencePiece tokenizer has no pre-tokenizer to name
     writer.add_tokenizer_model("llama")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
     config = _read_json(tokenizer_dir / "tokenizer_config.json")
     if isinstance(config.get("add_prefix_space"), bool):
         writer.add_add_space_prefix(config["add_prefix_space"])
+    return pre
 
 
 def sentencepiece_vocabulary(

@@ -100,8 +100,10 @@ def chunked_loss_unsupported(model: Any, impl: str = "chunked") -> str | None:
         return f"the output layer is a {type(head).__name__}, not a plain Linear"
     if head.bias is not None:
         return "the output layer has a bias"
+    from abba_cli.train.fused_cross_entropy import FUSED_IMPLS
+
     transforms = ("logit_scale", "logits_scaling")
-    if impl not in ("chunked", "auto"):
+    if impl in FUSED_IMPLS:
         transforms = ("final_logit_softcapping", *transforms)
     for name in transforms:
         if getattr(model.config, name, None) not in (None, 1, 1.0):
@@ -147,10 +149,11 @@ def resolve_loss_impl(cfg: Any, model: Any) -> str:
 
 def describe_loss_impl(impl: str, model: Any, tokens: int) -> str:
     """One line for the plan: which loss runs and the fp32 logits it holds at once."""
+    from abba_cli.train.fused_cross_entropy import FUSED_IMPLS
     from abba_cli.train.linear_cross_entropy import chunk_tokens
 
     vocab = model.config.vocab_size
-    if impl in ("cce", "liger"):
+    if impl in FUSED_IMPLS:
         return f"loss: {impl} fused linear cross-entropy (its own kernel; the whole logits never held)"
     held = min(tokens, chunk_tokens(vocab)) if impl == "chunked" else tokens
     return (
