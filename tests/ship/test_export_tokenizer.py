@@ -29,6 +29,15 @@ def _chat_run(tmp_path: Path, model_dir: Path) -> Path:
     return make_chat_run(tmp_path / "run", model_dir, type="abba", r1=2, r2=2)
 
 
+def _first_checkpoint(run: Path) -> Path:
+    """RUN_DIR/checkpoints/step-1 holding the run's adapter, as training leaves one."""
+    step = run / "checkpoints" / "step-1"
+    step.mkdir(parents=True)
+    shutil.copy(run / "adapter_model.safetensors", step)
+    (step / "state.json").write_text(json.dumps({"step": 1}))
+    return step
+
+
 @pytest.mark.parametrize(("format", "rank"), EXPORTS)
 def test_alpaca_run_exports_its_prompt_as_the_chat_template(tiny_model_dir, tmp_path, format, rank):
     run = make_run(tmp_path / "run", tiny_model_dir, type="abba", r1=2, r2=2)
@@ -58,11 +67,7 @@ def test_chat_run_exports_the_template_it_trained_with(tiny_model_dir, tmp_path)
 
 
 def test_a_checkpoint_export_carries_the_runs_format(tiny_model_dir, tmp_path):
-    run = _chat_run(tmp_path, tiny_model_dir)
-    step = run / "checkpoints" / "step-1"
-    step.mkdir(parents=True)
-    shutil.copy(run / "adapter_model.safetensors", step)
-    (step / "state.json").write_text(json.dumps({"step": 1}))
+    step = _first_checkpoint(_chat_run(tmp_path, tiny_model_dir))
     out = tmp_path / "export"
     export_run(format="peft-lora", out=out, run=step)
     assert AutoTokenizer.from_pretrained(out).chat_template == CHATML
@@ -110,10 +115,6 @@ def test_unreadable_base_tokenizer_is_one_line_and_writes_nothing(tiny_model_dir
 def test_a_checkpoint_merge_carries_the_runs_chat_template(tiny_model_dir, tmp_path):
     from abba_cli.ship.merge import merge_run
 
-    run = _chat_run(tmp_path, tiny_model_dir)
-    step = run / "checkpoints" / "step-1"
-    step.mkdir(parents=True)
-    shutil.copy(run / "adapter_model.safetensors", step)
-    (step / "state.json").write_text(json.dumps({"step": 1}))
+    step = _first_checkpoint(_chat_run(tmp_path, tiny_model_dir))
     merge_run(out=tmp_path / "merged", run=step, dtype="fp32")
     assert AutoTokenizer.from_pretrained(tmp_path / "merged").chat_template == CHATML
